@@ -1,0 +1,145 @@
+//! The reference ingest client behind `clickhook send`: streams NDJSON clicks into a
+//! running daemon over the Unix socket (pipelined, reading replies while writing) or over
+//! HTTP (chunks of up to 1,000 lines), and counts what was acknowledged. It must not
+//! retry or alter clicks: it reports exactly what the daemon answered.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Lines per HTTP request (SPEC §9).
+pub const HTTP_CHUNK: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP error: {0}")]
+    Http(String),
+    #[error("the daemon closed the connection with {0} lines unanswered")]
+    Unanswered(usize),
+}
+
+/// What `send` achieved.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SendReport {
+    pub acknowledged: usize,
+    pub rejected: usize,
+    /// One line per rejection: which line or chunk, and why.
+    pub errors: Vec<String>,
+}
+
+/// Sends every non-blank line of `input` over the socket, pipelined.
+pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
+    socket: &str,
+    input: R,
+) -> Result<SendReport, ClientError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| ClientError::Connect(socket.into(), e))?;
+    let (read, mut write) = stream.into_split();
+    let (count_tx, count_rx) = tokio::sync::oneshot::channel::<usize>();
+    let writer = tokio::spawn(async move {
+        let mut lines = BufReader::new(input).lines();
+        let mut sent = 0usize;
+        let mut out = tokio::io::BufWriter::new(&mut write);
+        while let Some(line) = lines.next_line().await? {
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.write_all(line.as_bytes()).await?;
+            out.write_all(b"\n").await?;
+            sent += 1;
+        }
+        out.flush().await?;
+        drop(out);
+        let _ = count_tx.send(sent);
+        write.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut replies = BufReader::new(read).lines();
+    let mut report = SendReport::default();
+    let mut line_no = 0usize;
+    while let Some(reply) = replies.next_line().await? {
+        line_no += 1;
+        if reply.starts_with("ok ") {
+            report.acknowledged += 1;
+        } else {
+            report.rejected += 1;
+            report
+                .errors
+                .push(format!("line {line_no}: {}", reply.trim_start_matches("err ")));
+        }
+    }
+    writer.await.map_err(|e| ClientError::Http(e.to_string()))??;
+    let sent = count_rx.await.unwrap_or(line_no);
+    if sent > line_no {
+        return Err(ClientError::Unanswered(sent - line_no));
+    }
+    Ok(report)
+}
+
+/// Posts the lines as NDJSON chunks to `{base}/v1/clicks`.
+pub async fn send_http<R: AsyncRead + Unpin>(
+    base: &str,
+    token: Option<&str>,
+    input: R,
+) -> Result<SendReport, ClientError> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/v1/clicks", base.trim_end_matches('/'));
+    let mut lines = BufReader::new(input).lines();
+    let mut report = SendReport::default();
+    let mut chunk = Vec::new();
+    let mut count = 0usize;
+    let mut chunk_no = 0usize;
+    loop {
+        let line = lines.next_line().await?;
+        if let Some(l) = &line {
+            if !l.trim().is_empty() {
+                chunk.extend_from_slice(l.as_bytes());
+                chunk.push(b'\n');
+                count += 1;
+            }
+        }
+        if count > 0 && (count == HTTP_CHUNK || line.is_none()) {
+            let mut req = hyper::Request::post(&url).header("content-type", "application/x-ndjson");
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let req = req
+                .body(Full::new(Bytes::from(std::mem::take(&mut chunk))))
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| ClientError::Http(format!("{url}: {e}")))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            if status.as_u16() == 202 {
+                report.acknowledged += count;
+            } else {
+                report.rejected += count;
+                report.errors.push(format!(
+                    "chunk {chunk_no}: {status} {}",
+                    String::from_utf8_lossy(&body).trim()
+                ));
+            }
+            chunk_no += 1;
+            count = 0;
+        }
+        if line.is_none() {
+            break;
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,587 @@
+//! Configuration: reads `config.toml` (SPEC §2) into typed settings and validates it with
+//! errors that name the file, the key and why. It owns defaults and the parsing of
+//! duration and size strings. It must not open sockets, touch storage or start anything:
+//! a `Config` is inert data that `check-config` can print judgement on.
+
+use crate::deliver::format::Format;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {why}")]
+    Invalid { file: String, key: String, why: String },
+}
+
+impl ConfigError {
+    fn invalid(file: &Path, key: impl Into<String>, why: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            file: file.display().to_string(),
+            key: key.into(),
+            why: why.into(),
+        }
+    }
+}
+
+/// A duration written as a string (`"250ms"`, `"5s"`, `"7d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|e| format!("{text:?} is not a duration like \"250ms\", \"5s\" or \"7d\": {e}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        HumanDuration::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// A size written as a string (`"8MiB"`, `"10GiB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| HumanSize(b.as_u64()))
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a size like \"8MiB\" or \"10GiB\": {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    #[default]
+    Always,
+    Interval,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    pub fsync: FsyncMode,
+    pub fsync_interval: HumanDuration,
+    pub max_bytes: HumanSize,
+    pub retention: HumanDuration,
+    /// sled's page cache; kept small because sled's RSS runs well above it.
+    pub cache_capacity: HumanSize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("data"),
+            fsync: FsyncMode::Always,
+            fsync_interval: HumanDuration(Duration::from_millis(50)),
+            max_bytes: HumanSize(10 << 30),
+            retention: HumanDuration(Duration::from_secs(7 * 86400)),
+            cache_capacity: HumanSize(32 << 20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpIngestConfig {
+    pub listen: String,
+    pub max_body: HumanSize,
+    pub tokens: Vec<String>,
+}
+
+impl Default for HttpIngestConfig {
+    fn default() -> Self {
+        HttpIngestConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body: HumanSize(8 << 20),
+            tokens: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnixIngestConfig {
+    pub path: String,
+    pub mode: String,
+}
+
+impl Default for UnixIngestConfig {
+    fn default() -> Self {
+        UnixIngestConfig {
+            path: "clickhook.sock".into(),
+            mode: "0660".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub http: HttpIngestConfig,
+    pub unix: UnixIngestConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: String,
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+            token: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub shards: usize,
+    pub timeout: HumanDuration,
+    pub max_concurrency: usize,
+    pub allow_private_networks: bool,
+    pub allowed_cidrs: Vec<String>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            shards: 0,
+            timeout: HumanDuration(Duration::from_secs(5)),
+            max_concurrency: 32,
+            allow_private_networks: false,
+            allowed_cidrs: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub schedule: Vec<HumanDuration>,
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let steps = ["1s", "5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h"];
+        RetryConfig {
+            schedule: steps.iter().filter_map(|s| HumanDuration::parse(s).ok()).collect(),
+            jitter: 0.2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    pub failures: u32,
+    pub cooldown: HumanDuration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 20,
+            cooldown: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrichConfig {
+    /// A MaxMind database (`.mmdb`) filling country, region, city and ISP from the IP.
+    pub geoip: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter such as `info` or `clickhook=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// One webhook endpoint as written in `[[endpoints]]` or sent to the admin API. Fields left
+/// out take the `[delivery]` values (`timeout`, `max_concurrency`) or the SPEC defaults.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub id: String,
+    pub url: String,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    #[serde(default, deserialize_with = "ids_as_text")]
+    pub workspaces: Vec<String>,
+    #[serde(default, deserialize_with = "ids_as_text")]
+    pub links: Vec<String>,
+    #[serde(default)]
+    pub include_bots: bool,
+    #[serde(default)]
+    pub include_ip: bool,
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+    #[serde(default)]
+    pub rate_limit: u32,
+    #[serde(default = "one")]
+    pub batch_max: usize,
+    #[serde(default)]
+    pub batch_linger: HumanDuration,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// Link and workspace ids compare as text (SPEC §9): `12345` and `"12345"` are one link.
+fn ids_as_text<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(i64),
+    }
+    let ids = Vec::<Id>::deserialize(d)?;
+    Ok(ids
+        .into_iter()
+        .map(|id| match id {
+            Id::Text(s) => s,
+            Id::Number(n) => n.to_string(),
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub storage: StorageConfig,
+    pub ingest: IngestConfig,
+    pub admin: AdminConfig,
+    pub delivery: DeliveryConfig,
+    pub retry: RetryConfig,
+    pub breaker: BreakerConfig,
+    pub enrich: EnrichConfig,
+    pub log: LogConfig,
+    pub endpoints: Vec<EndpointConfig>,
+    /// The folder relative paths resolve against (the config file's folder).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.display().to_string(),
+            message: one_line(&e.to_string()),
+        })?;
+        config.file = path.to_path_buf();
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if config.base_dir.as_os_str().is_empty() {
+            config.base_dir = PathBuf::from(".");
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let file = &self.file;
+        if self.storage.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(file, "storage.path", "must not be empty"));
+        }
+        if self.storage.fsync_interval.0.is_zero() {
+            return Err(ConfigError::invalid(
+                file,
+                "storage.fsync_interval",
+                "must be more than 0",
+            ));
+        }
+        parse_listen(&self.ingest.http.listen).map_err(|why| ConfigError::invalid(file, "ingest.http.listen", why))?;
+        parse_listen(&self.admin.listen).map_err(|why| ConfigError::invalid(file, "admin.listen", why))?;
+        if self.ingest.http.max_body.0 == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "ingest.http.max_body",
+                "must be more than 0",
+            ));
+        }
+        if self.ingest.http.tokens.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                file,
+                "ingest.http.tokens",
+                "a token must not be empty",
+            ));
+        }
+        self.socket_mode()
+            .map_err(|why| ConfigError::invalid(file, "ingest.unix.mode", why))?;
+        if self.delivery.max_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "delivery.max_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.delivery.timeout.0.is_zero() {
+            return Err(ConfigError::invalid(file, "delivery.timeout", "must be more than 0"));
+        }
+        self.allowed_cidrs()?;
+        if !(0.0..=1.0).contains(&self.retry.jitter) {
+            return Err(ConfigError::invalid(
+                file,
+                "retry.jitter",
+                "must be a fraction between 0 and 1",
+            ));
+        }
+        if self.breaker.failures == 0 {
+            return Err(ConfigError::invalid(file, "breaker.failures", "must be at least 1"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::invalid(file, "log.format", "must be \"text\" or \"json\""));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            let key = format!("endpoints[{i}]");
+            validate_endpoint(ep).map_err(|(field, why)| ConfigError::invalid(file, format!("{key}.{field}"), why))?;
+            if !seen.insert(ep.id.as_str()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{key}.id"),
+                    format!("{:?} is used twice", ep.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket's permission bits, from the octal `ingest.unix.mode`.
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        u32::from_str_radix(self.ingest.unix.mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("{:?} is not an octal file mode like \"0660\"", self.ingest.unix.mode))
+    }
+
+    pub fn allowed_cidrs(&self) -> Result<Vec<IpNet>, ConfigError> {
+        self.delivery
+            .allowed_cidrs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.parse::<IpNet>().map_err(|e| {
+                    ConfigError::invalid(
+                        &self.file,
+                        format!("delivery.allowed_cidrs[{i}]"),
+                        format!("{c:?}: {e}"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// A path from the config, resolved against the config file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.delivery.shards > 0 {
+            self.delivery.shards
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}
+
+/// Checks one endpoint definition; on failure returns the field and why.
+pub fn validate_endpoint(ep: &EndpointConfig) -> Result<(), (&'static str, String)> {
+    if ep.id.is_empty() || ep.id.len() > 128 || !ep.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err((
+            "id",
+            format!(
+                "{:?} must be 1-128 characters of letters, digits, '-', '_' or '.'",
+                ep.id
+            ),
+        ));
+    }
+    let url = ep
+        .url
+        .parse::<hyper::Uri>()
+        .map_err(|e| ("url", format!("{:?} is not a URL: {e}", ep.url)))?;
+    match url.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(("url", format!("{:?} must be an http:// or https:// URL", ep.url))),
+    }
+    if url.host().is_none_or(str::is_empty) {
+        return Err(("url", format!("{:?} has no host", ep.url)));
+    }
+    if let Some(secret) = &ep.secret {
+        crate::deliver::sign::SigningKey::from_secret(secret).map_err(|e| ("secret", e.to_string()))?;
+    }
+    if ep.max_concurrency == Some(0) {
+        return Err(("max_concurrency", "must be at least 1".into()));
+    }
+    if ep.timeout.is_some_and(|t| t.0.is_zero()) {
+        return Err(("timeout", "must be more than 0".into()));
+    }
+    if ep.batch_max == 0 {
+        return Err(("batch_max", "must be at least 1".into()));
+    }
+    if ep.batch_max > 1 && !ep.format.supports_batch() {
+        return Err((
+            "batch_max",
+            format!(
+                "format {:?} has no batch shape; batching needs \"standard\" or \"rebrandly\"",
+                ep.format.as_str()
+            ),
+        ));
+    }
+    for (name, value) in &ep.headers {
+        if name.parse::<hyper::header::HeaderName>().is_err() {
+            return Err(("headers", format!("{name:?} is not a valid header name")));
+        }
+        if value.parse::<hyper::header::HeaderValue>().is_err() {
+            return Err(("headers", format!("the value of {name:?} is not a valid header value")));
+        }
+    }
+    Ok(())
+}
+
+/// `host:port` with a literal IP; port 0 asks the system for a free one.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .map_err(|_| format!("{text:?} is not an address like \"127.0.0.1:8080\""))
+}
+
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/clickhook/config.toml"))
+    }
+
+    #[test]
+    fn empty_file_takes_every_default() {
+        let c = parse("").unwrap();
+        assert_eq!(c.storage.path, PathBuf::from("data"));
+        assert_eq!(c.retry.schedule.len(), 10);
+        assert_eq!(c.storage.retention.0, Duration::from_secs(7 * 86400));
+        assert_eq!(c.resolve(Path::new("data")), PathBuf::from("/etc/clickhook/data"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse("[storage]\npath = \"d\"\nfsink = \"always\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("fsink"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_value() {
+        let err = parse("[delivery]\ntimeout = \"5 parsecs\"\n").unwrap_err().to_string();
+        assert!(err.contains("5 parsecs") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_errors_name_the_index_and_field() {
+        let err = parse("[[endpoints]]\nid = \"a\"\nurl = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("endpoints[0].url"), "{err}");
+        let err = parse("[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nformat = \"linkly\"\nbatch_max = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("endpoints[0].batch_max") && err.contains("no batch shape"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn numeric_link_ids_compare_as_text() {
+        let c = parse("[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nlinks = [12345, \"abc\"]\n").unwrap();
+        assert_eq!(c.endpoints[0].links, vec!["12345".to_string(), "abc".to_string()]);
+    }
+
+    #[test]
+    fn duplicate_endpoint_ids_are_refused() {
+        let t = "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\n[[endpoints]]\nid = \"a\"\nurl = \"http://y\"\n";
+        assert!(parse(t).unwrap_err().to_string().contains("endpoints[1].id"));
+    }
+}

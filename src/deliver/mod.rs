@@ -1,0 +1,133 @@
+//! Delivery: everything between a pending entry in the log and a 2xx from an endpoint.
+//!
+//! The [`Dispatcher`] spreads endpoints over [`EndpointShard`]s — one OS thread with its
+//! own single-threaded runtime each, so delivery never competes with ingest's runtime —
+//! and runs one worker per endpoint there. Submodules: `format` renders bodies, `sign`
+//! signs them, `send` performs one attempt, `policy` holds retry/breaker/rate-limit
+//! state, `worker` drives an endpoint's queue. This layer must not route or accept
+//! clicks; it only drains queues the log already holds.
+
+pub mod format;
+pub mod policy;
+pub mod send;
+pub mod sign;
+mod worker;
+
+use crate::endpoints::LiveEndpoint;
+use crate::log::ClickLog;
+use policy::RetrySchedule;
+use send::AddressPolicy;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("cannot start delivery shard {0}: {1}")]
+    Shard(usize, std::io::Error),
+}
+
+/// What a worker reports upward because it changes more than its own state.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// The endpoint answered 410 Gone: disable it.
+    Gone { endpoint: String },
+}
+
+/// Settings shared by every worker.
+#[derive(Clone)]
+pub struct DeliveryPolicy {
+    pub schedule: Arc<RetrySchedule>,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub addresses: AddressPolicy,
+}
+
+/// One delivery thread with its own current-thread runtime.
+pub struct EndpointShard {
+    handle: tokio::runtime::Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EndpointShard {
+    fn start(index: usize) -> Result<Self, DeliverError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DeliverError::Shard(index, e))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("clickhook-shard-{index}"))
+            .spawn(move || {
+                // The runtime drives the workers spawned onto it until told to stop.
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(|e| DeliverError::Shard(index, e))?;
+        Ok(EndpointShard {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EndpointShard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub struct Dispatcher {
+    shards: Vec<EndpointShard>,
+    log: Arc<dyn ClickLog>,
+    policy: DeliveryPolicy,
+    shutdown: watch::Receiver<bool>,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        shard_count: usize,
+        log: Arc<dyn ClickLog>,
+        policy: DeliveryPolicy,
+        shutdown: watch::Receiver<bool>,
+        events: mpsc::UnboundedSender<WorkerEvent>,
+    ) -> Result<Self, DeliverError> {
+        let shards = (0..shard_count.max(1))
+            .map(EndpointShard::start)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Dispatcher {
+            shards,
+            log,
+            policy,
+            shutdown,
+            events,
+        })
+    }
+
+    /// Starts the endpoint's worker on its shard. The worker runs until the endpoint is
+    /// stopping or the daemon shuts down, and finishes its in-flight attempts first.
+    pub fn start(&self, endpoint: Arc<LiveEndpoint>) -> JoinHandle<()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        endpoint.id.hash(&mut hasher);
+        let shard = &self.shards[(hasher.finish() % self.shards.len() as u64) as usize];
+        let ctx = worker::WorkerContext {
+            log: self.log.clone(),
+            policy: self.policy.clone(),
+            shutdown: self.shutdown.clone(),
+            events: self.events.clone(),
+        };
+        shard.handle.spawn(worker::run(endpoint, ctx))
+    }
+}

@@ -1,0 +1,413 @@
+//! Sending one attempt: the outbound HTTP stack of an endpoint and the classification of
+//! what happened. It owns the connection pool (hyper-util over rustls, HTTP/1.1 and
+//! HTTP/2 by ALPN), the private-address guard applied to the very address connected to,
+//! and the single deadline covering DNS, connect, TLS, request and response body. It must
+//! not decide about retries: it reports an [`AttemptResult`] whose [`Outcome`] says whose
+//! fault it was, and the worker decides.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ipnet::IpNet;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// How much of a response body is kept for the attempt log and `/test`.
+pub const BODY_SNIPPET: usize = 1024;
+/// Past this many response bytes the body is abandoned (and the connection with it).
+const MAX_RESPONSE_BODY: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("refused: {0} is a private address and private networks are not allowed")]
+    PrivateAddress(IpAddr),
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve { host: String, reason: String },
+}
+
+/// What one attempt came to, as the metric label `outcome` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Success,
+    Http3xx,
+    Http4xx,
+    Http5xx,
+    Timeout,
+    Network,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Success,
+        Outcome::Http3xx,
+        Outcome::Http4xx,
+        Outcome::Http5xx,
+        Outcome::Timeout,
+        Outcome::Network,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Http3xx => "http_3xx",
+            Outcome::Http4xx => "http_4xx",
+            Outcome::Http5xx => "http_5xx",
+            Outcome::Timeout => "timeout",
+            Outcome::Network => "network",
+        }
+    }
+
+    fn of_status(status: StatusCode) -> Outcome {
+        match status.as_u16() {
+            200..=299 => Outcome::Success,
+            300..=399 => Outcome::Http3xx,
+            400..=499 => Outcome::Http4xx,
+            _ => Outcome::Http5xx,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptResult {
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub latency: Duration,
+    pub error: Option<String>,
+    /// The receiver's `Retry-After`, on 429 and 503.
+    pub retry_after: Option<Duration>,
+    /// The first [`BODY_SNIPPET`] bytes of the response.
+    pub body: Bytes,
+}
+
+/// Which destination addresses may be connected to.
+#[derive(Debug, Clone, Default)]
+pub struct AddressPolicy {
+    pub allow_private: bool,
+    pub allowed: Arc<Vec<IpNet>>,
+}
+
+impl AddressPolicy {
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        self.allow_private || !is_private(ip) || self.allowed.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Checks a URL's host now (at creation time): an IP literal or a name resolving to a
+    /// refused address is an error.
+    pub async fn check_url(&self, url: &Uri) -> Result<(), SendError> {
+        let host = url
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return if self.permits(ip) {
+                Ok(())
+            } else {
+                Err(SendError::PrivateAddress(ip))
+            };
+        }
+        let addrs = tokio::net::lookup_host((host, 0))
+            .await
+            .map_err(|e| SendError::Resolve {
+                host: host.to_string(),
+                reason: e.to_string(),
+            })?;
+        for addr in addrs {
+            if !self.permits(addr.ip()) {
+                return Err(SendError::PrivateAddress(addr.ip()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loopback, RFC 1918, link-local (cloud metadata lives there), CGNAT, unique-local,
+/// unspecified, broadcast, multicast and documentation ranges.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || o[0] == 0
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                // The AWS metadata service's IPv6 address.
+                || (s[0] == 0xfd00 && s[1] == 0x0ec2)
+        }
+    }
+}
+
+/// Resolves names and drops every address the policy refuses, so the address vetted is
+/// the address connected to (no window for DNS rebinding).
+#[derive(Clone)]
+pub struct GuardedResolver {
+    policy: AddressPolicy,
+}
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let total = addrs.len();
+            let permitted: Vec<SocketAddr> = addrs.iter().copied().filter(|a| policy.permits(a.ip())).collect();
+            if permitted.is_empty() && total > 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    SendError::PrivateAddress(addrs[0].ip()),
+                ));
+            }
+            Ok(permitted.into_iter())
+        })
+    }
+}
+
+/// The plain-TCP connector with the guard also applied to IP-literal hosts, which
+/// hyper-util connects to without asking the resolver.
+#[derive(Clone)]
+pub struct GuardedConnector {
+    inner: HttpConnector<GuardedResolver>,
+    policy: AddressPolicy,
+}
+
+impl tower_service::Service<Uri> for GuardedConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            if !self.policy.permits(ip) {
+                return Box::pin(async move { Err(SendError::PrivateAddress(ip).into()) });
+            }
+        }
+        let fut = self.inner.call(uri);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<GuardedConnector>, Full<Bytes>>;
+
+/// One endpoint's connection pool. Cloning shares the pool.
+#[derive(Clone)]
+pub struct EndpointClient {
+    client: HttpsClient,
+}
+
+impl EndpointClient {
+    pub fn new(policy: AddressPolicy, connect_timeout: Duration, max_idle: usize) -> Self {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(GuardedConnector { inner: http, policy });
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(max_idle)
+            .build(https);
+        EndpointClient { client }
+    }
+
+    /// Sends one request under one deadline that covers everything up to the last byte
+    /// of the response body. Redirects are not followed: a 3xx is a failed attempt.
+    pub async fn send(&self, request: Request<Full<Bytes>>, timeout: Duration) -> AttemptResult {
+        let started = Instant::now();
+        let exchange = async {
+            let response = self.client.request(request).await?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers());
+            let mut body = response.into_body();
+            let mut kept = Vec::new();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                let frame = frame?;
+                if let Some(data) = frame.data_ref() {
+                    total += data.len();
+                    let room = BODY_SNIPPET.saturating_sub(kept.len());
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                    if total > MAX_RESPONSE_BODY {
+                        break;
+                    }
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, retry_after, Bytes::from(kept)))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => AttemptResult {
+                outcome: Outcome::Timeout,
+                status: None,
+                latency: started.elapsed(),
+                error: Some(format!(
+                    "no complete answer within {}",
+                    humantime::format_duration(timeout)
+                )),
+                retry_after: None,
+                body: Bytes::new(),
+            },
+            Ok(Err(e)) => AttemptResult {
+                outcome: Outcome::Network,
+                status: None,
+                latency: started.elapsed(),
+                error: Some(error_chain(e.as_ref())),
+                retry_after: None,
+                body: Bytes::new(),
+            },
+            Ok(Ok((status, retry_after, body))) => {
+                let outcome = Outcome::of_status(status);
+                AttemptResult {
+                    outcome,
+                    status: Some(status.as_u16()),
+                    latency: started.elapsed(),
+                    error: (outcome != Outcome::Success).then(|| format!("answered {status}")),
+                    retry_after: retry_after.filter(|_| matches!(status.as_u16(), 429 | 503)),
+                    body,
+                }
+            }
+        }
+    }
+}
+
+/// Builds the request; header names and values were validated with the endpoint.
+pub fn build_request(
+    url: &Uri,
+    headers: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+    let mut builder = Request::post(url.clone());
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    builder.body(Full::new(body))
+}
+
+fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_ranges_are_recognised() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "fd00:ec2::254",
+        ] {
+            assert!(is_private(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn allowed_cidrs_open_exactly_their_range() {
+        let policy = AddressPolicy {
+            allow_private: false,
+            allowed: Arc::new(vec!["10.0.0.0/8".parse().unwrap()]),
+        };
+        assert!(policy.permits("10.9.9.9".parse().unwrap()));
+        assert!(!policy.permits("192.168.0.1".parse().unwrap()));
+        assert!(policy.permits("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert(
+            hyper::header::RETRY_AFTER,
+            HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap(),
+        );
+        let d = retry_after(&h).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
+    }
+}

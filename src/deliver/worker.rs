@@ -1,0 +1,525 @@
+//! One endpoint's delivery loop. It pages the endpoint's queue in from the log (so a
+//! backlog lives on disk, not in memory), keeps at most `max_concurrency` attempts in
+//! flight, honours the rate limit and circuit breaker, retries on the schedule, and
+//! writes every outcome back to the log. It must not block on anything but its own
+//! endpoint: whatever this endpoint does, other endpoints' workers never wait for it.
+
+use super::format::{self, RenderContext};
+use super::policy::{Breaker, CircuitState, TokenBucket};
+use super::send::{build_request, AttemptResult, EndpointClient, Outcome};
+use super::sign::signature_header;
+use super::{DeliveryPolicy, WorkerEvent};
+use crate::endpoints::{AttemptRecord, EndpointSettings, LiveEndpoint};
+use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq};
+use bytes::Bytes;
+use hyper::header::{HeaderName, HeaderValue};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// How many queue entries one page-in reads.
+const PAGE: usize = 512;
+/// Retries waiting in memory at most; past this the worker stops paging in new events
+/// (they wait on disk) until retries drain.
+const MAX_WAITING: usize = 100_000;
+
+pub(crate) struct WorkerContext {
+    pub log: Arc<dyn ClickLog>,
+    pub policy: DeliveryPolicy,
+    pub shutdown: watch::Receiver<bool>,
+    pub events: mpsc::UnboundedSender<WorkerEvent>,
+}
+
+/// Events sent together in one request; `batch` is their batch id (0: a single event).
+#[derive(Debug)]
+struct Job {
+    items: Vec<Pending>,
+    batch: u64,
+}
+
+/// What a finished attempt hands back to the loop.
+struct Finished {
+    job: Job,
+    result: AttemptResult,
+    event_ids: Vec<String>,
+    accepted_ms: Vec<u64>,
+}
+
+struct Worker {
+    ep: Arc<LiveEndpoint>,
+    ctx: WorkerContext,
+    client: EndpointClient,
+    cursor: Option<Seq>,
+    caught_up: bool,
+    ready: VecDeque<Job>,
+    ready_since: Option<Instant>,
+    waiting: BinaryHeap<Reverse<(u64, u64)>>,
+    waiting_jobs: HashMap<u64, Job>,
+    next_job_no: u64,
+    owned: HashSet<Seq>,
+    inflight: JoinSet<Finished>,
+    breaker: Breaker,
+    limiter: Option<(u32, TokenBucket)>,
+    /// Settings that answered 410; launching resumes when the settings change.
+    gone_at: Option<Arc<EndpointSettings>>,
+}
+
+pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
+    let settings = ep.settings();
+    let client = EndpointClient::new(
+        ctx.policy.addresses.clone(),
+        settings.timeout,
+        settings.max_concurrency.max(1),
+    );
+    let breaker = Breaker::new(ctx.policy.breaker_failures, ctx.policy.breaker_cooldown);
+    let mut worker = Worker {
+        ep,
+        ctx,
+        client,
+        cursor: None,
+        caught_up: false,
+        ready: VecDeque::new(),
+        ready_since: None,
+        waiting: BinaryHeap::new(),
+        waiting_jobs: HashMap::new(),
+        next_job_no: 0,
+        owned: HashSet::new(),
+        inflight: JoinSet::new(),
+        breaker,
+        limiter: None,
+        gone_at: None,
+    };
+    worker.run().await;
+}
+
+impl Worker {
+    async fn run(&mut self) {
+        loop {
+            let settings = self.ep.settings();
+            let draining = self.ep.stopping.load(Ordering::SeqCst) || *self.ctx.shutdown.borrow();
+            if draining && self.inflight.is_empty() {
+                return;
+            }
+            if self.ep.rewind.swap(false, Ordering::SeqCst) {
+                self.cursor = None;
+                self.caught_up = false;
+            }
+            if !draining {
+                self.page_in();
+                self.promote_due();
+            }
+            let linger_until = if draining { None } else { self.launch(&settings) };
+            let wake_at = [
+                self.waiting.peek().map(|Reverse((due, _))| instant_of(*due)),
+                self.breaker.reopens_at(Instant::now()),
+                self.limiter_wake(),
+                linger_until,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let mut shutdown = self.ctx.shutdown.clone();
+            tokio::select! {
+                Some(done) = self.inflight.join_next(), if !self.inflight.is_empty() => {
+                    match done {
+                        Ok(finished) => self.finish(finished, &settings),
+                        Err(e) => tracing::error!(endpoint = %self.ep.id, error = %e, "an attempt task failed"),
+                    }
+                }
+                _ = self.ep.wake.notified() => self.caught_up = false,
+                _ = sleep_until(wake_at), if wake_at.is_some() => {}
+                _ = shutdown.changed(), if !draining => {}
+            }
+        }
+    }
+
+    /// Reads the next page of the queue when little is ready.
+    fn page_in(&mut self) {
+        if self.caught_up || self.ready.len() >= PAGE || self.waiting_jobs.len() >= MAX_WAITING {
+            return;
+        }
+        let page = match self.ctx.log.pending_after(self.ep.key, self.cursor, PAGE) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(endpoint = %self.ep.id, error = %e, "cannot read the queue");
+                return;
+            }
+        };
+        self.caught_up = page.len() < PAGE;
+        if let Some(last) = page.last() {
+            self.cursor = Some(last.seq);
+        }
+        let now = now_ms();
+        // Entries sent together before (a batch) are retried together, under their id.
+        let mut batches: HashMap<u64, Vec<Pending>> = HashMap::new();
+        for p in page {
+            if !self.owned.insert(p.seq) {
+                continue;
+            }
+            if p.batch != 0 {
+                batches.entry(p.batch).or_default().push(p);
+            } else if p.due_ms > now {
+                self.wait(
+                    Job {
+                        items: vec![p],
+                        batch: 0,
+                    },
+                    p.due_ms,
+                );
+            } else {
+                self.push_ready(Job {
+                    items: vec![p],
+                    batch: 0,
+                });
+            }
+        }
+        for (batch, items) in batches {
+            let due = items.iter().map(|p| p.due_ms).max().unwrap_or(0);
+            let job = Job { items, batch };
+            if due > now {
+                self.wait(job, due);
+            } else {
+                self.push_ready(job);
+            }
+        }
+    }
+
+    fn push_ready(&mut self, job: Job) {
+        if self.ready.is_empty() {
+            self.ready_since = Some(Instant::now());
+        }
+        self.ready.push_back(job);
+    }
+
+    fn wait(&mut self, job: Job, due_ms: u64) {
+        self.next_job_no += 1;
+        self.waiting.push(Reverse((due_ms, self.next_job_no)));
+        self.waiting_jobs.insert(self.next_job_no, job);
+    }
+
+    fn promote_due(&mut self) {
+        let now = now_ms();
+        // An open circuit keeps retries waiting without spending their attempts.
+        if self.breaker.state(Instant::now()) == CircuitState::Open {
+            return;
+        }
+        while let Some(Reverse((due, no))) = self.waiting.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.waiting.pop();
+            if let Some(job) = self.waiting_jobs.remove(&no) {
+                if self.ready.is_empty() {
+                    self.ready_since = Some(Instant::now());
+                }
+                self.ready.push_front(job);
+            }
+        }
+    }
+
+    fn limiter_wake(&self) -> Option<Instant> {
+        let (_, bucket) = self.limiter.as_ref()?;
+        (!self.ready.is_empty()).then(|| bucket.next_token_at(Instant::now()))
+    }
+
+    /// Starts as many attempts as the limits allow. Returns when a partial batch should
+    /// be sent anyway (its linger time), if it is waiting for more events.
+    fn launch(&mut self, settings: &Arc<EndpointSettings>) -> Option<Instant> {
+        if settings.disabled_reason.is_some() {
+            return None;
+        }
+        if let Some(gone) = &self.gone_at {
+            if Arc::ptr_eq(gone, settings) {
+                return None;
+            }
+            self.gone_at = None;
+        }
+        let rate = settings.config.rate_limit;
+        match (&self.limiter, rate) {
+            (_, 0) => self.limiter = None,
+            (Some((r, _)), _) if *r == rate => {}
+            _ => self.limiter = Some((rate, TokenBucket::new(rate, Instant::now()))),
+        }
+        let batch_max = settings.config.batch_max.max(1);
+        let linger = settings.config.batch_linger.0;
+        while self.inflight.len() < settings.max_concurrency && !self.ready.is_empty() {
+            let now = Instant::now();
+            if self.breaker.state(now) == CircuitState::Open {
+                break;
+            }
+            let fresh = self.ready.iter().take_while(|j| j.batch == 0).count();
+            if batch_max > 1 && self.ready.front().is_some_and(|j| j.batch == 0) && fresh < batch_max {
+                // A partial batch waits for more events until its linger runs out.
+                let deadline = self.ready_since.unwrap_or(now) + linger;
+                if now < deadline {
+                    return Some(deadline);
+                }
+            }
+            if let Some((_, bucket)) = &mut self.limiter {
+                if !bucket.try_take(now) {
+                    break;
+                }
+            }
+            if !self.breaker.try_acquire(now) {
+                break;
+            }
+            let job = self.take_job(batch_max);
+            self.start_attempt(job, settings);
+        }
+        None
+    }
+
+    fn take_job(&mut self, batch_max: usize) -> Job {
+        let mut job = self.ready.pop_front().unwrap_or(Job {
+            items: Vec::new(),
+            batch: 0,
+        });
+        if batch_max > 1 && job.batch == 0 {
+            while job.items.len() < batch_max && self.ready.front().is_some_and(|j| j.batch == 0) {
+                if let Some(next) = self.ready.pop_front() {
+                    job.items.extend(next.items);
+                }
+            }
+            job.batch = loop {
+                let id = rand::random::<u64>();
+                if id != 0 {
+                    break id;
+                }
+            };
+            for p in &mut job.items {
+                p.batch = job.batch;
+            }
+        }
+        self.ready_since = (!self.ready.is_empty()).then(Instant::now);
+        job
+    }
+
+    fn start_attempt(&mut self, job: Job, settings: &Arc<EndpointSettings>) {
+        let mut bodies = Vec::with_capacity(job.items.len());
+        let mut accepted_ms = Vec::with_capacity(job.items.len());
+        let mut event_ids = Vec::with_capacity(job.items.len());
+        let mut kept = Vec::with_capacity(job.items.len());
+        let mut missing = Vec::new();
+        for p in &job.items {
+            match self.ctx.log.event(p.seq) {
+                Ok(Some(ev)) => {
+                    event_ids.push(event_id_of(&ev.data));
+                    accepted_ms.push(ev.accepted_ms);
+                    bodies.push(ev.data);
+                    kept.push(*p);
+                }
+                Ok(None) => missing.push(p.seq),
+                Err(e) => {
+                    tracing::error!(endpoint = %self.ep.id, seq = p.seq, error = %e, "cannot read an event");
+                    missing.push(p.seq);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            // A queue entry without its event cannot be delivered; drop the entry so it
+            // does not block the queue forever, and say so loudly.
+            tracing::error!(endpoint = %self.ep.id, count = missing.len(), "queue entries without a stored event dropped");
+            self.ctx.log.delivered(self.ep.key, &missing);
+            self.settle(&missing);
+        }
+        if kept.is_empty() {
+            self.breaker.on_success();
+            return;
+        }
+        let job = Job {
+            items: kept,
+            batch: job.batch,
+        };
+        let batched = settings.config.batch_max > 1;
+        let webhook_id = if batched {
+            format!("batch_{:016x}", job.batch)
+        } else {
+            event_ids[0].clone()
+        };
+        let refs: Vec<&[u8]> = bodies.iter().map(|b| b.as_ref()).collect();
+        let ctx = RenderContext {
+            endpoint_id: &self.ep.id,
+            webhook_id: &webhook_id,
+            include_ip: settings.config.include_ip,
+            batch: batched,
+        };
+        let body = match format::render(settings.config.format, &refs, &ctx) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                tracing::error!(endpoint = %self.ep.id, error = %e, "cannot render; the events stay queued");
+                let due = now_ms() + 60_000;
+                self.wait(job, due);
+                self.breaker.on_success();
+                return;
+            }
+        };
+        let client = self.client.clone();
+        let settings = settings.clone();
+        self.inflight.spawn(async move {
+            let timestamp = chrono::Utc::now().timestamp();
+            let signature = signature_header(&settings.keys, &webhook_id, timestamp, &body);
+            let mut headers = settings.headers.clone();
+            for (name, value) in [
+                ("webhook-id", webhook_id.as_str()),
+                ("webhook-timestamp", &timestamp.to_string()),
+                ("webhook-signature", &signature),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    headers.push((HeaderName::from_static(name), v));
+                }
+            }
+            let result = match build_request(&settings.url, &headers, body) {
+                Ok(request) => client.send(request, settings.timeout).await,
+                Err(e) => AttemptResult {
+                    outcome: Outcome::Network,
+                    status: None,
+                    latency: Duration::ZERO,
+                    error: Some(format!("cannot build the request: {e}")),
+                    retry_after: None,
+                    body: Bytes::new(),
+                },
+            };
+            Finished {
+                job,
+                result,
+                event_ids,
+                accepted_ms,
+            }
+        });
+    }
+
+    fn finish(&mut self, done: Finished, settings: &Arc<EndpointSettings>) {
+        let Finished {
+            mut job,
+            result,
+            event_ids,
+            accepted_ms,
+        } = done;
+        let metrics = &self.ep.metrics;
+        metrics.attempt(result.outcome).increment(1);
+        metrics.duration.record(result.latency.as_secs_f64());
+        let attempt_no = job.items.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
+        let at = crate::endpoints::now_rfc3339();
+        for id in &event_ids {
+            self.ep.record_attempt(
+                AttemptRecord {
+                    event_id: id.clone(),
+                    attempt: attempt_no,
+                    at: at.clone(),
+                    status: result.status,
+                    latency_ms: result.latency.as_secs_f64() * 1000.0,
+                    outcome: result.outcome.as_str(),
+                    error: result.error.clone(),
+                },
+                result.outcome,
+            );
+        }
+        let now = Instant::now();
+        let seqs: Vec<Seq> = job.items.iter().map(|p| p.seq).collect();
+        if result.outcome == Outcome::Success {
+            self.breaker.on_success();
+            self.ep.set_circuit(self.breaker.state(now));
+            self.ctx.log.delivered(self.ep.key, &seqs);
+            let now_ms = now_ms();
+            for accepted in accepted_ms {
+                metrics.lag.record(now_ms.saturating_sub(accepted) as f64 / 1000.0);
+            }
+            self.settle(&seqs);
+            return;
+        }
+        if result.status == Some(410) {
+            // Gone: the endpoint is disabled; its events stay queued for a re-enable.
+            self.breaker.on_success();
+            self.gone_at = Some(settings.clone());
+            let _ = self.ctx.events.send(WorkerEvent::Gone {
+                endpoint: self.ep.id.clone(),
+            });
+            self.ready.push_front(job);
+            return;
+        }
+        if self.breaker.on_failure(now) {
+            tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
+        }
+        self.ep.set_circuit(self.breaker.state(now));
+        tracing::debug!(endpoint = %self.ep.id, event = %event_ids.first().map(String::as_str).unwrap_or(""),
+            outcome = result.outcome.as_str(), error = ?result.error, "attempt failed");
+        match self.ctx.policy.schedule.delay(attempt_no, result.retry_after) {
+            Some(delay) => {
+                let due = now_ms() + delay.as_millis() as u64;
+                for p in &mut job.items {
+                    p.attempts = attempt_no;
+                    p.due_ms = due;
+                }
+                self.ctx.log.reschedule(self.ep.key, &job.items);
+                self.wait(job, due);
+            }
+            None => {
+                let dead_at_ms = now_ms();
+                let letters = job
+                    .items
+                    .iter()
+                    .zip(event_ids.iter().zip(accepted_ms.iter()))
+                    .map(|(p, (id, accepted))| DeadLetter {
+                        seq: p.seq,
+                        event_id: id.clone(),
+                        attempts: attempt_no,
+                        dead_at_ms,
+                        accepted_ms: *accepted,
+                        last_status: result.status,
+                        last_error: result.error.clone(),
+                    })
+                    .collect::<Vec<_>>();
+                tracing::warn!(endpoint = %self.ep.id, count = letters.len(), "events dead-lettered after the last retry");
+                metrics.dead.increment(letters.len() as u64);
+                self.ctx.log.bury(self.ep.key, letters);
+                self.settle(&seqs);
+            }
+        }
+    }
+
+    /// The entries left the queue (delivered, dead or dropped).
+    fn settle(&mut self, seqs: &[Seq]) {
+        for s in seqs {
+            self.owned.remove(s);
+        }
+        self.ep.add_pending(-(seqs.len() as i64));
+    }
+}
+
+/// The stored event starts with `{"id":"…"`; reads that id without parsing the rest.
+pub(crate) fn event_id_of(data: &[u8]) -> String {
+    let rest = data.strip_prefix(br#"{"id":"#).unwrap_or(b"");
+    serde_json::Deserializer::from_slice(rest)
+        .into_iter::<String>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
+fn instant_of(ms: u64) -> Instant {
+    let now = now_ms();
+    Instant::now() + Duration::from_millis(ms.saturating_sub(now))
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_is_read_from_the_stored_prefix() {
+        assert_eq!(event_id_of(br#"{"id":"evt_1","timestamp":"x"}"#), "evt_1");
+        assert_eq!(event_id_of(br#"{"id":"a\"b","timestamp":"x"}"#), "a\"b");
+        assert_eq!(event_id_of(b"garbage"), "");
+    }
+}

@@ -1,0 +1,520 @@
+//! The live set of webhook endpoints: the config file's and the admin API's, each with
+//! its persistent storage key, resolved secrets, prebuilt request headers, metrics and
+//! delivery worker. It owns endpoint lifecycle (start, change, disable, stop) and the
+//! routing index swapped in on every change. It must not send requests or touch queues
+//! directly: workers do the first, the log the second.
+
+use crate::config::{validate_endpoint, EndpointConfig};
+use crate::deliver::policy::CircuitState;
+use crate::deliver::send::Outcome;
+use crate::deliver::sign::{generate_secret, SigningKey};
+use crate::deliver::Dispatcher;
+use crate::log::{ClickLog, EndpointKey, LogError};
+use crate::metrics::EndpointMetrics;
+use crate::route::{ClickFacts, RoutingIndex};
+use arc_swap::ArcSwap;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::Uri;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("{field}: {why}")]
+    Invalid { field: String, why: String },
+    #[error("no endpoint {0:?}")]
+    NotFound(String),
+    #[error("endpoint {0:?} exists already")]
+    Exists(String),
+    #[error("endpoint {0:?} is defined in the config file; change it there")]
+    FromConfig(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Where an endpoint was defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointSource {
+    Config,
+    Api,
+}
+
+/// `[delivery]` values an endpoint falls back to.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointDefaults {
+    pub timeout: Duration,
+    pub max_concurrency: usize,
+}
+
+/// Everything a worker needs per attempt, derived once per change of the endpoint.
+#[derive(Debug)]
+pub struct EndpointSettings {
+    pub config: EndpointConfig,
+    pub url: Uri,
+    /// Fixed headers: content type, user agent, the endpoint's own, `apikey` for rebrandly.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Newest first; during rotation the previous key signs too.
+    pub keys: Vec<SigningKey>,
+    pub timeout: Duration,
+    pub max_concurrency: usize,
+    pub disabled_reason: Option<String>,
+}
+
+/// One recorded delivery attempt (SPEC §9 "Attempt").
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub event_id: String,
+    pub attempt: u32,
+    pub at: String,
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    pub outcome: &'static str,
+    pub error: Option<String>,
+}
+
+/// Bounded recent history of an endpoint's attempts.
+pub const ATTEMPT_HISTORY: usize = 1000;
+
+#[derive(Debug, Default)]
+pub struct EndpointHistory {
+    pub attempts: VecDeque<AttemptRecord>,
+    pub delivered: u64,
+    pub failed_attempts: u64,
+}
+
+pub struct LiveEndpoint {
+    pub id: String,
+    pub key: EndpointKey,
+    pub source: EndpointSource,
+    pub created_at: String,
+    settings: ArcSwap<EndpointSettings>,
+    /// New work, changed settings, rewind or stop: the worker re-examines everything.
+    pub wake: Notify,
+    pub rewind: AtomicBool,
+    pub stopping: AtomicBool,
+    pub pending: AtomicI64,
+    pub circuit: AtomicU8,
+    pub metrics: EndpointMetrics,
+    pub history: Mutex<EndpointHistory>,
+}
+
+impl LiveEndpoint {
+    pub fn settings(&self) -> Arc<EndpointSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn add_pending(&self, n: i64) {
+        let now = self.pending.fetch_add(n, Ordering::Relaxed) + n;
+        self.metrics.pending.set(now.max(0) as f64);
+    }
+
+    pub fn set_circuit(&self, state: CircuitState) {
+        self.circuit.store(state as u8, Ordering::Relaxed);
+        self.metrics
+            .circuit_open
+            .set(if state == CircuitState::Closed { 0.0 } else { 1.0 });
+    }
+
+    pub fn circuit_state(&self) -> CircuitState {
+        match self.circuit.load(Ordering::Relaxed) {
+            x if x == CircuitState::Open as u8 => CircuitState::Open,
+            x if x == CircuitState::HalfOpen as u8 => CircuitState::HalfOpen,
+            _ => CircuitState::Closed,
+        }
+    }
+
+    pub fn record_attempt(&self, record: AttemptRecord, outcome: Outcome) {
+        if let Ok(mut h) = self.history.lock() {
+            if outcome == Outcome::Success {
+                h.delivered += 1;
+            } else {
+                h.failed_attempts += 1;
+            }
+            if h.attempts.len() >= ATTEMPT_HISTORY {
+                h.attempts.pop_back();
+            }
+            h.attempts.push_front(record);
+        }
+    }
+
+    /// The endpoint as the admin API shows it (no secret).
+    pub fn describe(&self) -> serde_json::Value {
+        let s = self.settings();
+        let c = &s.config;
+        serde_json::json!({
+            "id": self.id, "url": c.url, "format": c.format, "workspaces": c.workspaces, "links": c.links,
+            "include_bots": c.include_bots, "include_ip": c.include_ip,
+            "timeout": humantime::format_duration(s.timeout).to_string(),
+            "max_concurrency": s.max_concurrency, "rate_limit": c.rate_limit, "batch_max": c.batch_max,
+            "batch_linger": humantime::format_duration(c.batch_linger.0).to_string(), "headers": c.headers,
+            "enabled": s.disabled_reason.is_none() && c.enabled, "disabled_reason": s.disabled_reason,
+            "source": self.source, "created_at": self.created_at,
+        })
+    }
+}
+
+/// A disabled marker, persisted so a 410 survives restarts.
+#[derive(Debug, Serialize, Deserialize)]
+struct DisabledMarker {
+    reason: String,
+}
+
+struct Snapshot {
+    by_id: HashMap<String, Arc<LiveEndpoint>>,
+    by_key: HashMap<EndpointKey, Arc<LiveEndpoint>>,
+    routes: RoutingIndex,
+}
+
+pub struct EndpointRegistry {
+    snapshot: ArcSwap<Snapshot>,
+    log: Arc<dyn ClickLog>,
+    dispatcher: Dispatcher,
+    defaults: EndpointDefaults,
+    workers: Mutex<HashMap<EndpointKey, JoinHandle<()>>>,
+    /// Serialises changes; reads never wait for it.
+    change: tokio::sync::Mutex<()>,
+}
+
+impl EndpointRegistry {
+    pub fn new(log: Arc<dyn ClickLog>, dispatcher: Dispatcher, defaults: EndpointDefaults) -> Arc<Self> {
+        Arc::new(EndpointRegistry {
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                by_id: HashMap::new(),
+                by_key: HashMap::new(),
+                routes: RoutingIndex::default(),
+            }),
+            log,
+            dispatcher,
+            defaults,
+            workers: Mutex::new(HashMap::new()),
+            change: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Appends the keys of the endpoints that want this click.
+    pub fn route(&self, click: ClickFacts<'_>, out: &mut Vec<EndpointKey>) {
+        self.snapshot.load().routes.route(click, out);
+    }
+
+    /// Tells an endpoint's worker that `n` new events wait for it.
+    pub fn notify_new(&self, key: EndpointKey, n: i64) {
+        if let Some(ep) = self.snapshot.load().by_key.get(&key) {
+            ep.add_pending(n);
+            ep.wake.notify_one();
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<LiveEndpoint>> {
+        self.snapshot.load().by_id.get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<LiveEndpoint>> {
+        let mut v: Vec<_> = self.snapshot.load().by_id.values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn log(&self) -> &Arc<dyn ClickLog> {
+        &self.log
+    }
+
+    /// Makes the config file's endpoints the live ones of source `config`: new ones start,
+    /// changed ones take their new settings, removed ones stop (their queues stay on disk
+    /// and resume if they come back). API endpoints are untouched.
+    pub async fn apply_config(&self, endpoints: &[EndpointConfig]) -> Result<(), EndpointError> {
+        let _guard = self.change.lock().await;
+        let current = self.snapshot.load_full();
+        let mut by_id: HashMap<String, Arc<LiveEndpoint>> = current
+            .by_id
+            .iter()
+            .filter(|(_, ep)| ep.source == EndpointSource::Api)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut stopped = Vec::new();
+        for ep in endpoints {
+            if by_id.contains_key(&ep.id) {
+                return Err(EndpointError::Exists(ep.id.clone()));
+            }
+            match current.by_id.get(&ep.id) {
+                Some(live) if live.source == EndpointSource::Config => {
+                    if live.settings().config != *ep {
+                        let settings = self.settings_for(ep, live.source).await?;
+                        live.settings.store(Arc::new(settings));
+                        live.wake.notify_one();
+                    }
+                    by_id.insert(ep.id.clone(), live.clone());
+                }
+                _ => {
+                    let live = self.make_live(ep, EndpointSource::Config, now_rfc3339()).await?;
+                    by_id.insert(ep.id.clone(), live);
+                }
+            }
+        }
+        for (id, live) in &current.by_id {
+            if !by_id.contains_key(id) {
+                stopped.push(live.clone());
+            }
+        }
+        self.publish(by_id);
+        for live in stopped {
+            self.stop_worker(&live).await;
+        }
+        Ok(())
+    }
+
+    /// Adds an endpoint at run time and persists it.
+    pub async fn create(&self, mut config: EndpointConfig) -> Result<Arc<LiveEndpoint>, EndpointError> {
+        let _guard = self.change.lock().await;
+        validate_endpoint(&config).map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
+        if self.get(&config.id).is_some() {
+            return Err(EndpointError::Exists(config.id));
+        }
+        if config.secret.is_none() {
+            config.secret = Some(generate_secret());
+        }
+        let created_at = now_rfc3339();
+        let stored = StoredApiEndpoint {
+            config: config.clone(),
+            created_at: created_at.clone(),
+            previous_secret: None,
+        };
+        self.persist_api(&stored).await?;
+        let live = self.make_live(&config, EndpointSource::Api, created_at).await?;
+        let mut by_id = self.snapshot.load().by_id.clone();
+        by_id.insert(config.id.clone(), live.clone());
+        self.publish(by_id);
+        Ok(live)
+    }
+
+    /// Loads the endpoints created through the API in earlier runs.
+    pub async fn load_api_endpoints(&self) -> Result<(), EndpointError> {
+        let _guard = self.change.lock().await;
+        let mut by_id = self.snapshot.load().by_id.clone();
+        for (_, bytes) in self.log.settings_with_prefix(API_PREFIX)? {
+            let stored: StoredApiEndpoint = match serde_json::from_slice(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping an unreadable stored endpoint");
+                    continue;
+                }
+            };
+            if by_id.contains_key(&stored.config.id) {
+                tracing::warn!(endpoint = %stored.config.id, "an API endpoint has the id of a config endpoint; the config one wins");
+                continue;
+            }
+            let live = self
+                .make_live(&stored.config, EndpointSource::Api, stored.created_at.clone())
+                .await?;
+            by_id.insert(stored.config.id.clone(), live);
+        }
+        self.publish(by_id);
+        Ok(())
+    }
+
+    /// Marks an endpoint disabled (a 410 Gone) so no new click is routed to it; its
+    /// queue stays and resumes if it is enabled again.
+    pub async fn disable(&self, id: &str, reason: &str) -> Result<(), EndpointError> {
+        let _guard = self.change.lock().await;
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        let marker = serde_json::to_vec(&DisabledMarker { reason: reason.into() })
+            .map_err(|e| LogError::Corrupt(e.to_string()))?;
+        wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), Some(marker))).await?;
+        let mut settings = self.settings_for(&live.settings().config, live.source).await?;
+        settings.disabled_reason = Some(reason.into());
+        live.settings.store(Arc::new(settings));
+        self.publish(self.snapshot.load().by_id.clone());
+        tracing::warn!(endpoint = %id, reason, "endpoint disabled");
+        Ok(())
+    }
+
+    async fn make_live(
+        &self,
+        config: &EndpointConfig,
+        source: EndpointSource,
+        created_at: String,
+    ) -> Result<Arc<LiveEndpoint>, EndpointError> {
+        let key = self.log.endpoint_key(&config.id)?;
+        let settings = self.settings_for(config, source).await?;
+        let pending = self.log.count_pending(key)? as i64;
+        let live = Arc::new(LiveEndpoint {
+            id: config.id.clone(),
+            key,
+            source,
+            created_at,
+            settings: ArcSwap::from_pointee(settings),
+            wake: Notify::new(),
+            rewind: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            pending: AtomicI64::new(0),
+            circuit: AtomicU8::new(CircuitState::Closed as u8),
+            metrics: EndpointMetrics::new(&config.id),
+            history: Mutex::new(EndpointHistory::default()),
+        });
+        live.add_pending(pending);
+        let handle = self.dispatcher.start(live.clone());
+        if let Ok(mut workers) = self.workers.lock() {
+            workers.insert(key, handle);
+        }
+        Ok(live)
+    }
+
+    /// Derives an endpoint's settings: defaults, its secret (from the file, the API
+    /// record, or generated once and persisted), headers, disabled marker.
+    async fn settings_for(
+        &self,
+        config: &EndpointConfig,
+        source: EndpointSource,
+    ) -> Result<EndpointSettings, EndpointError> {
+        let invalid = |field: &str, why: String| EndpointError::Invalid {
+            field: field.into(),
+            why,
+        };
+        let mut config = config.clone();
+        let secret = match &config.secret {
+            Some(s) => s.clone(),
+            None => {
+                let name = format!("{SECRET_PREFIX}{}", config.id);
+                match self.log.get_setting(&name)? {
+                    Some(s) => String::from_utf8_lossy(&s).into_owned(),
+                    None => {
+                        let s = generate_secret();
+                        // Written synchronously: a secret handed out must survive a crash.
+                        wait(self.log.put_setting(&name, Some(s.clone().into_bytes()))).await?;
+                        s
+                    }
+                }
+            }
+        };
+        let mut keys = vec![SigningKey::from_secret(&secret).map_err(|e| invalid("secret", e.to_string()))?];
+        if source == EndpointSource::Api {
+            if let Some(prev) = self.previous_secret(&config.id)? {
+                keys.push(prev);
+            }
+        }
+        let url: Uri = config.url.parse().map_err(|e| invalid("url", format!("{e}")))?;
+        let mut headers = vec![
+            (
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                hyper::header::USER_AGENT,
+                HeaderValue::from_static(concat!("clickhook/", env!("CARGO_PKG_VERSION"))),
+            ),
+        ];
+        if config.format == crate::deliver::format::Format::Rebrandly {
+            let v = HeaderValue::from_str(&secret).map_err(|e| invalid("secret", e.to_string()))?;
+            headers.push((HeaderName::from_static("apikey"), v));
+        }
+        for (name, value) in &config.headers {
+            let n = name
+                .parse::<HeaderName>()
+                .map_err(|e| invalid("headers", format!("{name:?}: {e}")))?;
+            let v = value
+                .parse::<HeaderValue>()
+                .map_err(|e| invalid("headers", format!("{name:?}: {e}")))?;
+            headers.push((n, v));
+        }
+        let disabled_reason = self
+            .log
+            .get_setting(&format!("{DISABLED_PREFIX}{}", config.id))?
+            .and_then(|b| serde_json::from_slice::<DisabledMarker>(&b).ok())
+            .map(|m| m.reason)
+            .or_else(|| (!config.enabled).then(|| "disabled".to_string()));
+        config.secret = Some(secret);
+        Ok(EndpointSettings {
+            timeout: config.timeout.map(|t| t.0).unwrap_or(self.defaults.timeout),
+            max_concurrency: config.max_concurrency.unwrap_or(self.defaults.max_concurrency),
+            url,
+            headers,
+            keys,
+            disabled_reason,
+            config,
+        })
+    }
+
+    fn previous_secret(&self, id: &str) -> Result<Option<SigningKey>, EndpointError> {
+        let Some(bytes) = self.log.get_setting(&format!("{API_PREFIX}{id}"))? else {
+            return Ok(None);
+        };
+        let stored: StoredApiEndpoint = serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt(e.to_string()))?;
+        Ok(stored.previous_secret.and_then(|p| {
+            (p.expires_ms > crate::log::now_ms())
+                .then(|| SigningKey::from_secret(&p.secret).ok())
+                .flatten()
+        }))
+    }
+
+    async fn persist_api(&self, stored: &StoredApiEndpoint) -> Result<(), EndpointError> {
+        let bytes = serde_json::to_vec(stored).map_err(|e| LogError::Corrupt(e.to_string()))?;
+        wait(
+            self.log
+                .put_setting(&format!("{API_PREFIX}{}", stored.config.id), Some(bytes)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn publish(&self, by_id: HashMap<String, Arc<LiveEndpoint>>) {
+        let by_key = by_id.values().map(|ep| (ep.key, ep.clone())).collect();
+        let settings: Vec<_> = by_id.values().map(|ep| (ep.key, ep.settings())).collect();
+        let routes = RoutingIndex::build(
+            settings
+                .iter()
+                .filter(|(_, s)| s.disabled_reason.is_none())
+                .map(|(k, s)| (*k, &s.config)),
+        );
+        self.snapshot.store(Arc::new(Snapshot { by_id, by_key, routes }));
+    }
+
+    async fn stop_worker(&self, live: &Arc<LiveEndpoint>) {
+        live.stopping.store(true, Ordering::SeqCst);
+        live.wake.notify_one();
+        let handle = self.workers.lock().ok().and_then(|mut w| w.remove(&live.key));
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+
+    /// Stops every worker once they have finished their in-flight attempts.
+    pub async fn shutdown(&self) {
+        let handles: Vec<_> = match self.workers.lock() {
+            Ok(mut w) => w.drain().map(|(_, h)| h).collect(),
+            Err(_) => Vec::new(),
+        };
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+const API_PREFIX: &str = "endpoint/";
+const SECRET_PREFIX: &str = "secret/";
+const DISABLED_PREFIX: &str = "disabled/";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PreviousSecret {
+    secret: String,
+    expires_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredApiEndpoint {
+    config: EndpointConfig,
+    created_at: String,
+    previous_secret: Option<PreviousSecret>,
+}
+
+async fn wait<T>(ticket: crate::log::Ticket<T>) -> Result<T, LogError> {
+    ticket.await.map_err(|_| LogError::Closed)?
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

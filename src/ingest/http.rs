@@ -1,0 +1,245 @@
+//! `POST /v1/clicks` (SPEC §3.2): bodies of one object, an array or NDJSON; 202 with the
+//! ids once durable; 400 naming the failing object; 401, 413 and 503 as the contract
+//! says. It owns the ingest HTTP listener and its limits, and must not answer 202 for
+//! anything the log has not made durable.
+
+use super::click::{self, Framing, PreparedClick};
+use super::{adapters, IngestError, Ingestor};
+use crate::deliver::format::Format;
+use crate::metrics::{self, Source};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How long a client may take to send its request headers (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct HttpIngestSettings {
+    pub max_body: usize,
+    pub tokens: Vec<String>,
+}
+
+/// Serves until `shutdown` turns true, then finishes the requests already received.
+pub async fn serve(
+    listener: TcpListener,
+    ingestor: Arc<Ingestor>,
+    settings: HttpIngestSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let settings = Arc::new(settings);
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "ingest accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ingestor = ingestor.clone();
+        let settings = settings.clone();
+        let mut shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req| handle(req, ingestor.clone(), settings.clone()));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    ingestor: Arc<Ingestor>,
+    settings: Arc<HttpIngestSettings>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/clicks") => ingest(req, &ingestor, &settings).await,
+        (_, "/v1/clicks") => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None),
+        _ => json_error(
+            StatusCode::NOT_FOUND,
+            "no such route; clicks go to POST /v1/clicks",
+            None,
+        ),
+    })
+}
+
+async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpIngestSettings) -> Response<Full<Bytes>> {
+    if !settings.tokens.is_empty() && !authorized(&req, &settings.tokens) {
+        metrics::ingest_rejected(Source::Http, "unauthorized", 1);
+        return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token", None);
+    }
+    if let Err(e) = ingestor.gate.check() {
+        metrics::ingest_rejected(Source::Http, "unavailable", 1);
+        return unavailable(&e.to_string());
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > settings.max_body as u64) {
+        metrics::ingest_rejected(Source::Http, "too_large", 1);
+        return too_large(settings.max_body);
+    }
+    let framing = match req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(ct) if ct.contains("ndjson") || ct.contains("jsonlines") => Framing::Ndjson,
+        _ => Framing::Json,
+    };
+    let format = match adapter_format(req.uri().query()) {
+        Ok(f) => f,
+        Err(msg) => return json_error(StatusCode::BAD_REQUEST, &msg, None),
+    };
+    let mut body = match Limited::new(req.into_body(), settings.max_body).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            metrics::ingest_rejected(Source::Http, "too_large", 1);
+            return too_large(settings.max_body);
+        }
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}"), None),
+    };
+    let clicks = match prepare_body(ingestor, &mut body, framing, format) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics::ingest_rejected(Source::Http, "invalid", 1);
+            return json_error(StatusCode::BAD_REQUEST, &e.message, Some(e.index));
+        }
+    };
+    let accepted = clicks.len();
+    let result = match ingestor.submit(clicks, Source::Http).await {
+        Ok(submitted) => ingestor.wait(submitted).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(ids) => json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "accepted": accepted, "ids": ids }),
+        ),
+        Err(IngestError::Unavailable(why)) => {
+            metrics::ingest_rejected(Source::Http, "unavailable", 1);
+            unavailable(why)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "an append failed; the request is answered 503 and nothing was acknowledged");
+            metrics::ingest_rejected(Source::Http, "storage", 1);
+            unavailable(&e.to_string())
+        }
+    }
+}
+
+/// Parses, adapts and validates a whole body; the first bad object rejects it all.
+pub fn prepare_body(
+    ingestor: &Ingestor,
+    body: &mut [u8],
+    framing: Framing,
+    format: Format,
+) -> Result<Vec<PreparedClick>, click::ClickError> {
+    let values = click::parse_body(body, framing)?;
+    let received = click::received_now();
+    let mut out = Vec::with_capacity(values.len());
+    let mut index = 0;
+    for (i, value) in values.into_iter().enumerate() {
+        let clicks = adapters::adapt(format, value).map_err(|e| click::ClickError {
+            index: i,
+            message: e.to_string(),
+        })?;
+        for c in clicks {
+            out.push(click::prepare(c, index, &ingestor.enricher, &received)?);
+            index += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn adapter_format(query: Option<&str>) -> Result<Format, String> {
+    let Some(q) = query else { return Ok(Format::Standard) };
+    for pair in q.split('&') {
+        if let Some(v) = pair.strip_prefix("format=") {
+            return match v {
+                "standard" => Ok(Format::Standard),
+                "linkly" => Ok(Format::Linkly),
+                "rebrandly" => Ok(Format::Rebrandly),
+                "masiv" => Ok(Format::Masiv),
+                other => Err(format!(
+                    "format: {other:?} is not one of standard, linkly, rebrandly, masiv"
+                )),
+            };
+        }
+    }
+    Ok(Format::Standard)
+}
+
+/// Constant-time comparison against every configured token.
+pub fn bearer_matches(header: Option<&HeaderValue>, tokens: &[String]) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = header
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    tokens.iter().fold(false, |found, t| {
+        found | bool::from(t.as_bytes().ct_eq(given.trim().as_bytes()))
+    })
+}
+
+fn authorized(req: &Request<Incoming>, tokens: &[String]) -> bool {
+    bearer_matches(req.headers().get(AUTHORIZATION), tokens)
+}
+
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub fn json_error(status: StatusCode, message: &str, index: Option<usize>) -> Response<Full<Bytes>> {
+    let value = match index {
+        Some(i) => serde_json::json!({ "error": message, "index": i }),
+        None => serde_json::json!({ "error": message }),
+    };
+    json(status, &value)
+}
+
+fn unavailable(message: &str) -> Response<Full<Bytes>> {
+    let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, message, None);
+    resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("2"));
+    resp
+}
+
+fn too_large(max: usize) -> Response<Full<Bytes>> {
+    json_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("body over ingest.http.max_body ({max} bytes)"),
+        None,
+    )
+}

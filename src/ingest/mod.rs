@@ -1,0 +1,155 @@
+//! Ingest: the front door for clicks, over HTTP (`POST /v1/clicks`) and a Unix socket.
+//! It owns validation, enrichment and routing of each click on arrival, and the rule that
+//! nothing is acknowledged before the log says it is durable. It must not deliver or hold
+//! clicks in memory past their acknowledgement: after the ack, the log has them.
+
+pub mod adapters;
+pub mod click;
+pub mod http;
+pub mod unix;
+
+use crate::endpoints::EndpointRegistry;
+use crate::enrich::Enricher;
+use crate::log::{AppendOutcome, ClickLog, LogError, NewEvent, Ticket};
+use crate::metrics::{self, Source};
+use crate::route::ClickFacts;
+use click::PreparedClick;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Appends waiting for durability at most, across all connections: past this, ingest
+/// waits (backpressure) instead of queueing without bound.
+const MAX_APPENDS_IN_FLIGHT: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Unavailable(&'static str),
+    #[error("storage failed: {0}")]
+    Storage(#[from] LogError),
+}
+
+/// Whether ingest may accept clicks now.
+#[derive(Debug, Default)]
+pub struct IngestGate {
+    pub shutting_down: AtomicBool,
+    pub over_budget: AtomicBool,
+}
+
+impl IngestGate {
+    pub fn check(&self) -> Result<(), IngestError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(IngestError::Unavailable("shutting down"));
+        }
+        if self.over_budget.load(Ordering::Relaxed) {
+            return Err(IngestError::Unavailable(
+                "storage is over storage.max_bytes; retry later",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct Ingestor {
+    log: Arc<dyn ClickLog>,
+    endpoints: Arc<EndpointRegistry>,
+    pub enricher: Arc<Enricher>,
+    pub gate: Arc<IngestGate>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// An append submitted to the log, not yet known durable.
+pub struct Submitted {
+    ticket: Ticket<Vec<AppendOutcome>>,
+    ids: Vec<String>,
+    routes: Vec<Vec<u32>>,
+    source: Source,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Ingestor {
+    pub fn new(
+        log: Arc<dyn ClickLog>,
+        endpoints: Arc<EndpointRegistry>,
+        enricher: Arc<Enricher>,
+        gate: Arc<IngestGate>,
+    ) -> Self {
+        Ingestor {
+            log,
+            endpoints,
+            enricher,
+            gate,
+            in_flight: Arc::new(Semaphore::new(MAX_APPENDS_IN_FLIGHT)),
+        }
+    }
+
+    /// Routes the clicks and hands them to the log in this order. Await the result with
+    /// [`Submitted::wait`]; submissions are appended in the order they were made.
+    pub async fn submit(&self, clicks: Vec<PreparedClick>, source: Source) -> Result<Submitted, IngestError> {
+        self.gate.check()?;
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| IngestError::Unavailable("shutting down"))?;
+        let mut ids = Vec::with_capacity(clicks.len());
+        let mut routes = Vec::with_capacity(clicks.len());
+        let mut events = Vec::with_capacity(clicks.len());
+        for c in clicks {
+            let mut endpoints = Vec::new();
+            self.endpoints.route(
+                ClickFacts {
+                    link_id: &c.link_id,
+                    workspace_id: c.workspace_id.as_deref(),
+                    is_bot: c.is_bot,
+                },
+                &mut endpoints,
+            );
+            ids.push(c.id.clone());
+            routes.push(endpoints.clone());
+            events.push(NewEvent {
+                id: c.id,
+                client_id: c.client_id,
+                data: c.data,
+                endpoints,
+            });
+        }
+        let ticket = self.log.append(events);
+        Ok(Submitted {
+            ticket,
+            ids,
+            routes,
+            source,
+            _permit: permit,
+        })
+    }
+
+    /// Waits until the submission is durable, wakes the endpoints it was routed to, and
+    /// returns the event ids in input order.
+    pub async fn wait(&self, submitted: Submitted) -> Result<Vec<String>, IngestError> {
+        let Submitted {
+            ticket,
+            ids,
+            routes,
+            source,
+            _permit,
+        } = submitted;
+        let outcomes = ticket.await.map_err(|_| LogError::Closed)??;
+        let mut woken: HashMap<u32, i64> = HashMap::new();
+        for (outcome, endpoints) in outcomes.iter().zip(routes) {
+            if let AppendOutcome::Stored(_) = outcome {
+                for key in endpoints {
+                    *woken.entry(key).or_default() += 1;
+                }
+            }
+        }
+        for (key, n) in woken {
+            self.endpoints.notify_new(key, n);
+        }
+        metrics::ingest_accepted(source, ids.len() as u64);
+        Ok(ids)
+    }
+}

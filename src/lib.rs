@@ -1,0 +1,21 @@
+//! clickhook turns the clicks of a URL shortener into signed, retried webhooks.
+//!
+//! The data flows ingest → log → route → deliver (format, sign, send): [`ingest`]
+//! validates and enriches a click and appends it to the durable [`log`] with the endpoints
+//! [`route`] chose; [`deliver`] drains each endpoint's queue. [`config`], [`endpoints`],
+//! [`admin`] and [`metrics`] stand beside that flow; [`server`] wires it all together and
+//! [`client`] is the reference ingest client behind `clickhook send`.
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod deliver;
+pub mod endpoints;
+pub mod enrich;
+pub mod ingest;
+pub mod log;
+pub mod metrics;
+pub mod route;
+pub mod server;
+
+pub use server::{bind, run, Control, Listeners};

@@ -1,0 +1,649 @@
+//! sled 0.34 behind [`ClickLog`]. One writer thread, fed by a crossbeam channel, owns
+//! every write: it drains whatever is queued, applies it as one atomic batch, flushes
+//! once (group commit) and only then answers the waiting tickets. Readers go to sled
+//! directly. It must not be called for writes from anywhere but through the channel.
+
+use super::keys::{self, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT, PENDING, SETTING};
+use super::{AppendOutcome, ClickLog, DeadLetter, EndpointKey, LogError, NewEvent, Pending, Seq, StoredEvent, Ticket};
+use crate::config::FsyncMode;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// How many queued operations one group commit takes at most, so one batch's latency
+/// stays bounded under a flood.
+const MAX_OPS_PER_COMMIT: usize = 4096;
+/// How often writes that nobody waits for are flushed under `fsync = "always"`.
+const LAZY_FLUSH: Duration = Duration::from_millis(200);
+
+type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+
+enum WriteOp {
+    Append(Vec<NewEvent>, Reply<Vec<AppendOutcome>>),
+    /// Raw key writes, answered (if `reply` is set) once applied, and once flushed when
+    /// `durable`.
+    Apply {
+        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        reply: Option<Reply<()>>,
+        durable: bool,
+    },
+    Close(Reply<()>),
+}
+
+/// The sled-backed click log.
+pub struct SledLog {
+    db: sled::Db,
+    tree: sled::Tree,
+    tx: Sender<WriteOp>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    events: Arc<AtomicU64>,
+    endpoint_keys: Mutex<()>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SledOptions {
+    pub fsync: FsyncMode,
+    pub fsync_interval: Duration,
+    pub cache_capacity: u64,
+}
+
+impl SledLog {
+    /// Opens (or creates) the log and recovers its counters. Fails with a clear error on
+    /// an unreadable or corrupt directory rather than starting empty.
+    pub fn open(path: &Path, options: SledOptions) -> Result<Arc<SledLog>, LogError> {
+        std::fs::create_dir_all(path).map_err(|e| LogError::Storage(format!("{}: {e}", path.display())))?;
+        restrict_permissions(path);
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(options.cache_capacity)
+            // The writer flushes per batch (or per interval) itself.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| LogError::Storage(format!("{}: {e}", path.display())))?;
+        let tree = db.open_tree("log")?;
+        let next_seq = recover_next_seq(&tree)?;
+        let count = tree.scan_prefix([EVENT]).keys().count() as u64;
+        let events = Arc::new(AtomicU64::new(count));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let writer = Writer {
+            db: db.clone(),
+            tree: tree.clone(),
+            rx,
+            next_seq,
+            options,
+            events: events.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("clickhook-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| LogError::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok(Arc::new(SledLog {
+            db,
+            tree,
+            tx,
+            writer: Mutex::new(Some(handle)),
+            events,
+            endpoint_keys: Mutex::new(()),
+        }))
+    }
+
+    /// Bytes sled reports on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn send(&self, op: WriteOp) {
+        // A send fails only after close; the op's reply sender is dropped with it, and the
+        // waiting ticket then reports the log closed.
+        let _ = self.tx.send(op);
+    }
+
+    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>, durable: bool) -> Ticket<()> {
+        let (reply, ticket) = oneshot::channel();
+        self.send(WriteOp::Apply {
+            writes,
+            reply: Some(reply),
+            durable,
+        });
+        ticket
+    }
+}
+
+impl Drop for SledLog {
+    fn drop(&mut self) {
+        let (reply, _ticket) = oneshot::channel();
+        let _ = self.tx.send(WriteOp::Close(reply));
+        if let Ok(mut guard) = self.writer.lock() {
+            if let Some(handle) = guard.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // Secrets live in the log: keep the directory private to the daemon's user.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+}
+
+fn recover_next_seq(tree: &sled::Tree) -> Result<Seq, LogError> {
+    let stored = tree
+        .get(keys::META_NEXT_SEQ)?
+        .map(|v| keys::u64_at(&v, 0))
+        .transpose()?
+        .unwrap_or(1);
+    let last_event = match tree.scan_prefix([EVENT]).keys().next_back() {
+        Some(k) => keys::u64_at(&k?, 1)? + 1,
+        None => 1,
+    };
+    Ok(stored.max(last_event))
+}
+
+struct Writer {
+    db: sled::Db,
+    tree: sled::Tree,
+    rx: Receiver<WriteOp>,
+    next_seq: Seq,
+    options: SledOptions,
+    events: Arc<AtomicU64>,
+}
+
+/// Replies held until the batch they belong to is durable.
+enum Waiting {
+    Append(Reply<Vec<AppendOutcome>>, Vec<AppendOutcome>),
+    Apply(Reply<()>),
+    Close(Reply<()>),
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut last_flush = Instant::now();
+        // Something applied since the last flush (delivery progress, retry state).
+        let mut dirty = false;
+        // Writes nobody waits for are flushed at least this often, so a crash repeats
+        // little delivered work.
+        let lazy_interval = match self.options.fsync {
+            FsyncMode::Always => LAZY_FLUSH,
+            FsyncMode::Interval => self.options.fsync_interval,
+        };
+        loop {
+            let first = if dirty {
+                match self.rx.recv_timeout(lazy_interval.saturating_sub(last_flush.elapsed())) {
+                    Ok(op) => Some(op),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            };
+            let mut ops = Vec::new();
+            if let Some(op) = first {
+                ops.push(op);
+                while ops.len() < MAX_OPS_PER_COMMIT {
+                    match self.rx.try_recv() {
+                        Ok(op) => ops.push(op),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let closing = ops.iter().any(|op| matches!(op, WriteOp::Close(_)));
+            let applied_any = !ops.is_empty();
+            let (waiting, needs_flush) = self.commit(ops);
+            dirty |= applied_any;
+            let flush_now = closing
+                || (self.options.fsync == FsyncMode::Always && needs_flush)
+                || (dirty && last_flush.elapsed() >= lazy_interval);
+            let result = if flush_now {
+                last_flush = Instant::now();
+                dirty = false;
+                self.db.flush().map(|_| ()).map_err(LogError::from)
+            } else {
+                Ok(())
+            };
+            for w in waiting {
+                match w {
+                    Waiting::Append(reply, outcomes) => {
+                        let _ = reply.send(result.clone().map(|_| outcomes));
+                    }
+                    Waiting::Apply(reply) | Waiting::Close(reply) => {
+                        let _ = reply.send(result.clone());
+                    }
+                }
+            }
+            if closing {
+                return;
+            }
+        }
+        let _ = self.db.flush();
+    }
+
+    /// Applies one group of operations as a single sled batch. Returns the replies to
+    /// send once durable, and whether anything in the group asked for durability.
+    fn commit(&mut self, ops: Vec<WriteOp>) -> (Vec<Waiting>, bool) {
+        let mut batch = sled::Batch::default();
+        let mut waiting = Vec::with_capacity(ops.len());
+        let mut needs_flush = false;
+        let mut appended = 0u64;
+        let mut removed_events = 0u64;
+        // Client ids seen earlier in this same batch (sled does not see them yet).
+        let mut batch_ids: HashMap<String, ()> = HashMap::new();
+        let seq_before = self.next_seq;
+        let mut failed: Option<LogError> = None;
+        for op in ops {
+            match op {
+                WriteOp::Append(events, reply) => {
+                    needs_flush = true;
+                    let now = super::now_ms();
+                    let mut outcomes = Vec::with_capacity(events.len());
+                    for ev in events {
+                        if ev.client_id {
+                            let key = keys::prefixed(CLIENT_ID, ev.id.as_bytes());
+                            let known = match self.tree.contains_key(&key) {
+                                Ok(k) => k,
+                                Err(e) => {
+                                    failed = Some(e.into());
+                                    false
+                                }
+                            };
+                            if known || batch_ids.contains_key(&ev.id) {
+                                outcomes.push(AppendOutcome::Duplicate);
+                                continue;
+                            }
+                            let seq = self.next_seq;
+                            let mut v = seq.to_be_bytes().to_vec();
+                            v.extend_from_slice(&now.to_be_bytes());
+                            batch.insert(key, v);
+                            batch.insert(&keys::client_id_expiry(now, seq)[..], ev.id.as_bytes());
+                            batch_ids.insert(ev.id.clone(), ());
+                        }
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        batch.insert(&keys::event(seq)[..], keys::event_record(now, &ev.data));
+                        let fresh = keys::pending_value(&Pending::fresh(seq));
+                        for ep in &ev.endpoints {
+                            batch.insert(&keys::queue(PENDING, *ep, seq)[..], &fresh[..]);
+                        }
+                        appended += 1;
+                        outcomes.push(AppendOutcome::Stored(seq));
+                    }
+                    waiting.push(Waiting::Append(reply, outcomes));
+                }
+                WriteOp::Apply { writes, reply, durable } => {
+                    needs_flush |= durable;
+                    for (k, v) in writes {
+                        if k.first() == Some(&EVENT) {
+                            match &v {
+                                None => removed_events += 1,
+                                Some(_) => appended += 1,
+                            }
+                        }
+                        match v {
+                            Some(v) => batch.insert(k, v),
+                            None => batch.remove(k),
+                        }
+                    }
+                    if let Some(reply) = reply {
+                        waiting.push(Waiting::Apply(reply));
+                    }
+                }
+                WriteOp::Close(reply) => waiting.push(Waiting::Close(reply)),
+            }
+        }
+        if self.next_seq != seq_before {
+            batch.insert(keys::META_NEXT_SEQ, &self.next_seq.to_be_bytes()[..]);
+        }
+        let result = match failed {
+            Some(e) => Err(e),
+            None => self.tree.apply_batch(batch).map_err(LogError::from),
+        };
+        match result {
+            Ok(()) => {
+                self.events.fetch_add(appended, Ordering::Relaxed);
+                self.events.fetch_sub(
+                    removed_events.min(self.events.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+                (waiting, needs_flush)
+            }
+            Err(e) => {
+                // Nothing of the batch was applied: give the seqs back and fail every waiter.
+                self.next_seq = seq_before;
+                for w in waiting {
+                    match w {
+                        Waiting::Append(reply, _) => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        Waiting::Apply(reply) | Waiting::Close(reply) => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+                (Vec::new(), false)
+            }
+        }
+    }
+}
+
+impl ClickLog for SledLog {
+    fn append(&self, events: Vec<NewEvent>) -> Ticket<Vec<AppendOutcome>> {
+        let (reply, ticket) = oneshot::channel();
+        self.send(WriteOp::Append(events, reply));
+        ticket
+    }
+
+    fn event(&self, seq: Seq) -> Result<Option<StoredEvent>, LogError> {
+        let Some(rec) = self.tree.get(keys::event(seq))? else {
+            return Ok(None);
+        };
+        let accepted_ms = keys::u64_at(&rec, 0)?;
+        Ok(Some(StoredEvent {
+            seq,
+            accepted_ms,
+            data: Bytes::copy_from_slice(&rec[8..]),
+        }))
+    }
+
+    fn pending_after(&self, endpoint: EndpointKey, after: Option<Seq>, limit: usize) -> Result<Vec<Pending>, LogError> {
+        let start = match after {
+            Some(s) if s == Seq::MAX => return Ok(Vec::new()),
+            Some(s) => keys::queue(PENDING, endpoint, s + 1),
+            None => keys::queue(PENDING, endpoint, 0),
+        };
+        let end = keys::queue_prefix(PENDING, endpoint + 1);
+        let range = if endpoint == EndpointKey::MAX {
+            self.tree.range(start.to_vec()..vec![PENDING + 1])
+        } else {
+            self.tree.range(start.to_vec()..end.to_vec())
+        };
+        range
+            .take(limit)
+            .map(|kv| {
+                kv.map_err(LogError::from)
+                    .and_then(|(k, v)| keys::decode_pending(&k, &v))
+            })
+            .collect()
+    }
+
+    fn count_pending(&self, endpoint: EndpointKey) -> Result<u64, LogError> {
+        Ok(self
+            .tree
+            .scan_prefix(keys::queue_prefix(PENDING, endpoint))
+            .keys()
+            .count() as u64)
+    }
+
+    fn delivered(&self, endpoint: EndpointKey, seqs: &[Seq]) {
+        let writes = seqs
+            .iter()
+            .map(|s| (keys::queue(PENDING, endpoint, *s).to_vec(), None))
+            .collect();
+        self.send(WriteOp::Apply {
+            writes,
+            reply: None,
+            durable: false,
+        });
+    }
+
+    fn reschedule(&self, endpoint: EndpointKey, entries: &[Pending]) {
+        let writes = entries
+            .iter()
+            .map(|p| {
+                (
+                    keys::queue(PENDING, endpoint, p.seq).to_vec(),
+                    Some(keys::pending_value(p).to_vec()),
+                )
+            })
+            .collect();
+        self.send(WriteOp::Apply {
+            writes,
+            reply: None,
+            durable: false,
+        });
+    }
+
+    fn bury(&self, endpoint: EndpointKey, letters: Vec<DeadLetter>) {
+        let mut writes = Vec::with_capacity(letters.len() * 2);
+        for letter in letters {
+            let record = match self.tree.get(keys::event(letter.seq)) {
+                Ok(Some(r)) => r.to_vec(),
+                _ => keys::event_record(letter.accepted_ms, b"null"),
+            };
+            match keys::dead_value(&letter, &record) {
+                Ok(v) => {
+                    writes.push((keys::queue(DEAD, endpoint, letter.seq).to_vec(), Some(v)));
+                    writes.push((keys::queue(PENDING, endpoint, letter.seq).to_vec(), None));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, seq = letter.seq, "cannot encode a dead letter; it stays pending")
+                }
+            }
+        }
+        self.send(WriteOp::Apply {
+            writes,
+            reply: None,
+            durable: false,
+        });
+    }
+
+    fn dead_letters(&self, endpoint: EndpointKey, limit: usize) -> Result<Vec<DeadLetter>, LogError> {
+        self.tree
+            .scan_prefix(keys::queue_prefix(DEAD, endpoint))
+            .values()
+            .take(limit)
+            .map(|v| {
+                v.map_err(LogError::from)
+                    .and_then(|v| keys::decode_dead(&v).map(|(d, _)| d))
+            })
+            .collect()
+    }
+
+    fn count_dead(&self, endpoint: EndpointKey) -> Result<u64, LogError> {
+        Ok(self.tree.scan_prefix(keys::queue_prefix(DEAD, endpoint)).keys().count() as u64)
+    }
+
+    fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize> {
+        let (reply, ticket) = oneshot::channel();
+        let mut writes = Vec::new();
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(keys::queue_prefix(DEAD, endpoint)) {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return ticket;
+                }
+            };
+            let (letter, record) = match keys::decode_dead(&v) {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return ticket;
+                }
+            };
+            // The event may have been pruned meanwhile: restore it from the copy.
+            if !self.tree.contains_key(keys::event(letter.seq)).unwrap_or(false) {
+                writes.push((keys::event(letter.seq).to_vec(), Some(record.to_vec())));
+            }
+            writes.push((
+                keys::queue(PENDING, endpoint, letter.seq).to_vec(),
+                Some(fresh_value(letter.seq)),
+            ));
+            writes.push((k.to_vec(), None));
+            n += 1;
+        }
+        forward(self.apply(writes, true), reply, n);
+        ticket
+    }
+
+    fn replay_window(&self, endpoint: EndpointKey, since_ms: u64, until_ms: u64) -> Ticket<usize> {
+        let (reply, ticket) = oneshot::channel();
+        let mut writes = Vec::new();
+        for kv in self.tree.scan_prefix([EVENT]) {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return ticket;
+                }
+            };
+            let (Ok(seq), Ok(accepted)) = (keys::u64_at(&k, 1), keys::u64_at(&v, 0)) else {
+                continue;
+            };
+            if accepted >= since_ms && accepted < until_ms {
+                writes.push((keys::queue(PENDING, endpoint, seq).to_vec(), Some(fresh_value(seq))));
+            }
+        }
+        let n = writes.len();
+        forward(self.apply(writes, true), reply, n);
+        ticket
+    }
+
+    fn endpoint_key(&self, endpoint_id: &str) -> Result<EndpointKey, LogError> {
+        // Assignment is rare (startup, admin) and must not race with itself.
+        let _guard = self
+            .endpoint_keys
+            .lock()
+            .map_err(|_| LogError::Storage("endpoint key lock poisoned".into()))?;
+        let key = keys::prefixed(ENDPOINT_KEY, endpoint_id.as_bytes());
+        if let Some(v) = self.tree.get(&key)? {
+            let b: [u8; 4] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| LogError::Corrupt("endpoint key".into()))?;
+            return Ok(u32::from_be_bytes(b));
+        }
+        let next = match self.tree.get(keys::META_NEXT_ENDPOINT)? {
+            Some(v) => {
+                let b: [u8; 4] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| LogError::Corrupt("endpoint counter".into()))?;
+                u32::from_be_bytes(b)
+            }
+            None => 1,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(key, &next.to_be_bytes()[..]);
+        batch.insert(keys::META_NEXT_ENDPOINT, &(next + 1).to_be_bytes()[..]);
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(next)
+    }
+
+    fn forget_endpoint(&self, endpoint: EndpointKey) -> Ticket<()> {
+        let mut writes = Vec::new();
+        for prefix in [PENDING, DEAD] {
+            for k in self
+                .tree
+                .scan_prefix(keys::queue_prefix(prefix, endpoint))
+                .keys()
+                .flatten()
+            {
+                writes.push((k.to_vec(), None));
+            }
+        }
+        self.apply(writes, true)
+    }
+
+    fn get_setting(&self, name: &str) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self
+            .tree
+            .get(keys::prefixed(SETTING, name.as_bytes()))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_setting(&self, name: &str, value: Option<Vec<u8>>) -> Ticket<()> {
+        self.apply(vec![(keys::prefixed(SETTING, name.as_bytes()), value)], true)
+    }
+
+    fn settings_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, LogError> {
+        self.tree
+            .scan_prefix(keys::prefixed(SETTING, prefix.as_bytes()))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k[1..]).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn prune(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
+        let (reply, ticket) = oneshot::channel();
+        let cutoff = now_ms.saturating_sub(retention_ms);
+        // Nothing at or after the oldest pending entry of any endpoint may go: it is still
+        // to be delivered. Dead letters carry their own copy and do not hold events back.
+        let mut low_water = Seq::MAX;
+        let mut endpoint_firsts = Vec::new();
+        for k in self.tree.scan_prefix([ENDPOINT_KEY]).values().flatten() {
+            if let Ok(b) = <[u8; 4]>::try_from(k.as_ref()) {
+                endpoint_firsts.push(u32::from_be_bytes(b));
+            }
+        }
+        for ep in endpoint_firsts {
+            if let Some(Ok((k, _))) = self.tree.scan_prefix(keys::queue_prefix(PENDING, ep)).next() {
+                if let Ok(seq) = keys::seq_of_queue_key(&k) {
+                    low_water = low_water.min(seq);
+                }
+            }
+        }
+        let mut writes = Vec::new();
+        let mut pruned = 0u64;
+        for kv in self.tree.scan_prefix([EVENT]) {
+            let Ok((k, v)) = kv else { break };
+            let (Ok(seq), Ok(accepted)) = (keys::u64_at(&k, 1), keys::u64_at(&v, 0)) else {
+                continue;
+            };
+            if seq >= low_water || accepted >= cutoff {
+                break;
+            }
+            writes.push((k.to_vec(), None));
+            pruned += 1;
+        }
+        for kv in self.tree.scan_prefix([keys::CLIENT_ID_EXPIRY]) {
+            let Ok((k, id)) = kv else { break };
+            let Ok(accepted) = keys::u64_at(&k, 1) else { continue };
+            if accepted >= cutoff {
+                break;
+            }
+            writes.push((keys::prefixed(CLIENT_ID, &id), None));
+            writes.push((k.to_vec(), None));
+        }
+        forward(self.apply(writes, false), reply, pruned);
+        ticket
+    }
+
+    fn event_count(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) -> Ticket<()> {
+        let (reply, ticket) = oneshot::channel();
+        self.send(WriteOp::Close(reply));
+        ticket
+    }
+}
+
+fn fresh_value(seq: Seq) -> Vec<u8> {
+    keys::pending_value(&Pending::fresh(seq)).to_vec()
+}
+
+/// Resolves `reply` with `value` once `inner` (a raw apply) has.
+fn forward<T: Send + 'static>(inner: Ticket<()>, reply: Reply<T>, value: T) {
+    std::thread::spawn(move || {
+        let result = match inner.blocking_recv() {
+            Ok(Ok(())) => Ok(value),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(LogError::Closed),
+        };
+        let _ = reply.send(result);
+    });
+}

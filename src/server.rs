@@ -1,0 +1,338 @@
+//! The daemon's wiring: opens the log, starts delivery, the listeners and the
+//! housekeeping tasks, and runs the shutdown sequence of SPEC §2 (stop accepting, answer
+//! what was received, let in-flight attempts finish, leave the rest durable). Library
+//! first: [`bind`] then [`run`] with a control channel, so tests and `main` drive the
+//! same code. It must not parse arguments, install signal handlers or exit the process.
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::deliver::policy::RetrySchedule;
+use crate::deliver::send::AddressPolicy;
+use crate::deliver::{DeliverError, DeliveryPolicy, Dispatcher, WorkerEvent};
+use crate::endpoints::{EndpointDefaults, EndpointError, EndpointRegistry};
+use crate::enrich::Enricher;
+use crate::ingest::http::HttpIngestSettings;
+use crate::ingest::{http, unix, IngestGate, Ingestor};
+use crate::log::{now_ms, ClickLog, LogError, SledLog};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open the log at {path}: {source}")]
+    Log { path: String, source: LogError },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Deliver(#[from] DeliverError),
+}
+
+/// The daemon's listening sockets, bound before anything else starts so that bind errors
+/// come first and tests can use port 0.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub admin: TcpListener,
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Listeners {
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
+    }
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+}
+
+/// What the process asks of a running daemon.
+#[derive(Debug)]
+pub enum Control {
+    /// Re-read `[[endpoints]]` from the config file (SIGHUP).
+    Reload,
+    /// Drain and stop (SIGTERM, SIGINT).
+    Shutdown,
+}
+
+pub async fn bind(config: &Config) -> Result<Listeners, ServerError> {
+    let bind_tcp = |what: &'static str, addr: &str| {
+        let addr = addr.to_string();
+        async move {
+            TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind {
+                what,
+                addr: addr.clone(),
+                source,
+            })
+        }
+    };
+    let http = bind_tcp("ingest.http.listen", &config.ingest.http.listen).await?;
+    let admin = bind_tcp("admin.listen", &config.admin.listen).await?;
+    let unix = if config.ingest.unix.path.is_empty() {
+        None
+    } else {
+        let path = config.resolve(Path::new(&config.ingest.unix.path));
+        Some((bind_unix(&path, config)?, path))
+    };
+    Ok(Listeners { http, admin, unix })
+}
+
+fn bind_unix(path: &Path, config: &Config) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ServerError::Bind {
+        what: "ingest.unix.path",
+        addr: path.display().to_string(),
+        source,
+    };
+    // A socket file left by a previous run that nobody listens on any more is removed;
+    // one somebody still answers on is refused, so two daemons never share it.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process listens there",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    let mode = config.socket_mode().unwrap_or(0o660);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Runs the daemon on bound listeners until [`Control::Shutdown`] (or the channel
+/// closes). On return everything acknowledged is durable in the log.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    mut control: mpsc::Receiver<Control>,
+) -> Result<(), ServerError> {
+    let metrics = crate::metrics::install();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let data_dir = config.resolve(&config.storage.path);
+    let log = SledLog::open(
+        &data_dir,
+        crate::log::sled_log_options(
+            config.storage.fsync,
+            config.storage.fsync_interval.0,
+            config.storage.cache_capacity.0,
+        ),
+    )
+    .map_err(|source| ServerError::Log {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    let sled_log = log.clone();
+    let log: Arc<dyn ClickLog> = log;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (delivery_stop_tx, delivery_stop_rx) = watch::channel(false);
+    let (worker_events_tx, mut worker_events) = mpsc::unbounded_channel();
+    let policy = DeliveryPolicy {
+        schedule: Arc::new(RetrySchedule {
+            steps: config.retry.schedule.iter().map(|d| d.0).collect(),
+            jitter: config.retry.jitter,
+        }),
+        breaker_failures: config.breaker.failures,
+        breaker_cooldown: config.breaker.cooldown.0,
+        addresses: AddressPolicy {
+            allow_private: config.delivery.allow_private_networks,
+            allowed: Arc::new(config.allowed_cidrs()?),
+        },
+    };
+    let dispatcher = Dispatcher::new(
+        config.shard_count(),
+        log.clone(),
+        policy,
+        delivery_stop_rx,
+        worker_events_tx,
+    )?;
+    let registry = EndpointRegistry::new(
+        log.clone(),
+        dispatcher,
+        EndpointDefaults {
+            timeout: config.delivery.timeout.0,
+            max_concurrency: config.delivery.max_concurrency,
+        },
+    );
+    registry.apply_config(&config.endpoints).await?;
+    registry.load_api_endpoints().await?;
+
+    let gate = Arc::new(IngestGate::default());
+    let ingestor = Arc::new(Ingestor::new(
+        log.clone(),
+        registry.clone(),
+        Arc::new(Enricher::new()),
+        gate.clone(),
+    ));
+    let admin_state = Arc::new(AdminState {
+        registry: registry.clone(),
+        metrics,
+        ready: false.into(),
+        token: config.admin.token.clone(),
+    });
+
+    let http_addr = listeners.http_addr();
+    let admin_addr = listeners.admin_addr();
+    let unix_path = listeners.unix.as_ref().map(|(_, p)| p.clone());
+    let max_body = config.ingest.http.max_body.0 as usize;
+    let http_task = tokio::spawn(http::serve(
+        listeners.http,
+        ingestor.clone(),
+        HttpIngestSettings {
+            max_body,
+            tokens: config.ingest.http.tokens.clone(),
+        },
+        shutdown_rx.clone(),
+    ));
+    let unix_task = listeners
+        .unix
+        .map(|(l, _)| tokio::spawn(unix::serve(l, ingestor.clone(), max_body, shutdown_rx.clone())));
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin::serve(listeners.admin, admin_state.clone(), admin_stop_rx));
+
+    let housekeeping = tokio::spawn(housekeeping(
+        sled_log.clone(),
+        data_dir.clone(),
+        config.storage.max_bytes.0,
+        config.storage.retention.0,
+        gate.clone(),
+        shutdown_rx.clone(),
+    ));
+    {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            while let Some(event) = worker_events.recv().await {
+                match event {
+                    WorkerEvent::Gone { endpoint } => {
+                        if let Err(e) = registry.disable(&endpoint, "gone").await {
+                            tracing::error!(endpoint = %endpoint, error = %e, "cannot disable the endpoint");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    admin_state.ready.store(true, Ordering::SeqCst);
+    tracing::info!(ingest_http = ?http_addr, admin = ?admin_addr, unix = ?unix_path, fsync = ?config.storage.fsync, "clickhook ready");
+    println!(
+        "ready ingest_http={} admin={} unix={}",
+        http_addr.map(|a| a.to_string()).unwrap_or_default(),
+        admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+        unix_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+
+    let config_file = config.file.clone();
+    while let Some(msg) = control.recv().await {
+        match msg {
+            Control::Shutdown => break,
+            Control::Reload => match Config::load(&config_file) {
+                Ok(fresh) => match registry.apply_config(&fresh.endpoints).await {
+                    Ok(()) => tracing::info!(endpoints = fresh.endpoints.len(), "endpoints reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reload refused; the old endpoints stay in force"),
+                },
+                Err(e) => tracing::error!(error = %e, "reload refused; the old config stays in force"),
+            },
+        }
+    }
+
+    // Drain: refuse new work, answer what was received, then let delivery finish the
+    // attempts in flight; everything else stays queued in the log for the next start.
+    tracing::info!("shutting down");
+    admin_state.ready.store(false, Ordering::SeqCst);
+    gate.shutting_down.store(true, Ordering::SeqCst);
+    let _ = shutdown_tx.send(true);
+    let _ = http_task.await;
+    if let Some(t) = unix_task {
+        let _ = t.await;
+    }
+    let _ = delivery_stop_tx.send(true);
+    registry.shutdown().await;
+    let _ = housekeeping.await;
+    if let Ok(Err(e)) = log.close().await {
+        tracing::error!(error = %e, "final flush failed");
+    }
+    let _ = admin_stop_tx.send(true);
+    let _ = admin_task.await;
+    if let Some(p) = unix_path {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Once a second: measure the storage directory against `max_bytes` (ingest answers 503
+/// above it) and publish the log gauges; once a minute, prune past retention.
+async fn housekeeping(
+    log: Arc<SledLog>,
+    dir: PathBuf,
+    max_bytes: u64,
+    retention: Duration,
+    gate: Arc<IngestGate>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let dir2 = dir.clone();
+        let bytes = tokio::task::spawn_blocking(move || dir_size(&dir2)).await.unwrap_or(0);
+        let over = bytes > max_bytes;
+        if over != gate.over_budget.swap(over, Ordering::Relaxed) {
+            if over {
+                tracing::warn!(
+                    bytes,
+                    max_bytes,
+                    "storage over storage.max_bytes: ingest answers 503 until delivery frees space"
+                );
+            } else {
+                tracing::info!(bytes, "storage back under storage.max_bytes: ingest resumes");
+            }
+        }
+        crate::metrics::log_gauges(log.event_count(), bytes);
+        n += 1;
+        if n % 60 == 0 {
+            match log.prune(now_ms(), retention.as_millis() as u64).await {
+                Ok(Ok(pruned)) if pruned > 0 => tracing::info!(pruned, "pruned delivered events past retention"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "pruning failed"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The on-disk size of a directory tree, in bytes.
+pub fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                // Allocated blocks, not apparent length: sparse files count as what they use.
+                m.blocks() * 512
+            }
+            Err(_) => 0,
+        })
+        .sum()
+}
