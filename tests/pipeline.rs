@@ -1,0 +1,490 @@
+//! End-to-end tests of the core pipeline: the real daemon binary, real HTTP sinks.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_a_click_signed_as_standard_webhooks() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let (status, body) = d.post(&click("12345", "1"), "application/json").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 1);
+    let id = body["ids"][0].as_str().unwrap().to_string();
+    let got = sink.wait_for("/a", 1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    let r = &got[0];
+    assert_eq!(r.headers["webhook-id"], id);
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert!(r.headers["user-agent"].starts_with("clickhook/"));
+    assert!(
+        signature_valid(r, SECRET),
+        "signature must verify with an independent HMAC"
+    );
+    let ts: i64 = r.headers["webhook-timestamp"].parse().unwrap();
+    assert!((ts - chrono::Utc::now().timestamp()).abs() < 60);
+    let v = r.json();
+    assert_eq!(v["type"], "link.clicked");
+    assert_eq!(v["data"]["id"], id.as_str());
+    assert_eq!(v["data"]["link"]["id"], "12345");
+    assert_eq!(v["data"]["click"]["is_eu_country"], false);
+    assert_eq!(v["timestamp"], v["data"]["timestamp"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_arrays_and_ndjson_with_ids_in_input_order() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let arr = format!("[{},{},{}]", click("1", "w"), click("2", "w"), click("3", "w"));
+    let (status, body) = d.post(&arr, "application/json").await;
+    assert_eq!(status, 202);
+    assert_eq!(body["accepted"], 3);
+    let nd = format!("{}\n\n{}\n", click("4", "w"), click("5", "w"));
+    let (status, body2) = d.post(&nd, "application/x-ndjson").await;
+    assert_eq!(status, 202, "{body2}");
+    assert_eq!(body2["accepted"], 2);
+    sink.wait_for("/a", 5, WAIT).await;
+    let mut want: Vec<String> = body["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(body2["ids"].as_array().unwrap())
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let mut got = sink.event_ids("/a");
+    // Order of arrival is not promised; the ids of each answer are in input order.
+    let links: Vec<String> = sink
+        .received("/a")
+        .iter()
+        .map(|r| r.json()["data"]["link"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(links.len(), 5);
+    for r in sink.received("/a") {
+        let v = r.json();
+        let pos = want
+            .iter()
+            .position(|w| w == v["data"]["id"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            v["data"]["link"]["id"],
+            (pos + 1).to_string(),
+            "ids answer in input order"
+        );
+    }
+    want.sort();
+    got.sort();
+    assert_eq!(want, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_pipelines_500_lines_and_one_bad_line_disturbs_nothing() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut text = String::new();
+        for i in 0..500 {
+            if i == 250 {
+                text.push_str("{\"link\": {\"id\": [\"not\", \"valid\"]}}\n");
+            } else {
+                text.push_str(&click(&i.to_string(), "w"));
+                text.push('\n');
+            }
+        }
+        write.write_all(text.as_bytes()).await.unwrap();
+        write.shutdown().await.unwrap();
+    });
+    let mut lines = BufReader::new(read).lines();
+    let mut replies = Vec::new();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        replies.push(l);
+    }
+    writer.await.unwrap();
+    assert_eq!(replies.len(), 500);
+    for (i, r) in replies.iter().enumerate() {
+        if i == 250 {
+            assert!(r.starts_with("err link.id"), "{r}");
+        } else {
+            assert!(r.starts_with("ok evt_"), "line {i}: {r}");
+        }
+    }
+    sink.wait_for("/a", 499, WAIT).await;
+    let mut got = sink.event_ids("/a");
+    got.sort();
+    let mut want: Vec<String> = replies
+        .iter()
+        .filter_map(|r| r.strip_prefix("ok ").map(String::from))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_route_by_link_and_workspace_and_both_fire() {
+    let sink = Sink::start().await;
+    let eps = [
+        endpoint("link", &sink.url("/link"), "links = [12345]"),
+        endpoint("ws", &sink.url("/ws"), "workspaces = [\"1\"]"),
+        endpoint("both", &sink.url("/both"), "links = [\"12345\"]\nworkspaces = [\"2\"]"),
+        endpoint("all", &sink.url("/all"), ""),
+    ]
+    .concat();
+    let d = Daemon::start(&config_text(&eps));
+    for (link, ws) in [("12345", "1"), ("12345", "2"), ("999", "1"), ("999", "3")] {
+        let (s, _) = d.post(&click(link, ws), "application/json").await;
+        assert_eq!(s, 202);
+    }
+    sink.wait_for("/all", 4, WAIT).await;
+    sink.wait_for("/link", 2, WAIT).await;
+    sink.wait_for("/ws", 2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pairs = |p: &str| {
+        let mut v: Vec<(String, String)> = sink
+            .received(p)
+            .iter()
+            .map(|r| {
+                let j = r.json();
+                (
+                    j["data"]["link"]["id"].as_str().unwrap().into(),
+                    j["data"]["link"]["workspace_id"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let p = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(pairs("/link"), vec![p("12345", "1"), p("12345", "2")]);
+    assert_eq!(pairs("/ws"), vec![p("12345", "1"), p("999", "1")]);
+    assert_eq!(pairs("/both"), vec![p("12345", "2")]);
+    assert_eq!(pairs("/all").len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_bad_requests_and_stores_nothing_of_them() {
+    let sink = Sink::start().await;
+    // [ingest.http] is already in the base config: extend that table.
+    let cfg = config_text("").replace(
+        "[ingest.http]\nlisten = \"127.0.0.1:0\"",
+        "[ingest.http]\nlisten = \"127.0.0.1:0\"\nmax_body = \"2KiB\"\ntokens = [\"s3cret\"]",
+    ) + &endpoint("a", &sink.url("/a"), "");
+    let d = Daemon::start(&cfg);
+    let url = format!("{}/v1/clicks", d.http);
+    let auth = [("content-type", "application/json"), ("authorization", "Bearer s3cret")];
+    let (s, _) = request("POST", &url, &click("1", "w"), &[("content-type", "application/json")]).await;
+    assert_eq!(s, 401);
+    let (s, _) = request("POST", &url, &click("1", "w"), &[("authorization", "Bearer wrong")]).await;
+    assert_eq!(s, 401);
+    let bad = format!("[{},{{\"link\":{{}}}},{}]", click("1", "w"), click("2", "w"));
+    let (s, body) = request("POST", &url, &bad, &auth).await;
+    assert_eq!(s, 400);
+    assert_eq!(body["index"], 1);
+    assert_eq!(body["error"], "link.id: required");
+    let (s, body) = request("POST", &url, &format!("[{},{{\"link\":", click("1", "w")), &auth).await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["index"], 1);
+    let nd = format!("{}\n{{\"link\":{{\"id\":true}}}}\n", click("1", "w"));
+    let (s, body) = request(
+        "POST",
+        &url,
+        &nd,
+        &[
+            ("content-type", "application/x-ndjson"),
+            ("authorization", "Bearer s3cret"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(body["index"], 1);
+    let big = format!("[{}]", vec![click("1", "w"); 40].join(","));
+    let (s, _) = request("POST", &url, &big, &auth).await;
+    assert_eq!(s, 413);
+    // Only the one good click after all that is delivered.
+    let (s, ok) = request("POST", &url, &click("good", "w"), &auth).await;
+    assert_eq!(s, 202);
+    sink.wait_for("/a", 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.event_ids("/a"), vec![ok["ids"][0].as_str().unwrap().to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_client_id_is_acknowledged_but_delivered_once_even_after_restart() {
+    let sink = Sink::start().await;
+    let mut d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let body = r#"{"id":"order-42","link":{"id":"1"}}"#;
+    for _ in 0..3 {
+        let (s, v) = d.post(body, "application/json").await;
+        assert_eq!(s, 202);
+        assert_eq!(v["ids"][0], "order-42");
+    }
+    let (s, v) = d.post(&format!("[{body},{body}]"), "application/json").await;
+    assert_eq!((s, v["accepted"].as_u64()), (202, Some(2)));
+    sink.wait_for("/a", 1, WAIT).await;
+    assert_eq!(d.terminate(), 0);
+    d.spawn();
+    let (s, _) = d.post(body, "application/json").await;
+    assert_eq!(s, 202);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(sink.event_ids("/a"), vec!["order-42".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_three_500s_with_the_same_webhook_id() {
+    let sink = Sink::start().await;
+    sink.script(
+        "/a",
+        vec![Answer::Status(500), Answer::Status(500), Answer::Status(500)],
+    );
+    let cfg = config_text(&endpoint("a", &sink.url("/a"), ""))
+        + "\n[retry]\nschedule = [\"50ms\", \"50ms\", \"50ms\", \"50ms\"]\njitter = 0.0\n";
+    let d = Daemon::start(&cfg);
+    let (_, v) = d.post(&click("1", "w"), "application/json").await;
+    let got = sink.wait_for("/a", 4, WAIT).await;
+    assert_eq!(got.len(), 4);
+    let id = v["ids"][0].as_str().unwrap();
+    assert!(got.iter().all(|r| r.headers["webhook-id"] == id));
+    assert!(got.iter().all(|r| signature_valid(r, SECRET)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received("/a").len(), 4, "no attempt after the success");
+    assert_eq!(
+        d.metric("clickhook_delivery_attempts_total{endpoint=\"a\",outcome=\"http_5xx\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        d.metric("clickhook_delivery_attempts_total{endpoint=\"a\",outcome=\"success\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(d.metric("clickhook_endpoint_pending{endpoint=\"a\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_endpoint_times_out_while_a_healthy_one_gets_everything_first() {
+    let sink = Sink::start().await;
+    sink.default_answer("/hung", Answer::Hang);
+    let eps = endpoint("hung", &sink.url("/hung"), "timeout = \"3s\"\nmax_concurrency = 4")
+        + &endpoint("ok", &sink.url("/ok"), "");
+    let d = Daemon::start(&(config_text(&eps) + "\n[retry]\nschedule = [\"10s\"]\n"));
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for chunk in 0..10 {
+        let body = format!(
+            "[{}]",
+            (0..20)
+                .map(|i| click(&format!("{chunk}-{i}"), "w"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let (s, v) = d.post(&body, "application/json").await;
+        assert_eq!(s, 202);
+        ids.extend(
+            v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string()),
+        );
+    }
+    let got = sink.wait_for("/ok", 200, WAIT).await;
+    assert_eq!(got.len(), 200);
+    let last_ok = got.iter().map(|r| r.at).max().unwrap();
+    // The healthy endpoint finished before the hung one's first attempt could even time out.
+    assert!(
+        last_ok.duration_since(started) < Duration::from_secs(3),
+        "healthy endpoint waited on the hung one"
+    );
+    assert!(
+        sink.received("/hung").len() <= 4,
+        "the hung endpoint holds at most max_concurrency"
+    );
+    let series = "clickhook_delivery_attempts_total{endpoint=\"hung\",outcome=\"timeout\"}";
+    let mut timeouts = 0.0;
+    for _ in 0..100 {
+        timeouts = d.metric(series).await;
+        if timeouts >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(timeouts >= 1.0, "the hung endpoint's attempts end as timeouts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_becomes_a_dead_letter_after_the_schedule() {
+    let sink = Sink::start().await;
+    sink.default_answer("/a", Answer::Status(503));
+    let cfg =
+        config_text(&endpoint("a", &sink.url("/a"), "")) + "\n[retry]\nschedule = [\"50ms\", \"50ms\"]\njitter = 0.0\n";
+    let d = Daemon::start(&cfg);
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/a", 3, WAIT).await;
+    let dead = "clickhook_dead_letters_total{endpoint=\"a\"}";
+    for _ in 0..100 {
+        if d.metric(dead).await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(d.metric(dead).await, 1.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received("/a").len(), 3, "a schedule of 2 steps means 3 attempts");
+    assert_eq!(d.metric("clickhook_endpoint_pending{endpoint=\"a\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_disables_the_endpoint_and_stops_routing_to_it() {
+    let sink = Sink::start().await;
+    sink.default_answer("/gone", Answer::Status(410));
+    let eps = endpoint("gone", &sink.url("/gone"), "") + &endpoint("ok", &sink.url("/ok"), "");
+    let d = Daemon::start(&config_text(&eps));
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/gone", 1, WAIT).await;
+    let mut disabled = false;
+    for _ in 0..100 {
+        let (_, v) = d.admin_get("/v1/endpoints/gone").await;
+        if v["enabled"] == false {
+            assert_eq!(v["disabled_reason"], "gone");
+            disabled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(disabled);
+    for i in 0..5 {
+        d.post(&click(&i.to_string(), "w"), "application/json").await;
+    }
+    sink.wait_for("/ok", 6, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received("/gone").len(), 1, "nothing more goes to a gone endpoint");
+    assert_eq!(
+        d.metric("clickhook_endpoint_pending{endpoint=\"gone\"}").await,
+        1.0,
+        "its event stays queued"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_0_and_pending_work_is_delivered_after_restart() {
+    // The endpoint's port refuses connections until the sink starts there.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let cfg = config_text(&endpoint("a", &format!("http://{addr}/a"), "")) + "\n[retry]\nschedule = [\"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\", \"100ms\"]\n[breaker]\nfailures = 1000\n";
+    let mut d = Daemon::start(&cfg);
+    let body = format!(
+        "[{}]",
+        (0..50)
+            .map(|i| click(&i.to_string(), "w"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (s, v) = d.post(&body, "application/json").await;
+    assert_eq!(s, 202);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(d.terminate(), 0, "clean shutdown exits 0:\n{}", d.logs());
+    let sink = Sink::start_on(addr).await;
+    d.spawn();
+    sink.wait_for("/a", 50, WAIT).await;
+    let mut got = sink.event_ids("/a");
+    got.sort();
+    got.dedup();
+    let mut want: Vec<String> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_endpoints_and_keeps_the_old_ones_on_a_bad_file() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let grown = config_text(&(endpoint("a", &sink.url("/a"), "") + &endpoint("b", &sink.url("/b"), "")));
+    std::fs::write(d.config_path(), grown).unwrap();
+    d.signal(libc::SIGHUP);
+    let mut seen = false;
+    for _ in 0..100 {
+        if d.admin_get("/v1/endpoints/b").await.0 == 200 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "{}", d.logs());
+    std::fs::write(d.config_path(), "[[endpoints]]\nid = 7\n").unwrap();
+    d.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(d.logs().contains("reload refused"));
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/b", 1, WAIT).await;
+    sink.wait_for("/a", 1, WAIT).await;
+    assert_eq!(sink.received("/b").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_answers_503_with_retry_after_over_max_bytes() {
+    let cfg = config_text("").replace("path = \"data\"", "path = \"data\"\nmax_bytes = \"1KiB\"");
+    let d = Daemon::start(&cfg);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut last = None;
+    for _ in 0..60 {
+        let req = hyper::Request::post(format!("{}/v1/clicks", d.http))
+            .body(http_body_util::Full::new(bytes::Bytes::from(click("1", "w"))))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        if resp.status() == 503 {
+            last = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resp = last.expect("ingest must answer 503 once the data dir is over max_bytes");
+    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry));
+}
+
+#[test]
+fn check_config_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |path: &std::path::Path| {
+        std::process::Command::new(bin())
+            .args(["check-config", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = run(&dir.path().join("missing.toml"));
+    assert_eq!(out.status.code(), Some(2));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[delivery]\ntimeout = \"soon\"\n").unwrap();
+    let out = run(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 2") && err.contains("soon"),
+        "{err}"
+    );
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+    assert_eq!(
+        run(&shipped).status.code(),
+        Some(0),
+        "the shipped config.toml must be valid"
+    );
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "serve with a bad config exits 2");
+}
