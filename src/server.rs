@@ -278,7 +278,8 @@ pub async fn run(
 }
 
 /// Once a second: measure the storage directory against `max_bytes` (ingest answers 503
-/// above it) and publish the log gauges; once a minute, prune past retention.
+/// above it) and publish the log gauges. Prune past retention once a minute, or every
+/// half retention when that is shorter.
 async fn housekeeping(
     log: Arc<SledLog>,
     dir: PathBuf,
@@ -289,6 +290,7 @@ async fn housekeeping(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
+    let prune_every = (retention.as_secs() / 2).clamp(1, 60);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -310,7 +312,7 @@ async fn housekeeping(
         }
         crate::metrics::log_gauges(log.event_count(), bytes);
         n += 1;
-        if n % 60 == 0 {
+        if n % prune_every == 0 {
             match log.prune(now_ms(), retention.as_millis() as u64).await {
                 Ok(Ok(pruned)) if pruned > 0 => tracing::info!(pruned, "pruned delivered events past retention"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "pruning failed"),

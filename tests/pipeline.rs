@@ -488,3 +488,94 @@ fn check_config_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "serve with a bad config exits 2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_after_consecutive_failures_and_stops_attempts() {
+    let sink = Sink::start().await;
+    sink.default_answer("/a", Answer::Status(500));
+    let cfg = config_text(&endpoint("a", &sink.url("/a"), "max_concurrency = 1"))
+        + "\n[retry]\nschedule = [\"20ms\", \"20ms\", \"20ms\", \"20ms\", \"20ms\", \"20ms\", \"20ms\", \"20ms\"]\njitter = 0.0\n[breaker]\nfailures = 3\ncooldown = \"1h\"\n";
+    let d = Daemon::start(&cfg);
+    for i in 0..5 {
+        d.post(&click(&i.to_string(), "w"), "application/json").await;
+    }
+    sink.wait_for("/a", 3, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(sink.received("/a").len(), 3, "no attempt while the circuit is open");
+    assert_eq!(d.metric("clickhook_endpoint_circuit_open{endpoint=\"a\"}").await, 1.0);
+    assert_eq!(
+        d.metric("clickhook_endpoint_pending{endpoint=\"a\"}").await,
+        5.0,
+        "events wait durably"
+    );
+    assert_eq!(d.metric("clickhook_dead_letters_total{endpoint=\"a\"}").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_events_are_pruned_after_retention() {
+    let sink = Sink::start().await;
+    let cfg = config_text(&endpoint("a", &sink.url("/a"), ""))
+        .replace("path = \"data\"", "path = \"data\"\nretention = \"1s\"");
+    let d = Daemon::start(&cfg);
+    let (s, _) = d
+        .post(
+            &format!("[{},{}]", click("1", "w"), click("2", "w")),
+            "application/json",
+        )
+        .await;
+    assert_eq!(s, 202);
+    sink.wait_for("/a", 2, WAIT).await;
+    let mut events = f64::NAN;
+    for _ in 0..100 {
+        events = d.metric("clickhook_log_events").await;
+        if events == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(events, 0.0, "delivered events older than retention are pruned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed() {
+    let sink = Sink::start().await;
+    sink.default_answer(
+        "/a",
+        Answer::StatusWith(302, vec![("location".into(), "/elsewhere".into())]),
+    );
+    let cfg = config_text(&endpoint("a", &sink.url("/a"), "")) + "\n[retry]\nschedule = [\"10ms\"]\njitter = 0.0\n";
+    let d = Daemon::start(&cfg);
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/a", 2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sink.received("/elsewhere").is_empty());
+    assert_eq!(
+        d.metric("clickhook_delivery_attempts_total{endpoint=\"a\",outcome=\"http_3xx\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_destinations_are_refused_at_connect_time_unless_allowed() {
+    let sink = Sink::start().await;
+    let cfg = config_text(&endpoint("a", &sink.url("/a"), ""))
+        .replace("allow_private_networks = true", "allow_private_networks = false")
+        + "\n[retry]\nschedule = [\"10ms\"]\njitter = 0.0\n";
+    let d = Daemon::start(&cfg);
+    d.post(&click("1", "w"), "application/json").await;
+    let dead = "clickhook_dead_letters_total{endpoint=\"a\"}";
+    for _ in 0..100 {
+        if d.metric(dead).await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(d.metric(dead).await, 1.0);
+    assert_eq!(
+        d.metric("clickhook_delivery_attempts_total{endpoint=\"a\",outcome=\"network\"}")
+            .await,
+        2.0
+    );
+    assert!(sink.received("/a").is_empty(), "nothing may reach a loopback address");
+}

@@ -647,3 +647,164 @@ fn forward<T: Send + 'static>(inner: Ticket<()>, reply: Reply<T>, value: T) {
         let _ = reply.send(result);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Arc<SledLog> {
+        let options = SledOptions {
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_millis(50),
+            cache_capacity: 1 << 20,
+        };
+        SledLog::open(dir, options).unwrap()
+    }
+
+    fn event(id: &str, client: bool, endpoints: Vec<EndpointKey>) -> NewEvent {
+        let data = format!(r#"{{"id":"{id}","timestamp":"2025-01-01T00:00:00Z"}}"#).into_bytes();
+        NewEvent {
+            id: id.into(),
+            client_id: client,
+            data,
+            endpoints,
+        }
+    }
+
+    #[tokio::test]
+    async fn append_queues_per_endpoint_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            let out = log
+                .append(vec![event("a", false, vec![1, 2]), event("b", false, vec![2])])
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(out, vec![AppendOutcome::Stored(1), AppendOutcome::Stored(2)]);
+            assert_eq!(log.pending_after(1, None, 10).unwrap().len(), 1);
+            assert_eq!(
+                log.pending_after(2, None, 10)
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.seq)
+                    .collect::<Vec<_>>(),
+                vec![1, 2]
+            );
+            assert_eq!(log.pending_after(2, Some(1), 10).unwrap().len(), 1);
+        }
+        let log = open(dir.path());
+        assert_eq!(log.count_pending(2).unwrap(), 2);
+        assert_eq!(log.event_count(), 2);
+        let out = log.append(vec![event("c", false, vec![])]).await.unwrap().unwrap();
+        assert_eq!(out, vec![AppendOutcome::Stored(3)], "seqs continue after a reopen");
+        assert_eq!(&log.event(1).unwrap().unwrap().data[..8], br#"{"id":"a"#);
+    }
+
+    #[tokio::test]
+    async fn client_ids_dedupe_within_a_batch_and_across_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let out = log
+            .append(vec![event("x", true, vec![1]), event("x", true, vec![1])])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out, vec![AppendOutcome::Stored(1), AppendOutcome::Duplicate]);
+        let out = log.append(vec![event("x", true, vec![1])]).await.unwrap().unwrap();
+        assert_eq!(out, vec![AppendOutcome::Duplicate]);
+        assert_eq!(log.count_pending(1).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn delivery_retry_state_dead_letters_and_revival() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.append(vec![event("a", false, vec![1]), event("b", false, vec![1])])
+            .await
+            .unwrap()
+            .unwrap();
+        log.reschedule(
+            1,
+            &[Pending {
+                seq: 1,
+                attempts: 2,
+                due_ms: 99,
+                batch: 7,
+            }],
+        );
+        log.bury(
+            1,
+            vec![DeadLetter {
+                seq: 2,
+                event_id: "b".into(),
+                attempts: 3,
+                dead_at_ms: 5,
+                accepted_ms: 1,
+                last_status: Some(500),
+                last_error: None,
+            }],
+        );
+        log.put_setting("sync", Some(vec![1])).await.unwrap().unwrap();
+        let pending = log.pending_after(1, None, 10).unwrap();
+        assert_eq!(
+            pending,
+            vec![Pending {
+                seq: 1,
+                attempts: 2,
+                due_ms: 99,
+                batch: 7
+            }]
+        );
+        assert_eq!(log.count_dead(1).unwrap(), 1);
+        assert_eq!(log.dead_letters(1, 10).unwrap()[0].event_id, "b");
+        assert_eq!(log.revive_dead(1).await.unwrap().unwrap(), 1);
+        assert_eq!(log.count_dead(1).unwrap(), 0);
+        assert_eq!(log.pending_after(1, Some(1), 10).unwrap(), vec![Pending::fresh(2)]);
+        log.delivered(1, &[1, 2]);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        assert_eq!(log.count_pending(1).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_what_an_endpoint_still_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let k = log.endpoint_key("ep").unwrap();
+        log.append(vec![
+            event("a", true, vec![]),
+            event("b", false, vec![k]),
+            event("c", false, vec![]),
+        ])
+        .await
+        .unwrap()
+        .unwrap();
+        let later = super::super::now_ms() + 10_000;
+        // Only "a" is older than the pending "b"; "c" is newer and stays too.
+        assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 1);
+        assert!(log.event(1).unwrap().is_none());
+        assert!(log.event(2).unwrap().is_some());
+        // The client id "a" expired with retention: it may be stored again.
+        let out = log.append(vec![event("a", true, vec![])]).await.unwrap().unwrap();
+        assert!(matches!(out[0], AppendOutcome::Stored(_)));
+        log.delivered(k, &[2]);
+        // Completions are not awaited; a durable write behind it orders the test.
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        // "b", "c" and the second "a" are all past retention now.
+        assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 3);
+        assert_eq!(log.event_count(), 0);
+    }
+
+    #[test]
+    fn endpoint_keys_are_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let a = log.endpoint_key("a").unwrap();
+        let b = log.endpoint_key("b").unwrap();
+        assert_ne!(a, b);
+        drop(log);
+        let log = open(dir.path());
+        assert_eq!(log.endpoint_key("a").unwrap(), a);
+        assert_ne!(log.endpoint_key("c").unwrap(), b);
+    }
+}

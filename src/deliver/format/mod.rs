@@ -5,6 +5,7 @@
 //! JSON (the `data` object of the `standard` format) and returns bytes. It must not sign,
 //! send, or look at endpoint state beyond the [`RenderContext`] it is handed.
 
+mod fields;
 mod linkly;
 mod masiv;
 mod rebrandly;
