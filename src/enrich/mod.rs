@@ -1,9 +1,18 @@
 //! Click enrichment, done once at ingest: browser, OS, device, device vendor and bot from
 //! the user agent; `is_eu_country` from the country code; optionally geography from a
-//! MaxMind database. It writes only into the click's `click` object and must not route,
-//! store or render anything.
+//! MaxMind database. A value the click already brings (a shortener that knows better, or a
+//! product payload mapped by an input adapter) is kept; only missing or null fields are
+//! derived. It writes only into the click's `click` object and must not route, store or
+//! render anything.
 
+mod country;
+mod geoip;
+mod ua;
+
+pub use country::{country_code, country_name};
 use serde_json::{Map, Value};
+use std::path::Path;
+use ua::{Device, UaInfo, UaParser};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrichError {
@@ -13,29 +22,96 @@ pub enum EnrichError {
 
 /// Adds the enrichment fields to a click. Cheap to share between threads.
 #[derive(Debug, Default)]
-pub struct Enricher {}
+pub struct Enricher {
+    ua: UaParser,
+    geoip: Option<geoip::GeoIp>,
+}
 
 impl Enricher {
     pub fn new() -> Self {
-        Enricher {}
+        Enricher {
+            ua: UaParser::new(),
+            geoip: None,
+        }
+    }
+
+    /// An enricher that also fills `country`, `region`, `city`, `isp` and `organization`
+    /// from `click.ip` with the MaxMind database at `path` (`[enrich] geoip`).
+    pub fn with_geoip(path: &Path) -> Result<Enricher, EnrichError> {
+        Ok(Enricher {
+            ua: UaParser::new(),
+            geoip: Some(geoip::GeoIp::open(path)?),
+        })
     }
 
     /// Adds `browser`, `os`, `device`, `device_vendor`, `bot_name` and `is_eu_country` to
     /// `click` (the click's `click` object) and returns whether the click is a bot's.
     pub fn enrich(&self, click: &mut Map<String, Value>) -> bool {
-        let eu = click
-            .get("country")
+        if let Some(geo) = &self.geoip {
+            geo.fill(click);
+        }
+        let parsed = click
+            .get("user_agent")
             .and_then(Value::as_str)
-            .map(|c| Value::Bool(is_eu_country(c)))
-            .unwrap_or(Value::Null);
-        click.insert("browser".into(), serde_json::json!({"name": null, "version": null}));
-        click.insert("os".into(), serde_json::json!({"name": null, "version": null}));
-        click.insert("device".into(), Value::from("unknown"));
-        click.insert("device_vendor".into(), Value::Null);
-        click.insert("bot_name".into(), Value::Null);
-        click.insert("is_eu_country".into(), eu);
-        false
+            .map(|ua| self.ua.parse(ua));
+        let info: &UaInfo = parsed.as_deref().unwrap_or(&UNKNOWN);
+
+        keep_or_insert_pair(click, "browser", &info.browser, &info.browser_version);
+        keep_or_insert_pair(click, "os", &info.os, &info.os_version);
+
+        let bot_name = match click.get("bot_name") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => info.bot.clone(),
+        };
+        let device = match click.get("device").and_then(Value::as_str).and_then(Device::from_name) {
+            Some(given) => given,
+            // A bot the shortener named is a bot whatever its user agent claims.
+            None if bot_name.is_some() => Device::Bot,
+            None => info.device,
+        };
+        let vendor = match click.get("device_vendor") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => info.vendor.clone(),
+        };
+        let is_eu = match click.get("is_eu_country") {
+            Some(Value::Bool(b)) => Value::Bool(*b),
+            _ => click
+                .get("country")
+                .and_then(Value::as_str)
+                .map_or(Value::Null, |c| Value::Bool(is_eu_country(c))),
+        };
+        let is_bot = device == Device::Bot || bot_name.is_some();
+        click.insert("device".into(), Value::from(device.as_str()));
+        click.insert("device_vendor".into(), vendor.map_or(Value::Null, Value::String));
+        click.insert("bot_name".into(), bot_name.map_or(Value::Null, Value::String));
+        click.insert("is_eu_country".into(), is_eu);
+        is_bot
     }
+}
+
+static UNKNOWN: UaInfo = UaInfo {
+    browser: None,
+    browser_version: None,
+    os: None,
+    os_version: None,
+    device: Device::Unknown,
+    vendor: None,
+    bot: None,
+};
+
+/// Keeps a `{name, version}` object the click brought with a name, completing its keys;
+/// otherwise writes the parsed one.
+fn keep_or_insert_pair(click: &mut Map<String, Value>, key: &str, name: &Option<String>, version: &Option<String>) {
+    if let Some(Value::Object(given)) = click.get_mut(key) {
+        if matches!(given.get("name"), Some(Value::String(_))) {
+            given.entry("version").or_insert(Value::Null);
+            return;
+        }
+    }
+    let mut pair = Map::with_capacity(2);
+    pair.insert("name".into(), name.clone().map_or(Value::Null, Value::String));
+    pair.insert("version".into(), version.clone().map_or(Value::Null, Value::String));
+    click.insert(key.into(), Value::Object(pair));
 }
 
 /// Whether an ISO 3166-1 alpha-2 code names a member state of the European Union.
@@ -46,3 +122,6 @@ pub fn is_eu_country(code: &str) -> bool {
     ];
     EU.iter().any(|c| c.eq_ignore_ascii_case(code))
 }
+
+#[cfg(test)]
+mod tests;
