@@ -38,6 +38,8 @@ pub enum ServerError {
     Endpoint(#[from] EndpointError),
     #[error(transparent)]
     Deliver(#[from] DeliverError),
+    #[error(transparent)]
+    Enrich(#[from] crate::enrich::EnrichError),
 }
 
 /// The daemon's listening sockets, bound before anything else starts so that bind errors
@@ -120,6 +122,12 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), ServerError> {
     let metrics = crate::metrics::install();
+    // A configured GeoIP database that cannot be read stops the start: silently running
+    // without it would send clicks without the geography the operator asked for.
+    let enricher = match &config.enrich.geoip {
+        Some(path) => Enricher::with_geoip(&config.resolve(path))?,
+        None => Enricher::new(),
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let data_dir = config.resolve(&config.storage.path);
     let log = SledLog::open(
@@ -174,7 +182,7 @@ pub async fn run(
     let ingestor = Arc::new(Ingestor::new(
         log.clone(),
         registry.clone(),
-        Arc::new(Enricher::new()),
+        Arc::new(enricher),
         gate.clone(),
     ));
     let admin_state = Arc::new(AdminState {

@@ -579,3 +579,87 @@ async fn private_destinations_are_refused_at_connect_time_unless_allowed() {
     );
     assert!(sink.received("/a").is_empty(), "nothing may reach a loopback address");
 }
+
+#[test]
+fn an_unreadable_geoip_database_is_a_clear_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_text("\n[enrich]\ngeoip = \"missing.mmdb\"\n");
+    std::fs::write(dir.path().join("config.toml"), cfg).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.mmdb"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_googlebot_click_reaches_only_the_endpoint_that_includes_bots() {
+    let sink = Sink::start().await;
+    let eps =
+        endpoint("humans", &sink.url("/humans"), "") + &endpoint("bots", &sink.url("/bots"), "include_bots = true");
+    let d = Daemon::start(&config_text(&eps));
+    let bot = r#"{"link":{"id":"1"},"click":{"user_agent":"Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"}}"#;
+    let (s, _) = d.post(bot, "application/json").await;
+    assert_eq!(s, 202);
+    d.post(&click("2", "w"), "application/json").await;
+    sink.wait_for("/bots", 2, WAIT).await;
+    sink.wait_for("/humans", 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let humans = sink.received("/humans");
+    assert_eq!(humans.len(), 1);
+    assert_eq!(humans[0].json()["data"]["link"]["id"], "2");
+    let bots: Vec<_> = sink.received("/bots").iter().map(|r| r.json()).collect();
+    let googlebot = bots.iter().find(|v| v["data"]["link"]["id"] == "1").unwrap();
+    assert_eq!(googlebot["data"]["click"]["device"], "bot");
+    assert!(googlebot["data"]["click"]["bot_name"]
+        .as_str()
+        .unwrap()
+        .contains("Googlebot"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_to_a_batching_rebrandly_endpoint_arrives_in_few_requests() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint(
+        "rb",
+        &sink.url("/rb"),
+        "format = \"rebrandly\"\nbatch_max = 50\nbatch_linger = \"300ms\"",
+    )));
+    let body = format!(
+        "[{}]",
+        (0..100)
+            .map(|i| click(&i.to_string(), "w"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (s, v) = d.post(&body, "application/json").await;
+    assert_eq!(s, 202);
+    let deadline = std::time::Instant::now() + WAIT;
+    let count = |sink: &Sink| {
+        sink.received("/rb")
+            .iter()
+            .map(|r| r.json()["data"].as_array().unwrap().len())
+            .sum::<usize>()
+    };
+    while count(&sink) < 100 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = sink.received("/rb");
+    assert_eq!(count(&sink), 100, "all 100 clicks arrive");
+    assert!(
+        got.len() <= 4,
+        "100 clicks with batch_max 50 take at most 4 requests, took {}",
+        got.len()
+    );
+    for r in &got {
+        assert!(signature_valid(r, SECRET));
+        assert_eq!(r.headers["apikey"], SECRET);
+        let v = r.json();
+        assert_eq!(v["key"], format!("clickhook-rb-{}", r.headers["webhook-id"]));
+        assert!(r.headers["webhook-id"].starts_with("batch_"));
+    }
+    assert_eq!(v["accepted"], 100);
+}
