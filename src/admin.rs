@@ -3,10 +3,13 @@
 //! shapes of §9. It must not bypass the registry or the log: every change goes through
 //! them, so delivery sees it the same way whether it came from here or the config file.
 
-use crate::endpoints::EndpointRegistry;
+use crate::config::EndpointConfig;
+use crate::deliver::format::{self, RenderContext};
+use crate::deliver::send::{AddressPolicy, EndpointClient};
+use crate::endpoints::{EndpointError, EndpointRegistry, EndpointSource, LiveEndpoint};
 use crate::ingest::http::{bearer_matches, json, json_error};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -14,6 +17,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +29,8 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
     pub ready: AtomicBool,
     pub token: String,
+    /// Which destinations endpoints may have (checked on create and change).
+    pub addresses: AddressPolicy,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
@@ -83,19 +89,369 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
 }
 
 async fn api(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, "admin request body over 1 MiB", None),
+    };
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method(), parts.as_slice()) {
-        (&Method::GET, ["v1", "endpoints"]) => {
-            let list: Vec<_> = state.registry.all().iter().map(|e| e.describe()).collect();
-            json(StatusCode::OK, &serde_json::Value::Array(list))
+    let result = match (&method, parts.as_slice()) {
+        (&Method::GET, ["v1", "endpoints"]) => Ok(json(
+            StatusCode::OK,
+            &Value::Array(state.registry.all().iter().map(|e| e.describe()).collect()),
+        )),
+        (&Method::POST, ["v1", "endpoints"]) => create(state, &body, None).await,
+        (&Method::GET, ["v1", "endpoints", id]) => endpoint(state, id).map(|ep| json(StatusCode::OK, &ep.describe())),
+        (&Method::PATCH, ["v1", "endpoints", id]) => patch(state, id, &body).await,
+        (&Method::DELETE, ["v1", "endpoints", id]) => state
+            .registry
+            .delete(id)
+            .await
+            .map(|_| json(StatusCode::OK, &json!({"deleted": id})))
+            .map_err(Into::into),
+        (&Method::GET, ["v1", "endpoints", id, "secret"]) => state
+            .registry
+            .secret(id)
+            .map(|s| json(StatusCode::OK, &json!({ "secret": s })))
+            .map_err(Into::into),
+        (&Method::POST, ["v1", "endpoints", id, "secret", "rotate"]) => state
+            .registry
+            .rotate_secret(id)
+            .await
+            .map(|s| json(StatusCode::OK, &json!({ "secret": s })))
+            .map_err(Into::into),
+        (&Method::POST, ["v1", "endpoints", id, "test"]) => test_event(state, id).await,
+        (&Method::GET, ["v1", "endpoints", id, "attempts"]) => attempts(state, id, &query),
+        (&Method::GET, ["v1", "endpoints", id, "stats"]) => stats(state, id),
+        (&Method::GET, ["v1", "endpoints", id, "dead"]) => dead(state, id, &query),
+        (&Method::POST, ["v1", "endpoints", id, "replay"]) => replay(state, id, &body).await,
+        (&Method::POST, ["api", "v1", scope @ ("link" | "workspace"), owner, "webhooks"]) => {
+            linkly_create(state, scope, owner, &body).await
         }
-        (&Method::GET, ["v1", "endpoints", id]) => match state.registry.get(id) {
-            Some(ep) => json(StatusCode::OK, &ep.describe()),
-            None => json_error(StatusCode::NOT_FOUND, &format!("no endpoint {id:?}"), None),
-        },
-        _ => json_error(StatusCode::NOT_FOUND, "no such route", None),
+        (&Method::GET, ["api", "v1", scope @ ("link" | "workspace"), owner, "webhooks"]) => {
+            Ok(json(StatusCode::OK, &Value::Array(linkly_hooks(state, scope, owner))))
+        }
+        (&Method::DELETE, ["api", "v1", scope @ ("link" | "workspace"), owner, "webhooks", hook]) => {
+            if linkly_hooks(state, scope, owner).iter().any(|h| h["id"] == *hook) {
+                state
+                    .registry
+                    .delete(hook)
+                    .await
+                    .map(|_| json(StatusCode::OK, &json!({"deleted": hook})))
+                    .map_err(Into::into)
+            } else {
+                Err(ApiError::NotFound(format!("no webhook {hook:?} on {scope} {owner:?}")))
+            }
+        }
+        _ => Err(ApiError::NotFound("no such route".into())),
+    };
+    result.unwrap_or_else(|e| e.response())
+}
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 1 << 20;
+
+/// Admin failures, each with the status that says whose fault it is.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn response(&self) -> Response<Full<Bytes>> {
+        let status = match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        json_error(status, &self.to_string(), None)
     }
+}
+
+impl From<EndpointError> for ApiError {
+    fn from(e: EndpointError) -> Self {
+        match e {
+            EndpointError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
+            EndpointError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            EndpointError::Exists(_) | EndpointError::FromConfig(_) => ApiError::Conflict(e.to_string()),
+            EndpointError::Log(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+
+fn endpoint(state: &AdminState, id: &str) -> Result<Arc<LiveEndpoint>, ApiError> {
+    state
+        .registry
+        .get(id)
+        .ok_or_else(|| ApiError::NotFound(format!("no endpoint {id:?}")))
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::BadRequest("the body must be a JSON object".into())),
+        Err(e) => Err(ApiError::BadRequest(format!("malformed JSON: {e}"))),
+    }
+}
+
+/// Refuses URLs whose host is, or resolves to, a private address (unless allowed).
+async fn check_destination(state: &AdminState, url: &str) -> Result<(), ApiError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("url: {url:?}: {e}")))?;
+    state
+        .addresses
+        .check_url(&uri)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("url: {e}")))
+}
+
+async fn create(state: &AdminState, body: &[u8], defaults: Option<Map<String, Value>>) -> ApiResult {
+    let mut fields = defaults.unwrap_or_default();
+    fields.extend(parse_object(body)?);
+    if !fields.contains_key("id") {
+        fields.insert(
+            "id".into(),
+            Value::String(format!("ep_{}", uuid::Uuid::now_v7().simple())),
+        );
+    }
+    let config: EndpointConfig =
+        serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    check_destination(state, &config.url).await?;
+    let live = state.registry.create(config).await?;
+    let mut out = live.describe();
+    out["secret"] = Value::String(live.settings().config.secret.clone().unwrap_or_default());
+    Ok(json(StatusCode::CREATED, &out))
+}
+
+async fn patch(state: &AdminState, id: &str, body: &[u8]) -> ApiResult {
+    let fields = parse_object(body)?;
+    // Whose fault first: a config-file endpoint cannot change here, whatever the URL.
+    if endpoint(state, id)?.source == EndpointSource::Config && fields.keys().any(|k| k != "enabled") {
+        return Err(EndpointError::FromConfig(id.into()).into());
+    }
+    if let Some(url) = fields.get("url").and_then(Value::as_str) {
+        check_destination(state, url).await?;
+    }
+    let live = state.registry.update(id, fields).await?;
+    Ok(json(StatusCode::OK, &live.describe()))
+}
+
+async fn test_event(state: &AdminState, id: &str) -> ApiResult {
+    let ep = endpoint(state, id)?;
+    let settings = ep.settings();
+    let event_id = format!("evt_test_{}", uuid::Uuid::now_v7().simple());
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let event = json!({
+        "id": event_id, "timestamp": now,
+        "link": {"id": "test", "workspace_id": "test", "slug": "/test", "domain": "links.example",
+                 "destination": "https://example.com/", "name": "clickhook test event"},
+        "click": {"country": "US", "user_agent": "clickhook-test", "browser": {"name": null, "version": null},
+                  "os": {"name": null, "version": null}, "device": "unknown", "device_vendor": null,
+                  "bot_name": null, "is_eu_country": false},
+        "metadata": {"test": true}
+    });
+    let data = serde_json::to_vec(&event).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let batched = settings.config.batch_max > 1;
+    let webhook_id = if batched {
+        format!("batch_test_{}", uuid::Uuid::now_v7().simple())
+    } else {
+        event_id
+    };
+    let ctx = RenderContext {
+        endpoint_id: &ep.id,
+        webhook_id: &webhook_id,
+        include_ip: false,
+        batch: batched,
+    };
+    let body = format::render(settings.config.format, &[&data], &ctx).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let client = EndpointClient::new(state.addresses.clone(), settings.timeout, 1);
+    let result = crate::deliver::attempt(&client, &settings, &webhook_id, Bytes::from(body)).await;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "status": result.status,
+            "latency_ms": result.latency.as_secs_f64() * 1000.0,
+            "body": String::from_utf8_lossy(&result.body),
+            "error": result.error,
+        }),
+    ))
+}
+
+fn limit_of(query: &str, default: usize) -> usize {
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix("limit="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .clamp(1, 10_000)
+}
+
+fn attempts(state: &AdminState, id: &str, query: &str) -> ApiResult {
+    let ep = endpoint(state, id)?;
+    let limit = limit_of(query, 100);
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
+    let history = ep
+        .history
+        .lock()
+        .map_err(|_| ApiError::Internal("history lock poisoned".into()))?;
+    let list: Vec<Value> = history
+        .attempts
+        .iter()
+        .filter(|a| {
+            chrono::DateTime::parse_from_rfc3339(&a.at)
+                .map(|t| t >= cutoff)
+                .unwrap_or(true)
+        })
+        .take(limit)
+        .filter_map(|a| serde_json::to_value(a).ok())
+        .collect();
+    Ok(json(StatusCode::OK, &Value::Array(list)))
+}
+
+fn stats(state: &AdminState, id: &str) -> ApiResult {
+    let ep = endpoint(state, id)?;
+    let dead = state
+        .registry
+        .log()
+        .count_dead(ep.key)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let minute = crate::log::now_ms() / 60_000;
+    let history = ep
+        .history
+        .lock()
+        .map_err(|_| ApiError::Internal("history lock poisoned".into()))?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "delivered": history.delivered,
+            "failed_attempts": history.failed_attempts,
+            "pending": ep.pending.load(Ordering::Relaxed).max(0),
+            "dead": dead,
+            "success_rate_1h": history.success_rate(minute, 60),
+            "success_rate_24h": history.success_rate(minute, 1440),
+            "circuit": ep.circuit_state().as_str(),
+        }),
+    ))
+}
+
+fn dead(state: &AdminState, id: &str, query: &str) -> ApiResult {
+    let ep = endpoint(state, id)?;
+    let letters = state
+        .registry
+        .log()
+        .dead_letters(ep.key, limit_of(query, 1000))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let list = letters
+        .iter()
+        .map(|d| {
+            json!({
+                "event_id": d.event_id, "attempts": d.attempts, "dead_at": rfc3339_ms(d.dead_at_ms),
+                "accepted_at": rfc3339_ms(d.accepted_ms), "last_status": d.last_status, "last_error": d.last_error,
+            })
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &Value::Array(list)))
+}
+
+async fn replay(state: &AdminState, id: &str, body: &[u8]) -> ApiResult {
+    let fields = parse_object(body)?;
+    let replayed = if fields.get("dead").and_then(Value::as_bool) == Some(true) {
+        state.registry.replay_dead(id).await?
+    } else {
+        let time = |k: &str| -> Result<u64, ApiError> {
+            let text = fields
+                .get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::BadRequest(format!("{k}: required (RFC 3339), or give {{\"dead\": true}}")))?;
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|t| t.timestamp_millis().max(0) as u64)
+                .map_err(|e| ApiError::BadRequest(format!("{k}: {text:?} is not RFC 3339: {e}")))
+        };
+        let (since, until) = (time("since")?, time("until")?);
+        if until <= since {
+            return Err(ApiError::BadRequest("until: must be after since".into()));
+        }
+        state.registry.replay_window(id, since, until).await?
+    };
+    Ok(json(StatusCode::OK, &json!({ "replayed": replayed })))
+}
+
+/// Linkly-compatible webhooks: a `linkly`-format endpoint scoped to one link or workspace.
+async fn linkly_create(state: &AdminState, scope: &str, owner: &str, body: &[u8]) -> ApiResult {
+    let fields = parse_object(body)?;
+    let url = fields
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::BadRequest("url: required".into()))?;
+    let id = format!(
+        "linkly-{scope}-{}-{}",
+        sanitize(owner),
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    let filter = if scope == "link" { "links" } else { "workspaces" };
+    let mut spec = Map::new();
+    spec.insert("id".into(), Value::String(id));
+    spec.insert("url".into(), Value::String(url.into()));
+    spec.insert("format".into(), Value::String("linkly".into()));
+    spec.insert(filter.into(), json!([owner]));
+    let created = create(
+        state,
+        &serde_json::to_vec(&Value::Object(spec)).unwrap_or_default(),
+        None,
+    )
+    .await?;
+    let (parts, body) = created.into_parts();
+    let full: Value =
+        serde_json::from_slice(&body.collect().await.map(|b| b.to_bytes()).unwrap_or_default()).unwrap_or_default();
+    Ok(json(parts.status, &json!({"id": full["id"], "url": full["url"]})))
+}
+
+fn linkly_hooks(state: &AdminState, scope: &str, owner: &str) -> Vec<Value> {
+    let prefix = format!("linkly-{scope}-");
+    state
+        .registry
+        .all()
+        .iter()
+        .filter(|ep| ep.id.starts_with(&prefix))
+        .filter(|ep| {
+            let c = &ep.settings().config;
+            let list = if scope == "link" { &c.links } else { &c.workspaces };
+            list.len() == 1 && list[0] == owner
+        })
+        .map(|ep| json!({"id": ep.id, "url": ep.settings().config.url}))
+        .collect()
+}
+
+fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

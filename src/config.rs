@@ -398,10 +398,24 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::invalid(file, "log.format", "must be \"text\" or \"json\""));
         }
+        let allowed = self.allowed_cidrs()?;
         let mut seen = std::collections::HashSet::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
             let key = format!("endpoints[{i}]");
             validate_endpoint(ep).map_err(|(field, why)| ConfigError::invalid(file, format!("{key}.{field}"), why))?;
+            if !self.delivery.allow_private_networks {
+                if let Some(ip) = private_destination(&ep.url, &allowed) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{key}.url"),
+                        format!(
+                            "{:?} is or resolves to the private address {ip}; set delivery.allow_private_networks \
+                             or list it in delivery.allowed_cidrs",
+                            ep.url
+                        ),
+                    ));
+                }
+            }
             if !seen.insert(ep.id.as_str()) {
                 return Err(ConfigError::invalid(
                     file,
@@ -511,6 +525,23 @@ pub fn validate_endpoint(ep: &EndpointConfig) -> Result<(), (&'static str, Strin
     Ok(())
 }
 
+/// The first private address a URL's host is or resolves to now, unless allowed. A name
+/// that does not resolve is not refused here; delivery checks again at connect time.
+fn private_destination(url: &str, allowed: &[IpNet]) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let uri = url.parse::<hyper::Uri>().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let ips: Vec<std::net::IpAddr> = match host.parse() {
+        Ok(ip) => vec![ip],
+        Err(_) => (host, uri.port_u16().unwrap_or(443))
+            .to_socket_addrs()
+            .map(|a| a.map(|s| s.ip()).collect())
+            .unwrap_or_default(),
+    };
+    ips.into_iter()
+        .find(|ip| crate::deliver::send::is_private(*ip) && !allowed.iter().any(|net| net.contains(ip)))
+}
+
 /// `host:port` with a literal IP; port 0 asks the system for a free one.
 pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     text.parse::<SocketAddr>()
@@ -577,6 +608,17 @@ mod tests {
     fn numeric_link_ids_compare_as_text() {
         let c = parse("[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nlinks = [12345, \"abc\"]\n").unwrap();
         assert_eq!(c.endpoints[0].links, vec!["12345".to_string(), "abc".to_string()]);
+    }
+
+    #[test]
+    fn private_destinations_are_refused_unless_allowed() {
+        let t = "[[endpoints]]\nid = \"a\"\nurl = \"http://127.0.0.1:9/x\"\n";
+        let err = parse(t).unwrap_err().to_string();
+        assert!(err.contains("endpoints[0].url") && err.contains("127.0.0.1"), "{err}");
+        assert!(parse(&format!("[delivery]\nallow_private_networks = true\n{t}")).is_ok());
+        assert!(parse(&format!("[delivery]\nallowed_cidrs = [\"127.0.0.0/8\"]\n{t}")).is_ok());
+        let named = "[[endpoints]]\nid = \"a\"\nurl = \"http://localhost:9/x\"\n";
+        assert!(parse(named).unwrap_err().to_string().contains("private address"));
     }
 
     #[test]

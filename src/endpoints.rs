@@ -84,8 +84,24 @@ pub const ATTEMPT_HISTORY: usize = 1000;
 #[derive(Debug, Default)]
 pub struct EndpointHistory {
     pub attempts: VecDeque<AttemptRecord>,
+    /// Events delivered (a batch counts each of its events).
     pub delivered: u64,
     pub failed_attempts: u64,
+    /// Per-minute attempt counts, newest last: (unix minute, succeeded, all), 24 h deep.
+    minutes: VecDeque<(u64, u32, u32)>,
+}
+
+impl EndpointHistory {
+    /// The fraction of attempts in the last `minutes` minutes that succeeded, or `None`
+    /// without attempts.
+    pub fn success_rate(&self, now_minute: u64, minutes: u64) -> Option<f64> {
+        let (ok, all) = self
+            .minutes
+            .iter()
+            .filter(|(m, _, _)| now_minute.saturating_sub(*m) < minutes)
+            .fold((0u64, 0u64), |(ok, all), (_, o, a)| (ok + *o as u64, all + *a as u64));
+        (all > 0).then(|| ok as f64 / all as f64)
+    }
 }
 
 pub struct LiveEndpoint {
@@ -129,17 +145,36 @@ impl LiveEndpoint {
         }
     }
 
-    pub fn record_attempt(&self, record: AttemptRecord, outcome: Outcome) {
+    /// Records one attempt: one record per event it carried.
+    pub fn record_attempt(&self, records: Vec<AttemptRecord>, outcome: Outcome) {
+        let minute = crate::log::now_ms() / 60_000;
         if let Ok(mut h) = self.history.lock() {
-            if outcome == Outcome::Success {
-                h.delivered += 1;
+            let ok = outcome == Outcome::Success;
+            if ok {
+                h.delivered += records.len() as u64;
             } else {
                 h.failed_attempts += 1;
             }
-            if h.attempts.len() >= ATTEMPT_HISTORY {
-                h.attempts.pop_back();
+            match h.minutes.back_mut() {
+                Some((m, o, a)) if *m == minute => {
+                    *o += ok as u32;
+                    *a += 1;
+                }
+                _ => h.minutes.push_back((minute, ok as u32, 1)),
             }
-            h.attempts.push_front(record);
+            while h
+                .minutes
+                .front()
+                .is_some_and(|(m, _, _)| minute.saturating_sub(*m) >= 1440)
+            {
+                h.minutes.pop_front();
+            }
+            for record in records {
+                if h.attempts.len() >= ATTEMPT_HISTORY {
+                    h.attempts.pop_back();
+                }
+                h.attempts.push_front(record);
+            }
         }
     }
 
@@ -333,6 +368,136 @@ impl EndpointRegistry {
         Ok(())
     }
 
+    /// Applies a partial change (any endpoint field but `id`). Config-file endpoints take
+    /// only `enabled` here — to re-enable one a 410 disabled — the file holds the rest.
+    pub async fn update(
+        &self,
+        id: &str,
+        patch: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Arc<LiveEndpoint>, EndpointError> {
+        let _guard = self.change.lock().await;
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        if patch.contains_key("id") {
+            return Err(EndpointError::Invalid {
+                field: "id".into(),
+                why: "cannot be changed".into(),
+            });
+        }
+        let enable = patch.get("enabled").and_then(serde_json::Value::as_bool);
+        if live.source == EndpointSource::Config && patch.keys().any(|k| k != "enabled") {
+            return Err(EndpointError::FromConfig(id.into()));
+        }
+        let current = live.settings().config.clone();
+        let mut config = current.clone();
+        if live.source == EndpointSource::Api {
+            let mut merged = serde_json::to_value(&current).map_err(|e| LogError::Corrupt(e.to_string()))?;
+            if let serde_json::Value::Object(m) = &mut merged {
+                for (k, v) in patch {
+                    m.insert(k, v);
+                }
+            }
+            config = serde_json::from_value(merged).map_err(|e| EndpointError::Invalid {
+                field: "body".into(),
+                why: e.to_string(),
+            })?;
+            validate_endpoint(&config).map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
+            let stored = self.stored_api(id)?;
+            self.persist_api(&StoredApiEndpoint {
+                config: config.clone(),
+                ..stored
+            })
+            .await?;
+        }
+        if enable == Some(true) {
+            wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
+        }
+        let settings = self.settings_for(&config, live.source).await?;
+        live.settings.store(Arc::new(settings));
+        self.publish(self.snapshot.load().by_id.clone());
+        live.wake.notify_one();
+        Ok(live)
+    }
+
+    /// Removes an API endpoint with its queue and dead letters.
+    pub async fn delete(&self, id: &str) -> Result<(), EndpointError> {
+        let _guard = self.change.lock().await;
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        if live.source == EndpointSource::Config {
+            return Err(EndpointError::FromConfig(id.into()));
+        }
+        let mut by_id = self.snapshot.load().by_id.clone();
+        by_id.remove(id);
+        self.publish(by_id);
+        self.stop_worker(&live).await;
+        wait(self.log.forget_endpoint(live.key)).await?;
+        wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
+        wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
+        live.add_pending(-live.pending.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    /// The newest secret of an endpoint.
+    pub fn secret(&self, id: &str) -> Result<String, EndpointError> {
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        Ok(live.settings().config.secret.clone().unwrap_or_default())
+    }
+
+    /// Gives an API endpoint a new secret; the old one keeps signing beside it for 24 h.
+    pub async fn rotate_secret(&self, id: &str) -> Result<String, EndpointError> {
+        let _guard = self.change.lock().await;
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        if live.source == EndpointSource::Config {
+            return Err(EndpointError::FromConfig(id.into()));
+        }
+        let mut stored = self.stored_api(id)?;
+        let old = stored.config.secret.clone().unwrap_or_default();
+        let new = generate_secret();
+        stored.previous_secret = Some(PreviousSecret {
+            secret: old,
+            expires_ms: crate::log::now_ms() + ROTATION_OVERLAP_MS,
+        });
+        stored.config.secret = Some(new.clone());
+        self.persist_api(&stored).await?;
+        let settings = self.settings_for(&stored.config, live.source).await?;
+        live.settings.store(Arc::new(settings));
+        Ok(new)
+    }
+
+    /// Queues an endpoint's dead letters again; returns how many.
+    pub async fn replay_dead(&self, id: &str) -> Result<usize, EndpointError> {
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        let n = wait(self.log.revive_dead(live.key)).await?;
+        live.add_pending(n as i64);
+        Self::rewind(&live);
+        Ok(n)
+    }
+
+    /// Queues again every retained click accepted in `[since_ms, until_ms)`.
+    pub async fn replay_window(&self, id: &str, since_ms: u64, until_ms: u64) -> Result<usize, EndpointError> {
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        let before = self.log.count_pending(live.key)? as i64;
+        let n = wait(self.log.replay_window(live.key, since_ms, until_ms)).await?;
+        // Entries already pending were rewritten, not added: count what the queue grew by.
+        let after = self.log.count_pending(live.key)? as i64;
+        live.add_pending(after - before);
+        Self::rewind(&live);
+        Ok(n)
+    }
+
+    /// Makes the worker read its queue from the start again (entries came back behind it).
+    fn rewind(live: &LiveEndpoint) {
+        live.rewind.store(true, Ordering::SeqCst);
+        live.wake.notify_one();
+    }
+
+    fn stored_api(&self, id: &str) -> Result<StoredApiEndpoint, EndpointError> {
+        let bytes = self
+            .log
+            .get_setting(&format!("{API_PREFIX}{id}"))?
+            .ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        Ok(serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt(e.to_string()))?)
+    }
+
     async fn make_live(
         &self,
         config: &EndpointConfig,
@@ -495,6 +660,8 @@ impl EndpointRegistry {
 }
 
 const API_PREFIX: &str = "endpoint/";
+/// How long a rotated-out secret keeps signing beside the new one.
+const ROTATION_OVERLAP_MS: u64 = 24 * 3600 * 1000;
 const SECRET_PREFIX: &str = "secret/";
 const DISABLED_PREFIX: &str = "disabled/";
 

@@ -190,6 +190,10 @@ pub async fn run(
         metrics,
         ready: false.into(),
         token: config.admin.token.clone(),
+        addresses: AddressPolicy {
+            allow_private: config.delivery.allow_private_networks,
+            allowed: Arc::new(config.allowed_cidrs()?),
+        },
     });
 
     let http_addr = listeners.http_addr();

@@ -13,7 +13,7 @@ pub mod send;
 pub mod sign;
 mod worker;
 
-use crate::endpoints::LiveEndpoint;
+use crate::endpoints::{EndpointSettings, LiveEndpoint};
 use crate::log::ClickLog;
 use policy::RetrySchedule;
 use send::AddressPolicy;
@@ -129,5 +129,39 @@ impl Dispatcher {
             events: self.events.clone(),
         };
         shard.handle.spawn(worker::run(endpoint, ctx))
+    }
+}
+
+/// Signs `body` now (Standard Webhooks wants the send time) and sends it as one attempt.
+pub async fn attempt(
+    client: &send::EndpointClient,
+    settings: &EndpointSettings,
+    webhook_id: &str,
+    body: bytes::Bytes,
+) -> send::AttemptResult {
+    use hyper::header::{HeaderName, HeaderValue};
+    let timestamp = chrono::Utc::now().timestamp();
+    let signature = sign::signature_header(&settings.keys, webhook_id, timestamp, &body);
+    let mut headers = settings.headers.clone();
+    for (name, value) in [
+        ("webhook-id", webhook_id),
+        ("webhook-timestamp", &timestamp.to_string()),
+        ("webhook-signature", &signature),
+    ] {
+        // Ids are visible ASCII (checked at ingest), so these values are always valid.
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.push((HeaderName::from_static(name), v));
+        }
+    }
+    match send::build_request(&settings.url, &headers, body) {
+        Ok(request) => client.send(request, settings.timeout).await,
+        Err(e) => send::AttemptResult {
+            outcome: send::Outcome::Network,
+            status: None,
+            latency: Duration::ZERO,
+            error: Some(format!("cannot build the request: {e}")),
+            retry_after: None,
+            body: bytes::Bytes::new(),
+        },
     }
 }

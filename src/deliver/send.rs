@@ -397,6 +397,38 @@ mod tests {
         assert!(policy.permits("8.8.8.8".parse().unwrap()));
     }
 
+    #[tokio::test]
+    async fn the_connector_refuses_private_addresses_at_connect_time() {
+        use tower_service::Service;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let deny = AddressPolicy::default();
+        for url in [format!("http://127.0.0.1:{port}/"), format!("http://localhost:{port}/")] {
+            let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: deny.clone() });
+            http.enforce_http(false);
+            let mut conn = GuardedConnector {
+                inner: http,
+                policy: deny.clone(),
+            };
+            let err = conn.call(url.parse().unwrap()).await.expect_err("refused");
+            assert!(format!("{err:?}").to_lowercase().contains("private"), "{url}: {err:?}");
+        }
+        let allow = AddressPolicy {
+            allow_private: true,
+            allowed: Arc::new(vec![]),
+        };
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: allow.clone() });
+        http.enforce_http(false);
+        let mut conn = GuardedConnector {
+            inner: http,
+            policy: allow,
+        };
+        assert!(conn
+            .call(format!("http://localhost:{port}/").parse().unwrap())
+            .await
+            .is_ok());
+    }
+
     #[test]
     fn retry_after_reads_seconds_and_dates() {
         let mut h = hyper::HeaderMap::new();

@@ -6,13 +6,11 @@
 
 use super::format::{self, RenderContext};
 use super::policy::{Breaker, CircuitState, TokenBucket};
-use super::send::{build_request, AttemptResult, EndpointClient, Outcome};
-use super::sign::signature_header;
+use super::send::{AttemptResult, EndpointClient, Outcome};
 use super::{DeliveryPolicy, WorkerEvent};
 use crate::endpoints::{AttemptRecord, EndpointSettings, LiveEndpoint};
 use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq};
 use bytes::Bytes;
-use hyper::header::{HeaderName, HeaderValue};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -360,29 +358,7 @@ impl Worker {
         let client = self.client.clone();
         let settings = settings.clone();
         self.inflight.spawn(async move {
-            let timestamp = chrono::Utc::now().timestamp();
-            let signature = signature_header(&settings.keys, &webhook_id, timestamp, &body);
-            let mut headers = settings.headers.clone();
-            for (name, value) in [
-                ("webhook-id", webhook_id.as_str()),
-                ("webhook-timestamp", &timestamp.to_string()),
-                ("webhook-signature", &signature),
-            ] {
-                if let Ok(v) = HeaderValue::from_str(value) {
-                    headers.push((HeaderName::from_static(name), v));
-                }
-            }
-            let result = match build_request(&settings.url, &headers, body) {
-                Ok(request) => client.send(request, settings.timeout).await,
-                Err(e) => AttemptResult {
-                    outcome: Outcome::Network,
-                    status: None,
-                    latency: Duration::ZERO,
-                    error: Some(format!("cannot build the request: {e}")),
-                    retry_after: None,
-                    body: Bytes::new(),
-                },
-            };
+            let result = super::attempt(&client, &settings, &webhook_id, body).await;
             Finished {
                 job,
                 result,
@@ -404,20 +380,19 @@ impl Worker {
         metrics.duration.record(result.latency.as_secs_f64());
         let attempt_no = job.items.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
         let at = crate::endpoints::now_rfc3339();
-        for id in &event_ids {
-            self.ep.record_attempt(
-                AttemptRecord {
-                    event_id: id.clone(),
-                    attempt: attempt_no,
-                    at: at.clone(),
-                    status: result.status,
-                    latency_ms: result.latency.as_secs_f64() * 1000.0,
-                    outcome: result.outcome.as_str(),
-                    error: result.error.clone(),
-                },
-                result.outcome,
-            );
-        }
+        let records = event_ids
+            .iter()
+            .map(|id| AttemptRecord {
+                event_id: id.clone(),
+                attempt: attempt_no,
+                at: at.clone(),
+                status: result.status,
+                latency_ms: result.latency.as_secs_f64() * 1000.0,
+                outcome: result.outcome.as_str(),
+                error: result.error.clone(),
+            })
+            .collect();
+        self.ep.record_attempt(records, result.outcome);
         let now = Instant::now();
         let seqs: Vec<Seq> = job.items.iter().map(|p| p.seq).collect();
         if result.outcome == Outcome::Success {

@@ -324,6 +324,27 @@ fn eu_membership() {
 }
 
 #[test]
+fn geoip_fills_geography_before_eu_membership_is_decided() {
+    let mut writer = mmdb_writer::Writer::new("Clickhook-Test-City");
+    let record = json!({"country": {"iso_code": "DE"}, "subdivisions": [{"iso_code": "BE"}], "city": {"names": {"en": "Berlin"}}});
+    writer
+        .insert("198.51.0.0/16".parse::<ipnet::IpNet>().unwrap(), &record)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("city.mmdb");
+    std::fs::write(&path, writer.to_bytes().unwrap()).unwrap();
+
+    let enricher = Enricher::with_geoip(&path).unwrap();
+    let mut click = json!({"ip": "198.51.7.7"}).as_object().cloned().unwrap();
+    enricher.enrich(&mut click);
+    assert_eq!(click["country"], "DE");
+    assert_eq!(click["region"], "BE");
+    assert_eq!(click["city"], "Berlin");
+    assert_eq!(click["is_eu_country"], true);
+    assert!(click.get("isp").is_none());
+}
+
+#[test]
 fn geoip_open_error_names_the_file() {
     let err = Enricher::with_geoip(Path::new("/nonexistent/GeoLite2-City.mmdb"))
         .unwrap_err()

@@ -1,0 +1,368 @@
+//! The admin API against the running daemon: endpoint lifecycle, secrets, history,
+//! replay, the Linkly-compatible routes, auth and the SSRF guard.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn admin(d: &Daemon, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let text = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    request(
+        method,
+        &format!("{}{}", d.admin, path),
+        &text,
+        &[("content-type", "application/json")],
+    )
+    .await
+}
+
+async fn until_metric(d: &Daemon, series: &str, want: f64) -> f64 {
+    let mut v = f64::NAN;
+    for _ in 0..200 {
+        v = d.metric(series).await;
+        if v == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only() {
+    let sink = Sink::start().await;
+    let mut d = Daemon::start(&config_text(&endpoint("from-file", &sink.url("/file"), "")));
+    let (s, created) = admin(
+        &d,
+        "POST",
+        "/v1/endpoints",
+        json!({"id": "api1", "url": sink.url("/api1"), "links": [7]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    assert_eq!(created["source"], "api");
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    assert_eq!(created["links"], json!(["7"]));
+    let (s, _) = admin(
+        &d,
+        "POST",
+        "/v1/endpoints",
+        json!({"id": "api1", "url": sink.url("/x")}),
+    )
+    .await;
+    assert_eq!(s, 409, "duplicate id");
+    let (s, bad) = admin(&d, "POST", "/v1/endpoints", json!({"id": "bad", "url": "ftp://x"})).await;
+    assert_eq!(s, 400, "{bad}");
+    let (s, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
+    assert_eq!(s, 200);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(!list.to_string().contains("whsec_"), "secrets never appear in lists");
+    let (s, one) = admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await;
+    assert_eq!(s, 200);
+    for key in [
+        "id",
+        "url",
+        "format",
+        "workspaces",
+        "links",
+        "include_bots",
+        "include_ip",
+        "timeout",
+        "max_concurrency",
+        "rate_limit",
+        "batch_max",
+        "batch_linger",
+        "headers",
+        "enabled",
+        "disabled_reason",
+        "source",
+        "created_at",
+    ] {
+        assert!(one.get(key).is_some(), "endpoint lacks {key}: {one}");
+    }
+    let (s, patched) = admin(
+        &d,
+        "PATCH",
+        "/v1/endpoints/api1",
+        json!({"links": [], "include_bots": true}),
+    )
+    .await;
+    assert_eq!(s, 200, "{patched}");
+    assert_eq!(patched["include_bots"], true);
+    assert_eq!(
+        admin(&d, "PATCH", "/v1/endpoints/from-file", json!({"url": "http://x"}))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(admin(&d, "DELETE", "/v1/endpoints/from-file", Value::Null).await.0, 409);
+    assert_eq!(
+        admin(&d, "POST", "/v1/endpoints/from-file/secret/rotate", Value::Null)
+            .await
+            .0,
+        409
+    );
+    assert_eq!(admin(&d, "GET", "/v1/endpoints/nope", Value::Null).await.0, 404);
+
+    // The API endpoint, its change and its secret survive a restart.
+    assert_eq!(d.terminate(), 0);
+    d.spawn();
+    let (s, again) = admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await;
+    assert_eq!(s, 200);
+    assert_eq!(again["include_bots"], true);
+    assert_eq!(again["created_at"], one["created_at"]);
+    let (_, secret) = admin(&d, "GET", "/v1/endpoints/api1/secret", Value::Null).await;
+    assert_eq!(secret["secret"], created["secret"]);
+    d.post(&click("7", "w"), "application/json").await;
+    let got = sink.wait_for("/api1", 1, WAIT).await;
+    assert!(signature_valid(&got[0], secret["secret"].as_str().unwrap()));
+
+    assert_eq!(admin(&d, "DELETE", "/v1/endpoints/api1", Value::Null).await.0, 200);
+    assert_eq!(admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await.0, 404);
+    assert_eq!(d.terminate(), 0);
+    d.spawn();
+    assert_eq!(
+        admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await.0,
+        404,
+        "deletion survives restarts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_signs_with_both_secrets() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(""));
+    let (_, created) = admin(&d, "POST", "/v1/endpoints", json!({"id": "r", "url": sink.url("/r")})).await;
+    let old = created["secret"].as_str().unwrap().to_string();
+    let (s, rotated) = admin(&d, "POST", "/v1/endpoints/r/secret/rotate", Value::Null).await;
+    assert_eq!(s, 200);
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    assert_ne!(old, new);
+    let (_, shown) = admin(&d, "GET", "/v1/endpoints/r/secret", Value::Null).await;
+    assert_eq!(shown["secret"], new.as_str());
+    d.post(&click("1", "w"), "application/json").await;
+    let got = sink.wait_for("/r", 1, WAIT).await;
+    let sig = &got[0].headers["webhook-signature"];
+    assert_eq!(sig.split(' ').count(), 2, "{sig}");
+    assert!(signature_valid(&got[0], &new) && signature_valid(&got[0], &old));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_event_attempts_stats_dead_letters_and_replay() {
+    let sink = Sink::start().await;
+    sink.default_answer("/d", Answer::Status(500));
+    let cfg = config_text(&endpoint("d", &sink.url("/d"), "")) + "\n[retry]\nschedule = [\"20ms\"]\njitter = 0.0\n";
+    let d = Daemon::start(&cfg);
+    let (s, test) = admin(&d, "POST", "/v1/endpoints/d/test", Value::Null).await;
+    assert_eq!(s, 200);
+    assert_eq!(test["status"], 500);
+    assert_eq!(test["body"], "ok");
+    assert!(test["latency_ms"].as_f64().unwrap() >= 0.0);
+    let (_, v) = d
+        .post(
+            &format!("[{},{}]", click("1", "w"), click("2", "w")),
+            "application/json",
+        )
+        .await;
+    assert_eq!(
+        until_metric(&d, "clickhook_dead_letters_total{endpoint=\"d\"}", 2.0).await,
+        2.0
+    );
+    let (_, dead) = admin(&d, "GET", "/v1/endpoints/d/dead", Value::Null).await;
+    let mut dead_ids: Vec<String> = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["event_id"].as_str().unwrap().to_string())
+        .collect();
+    dead_ids.sort();
+    let mut ids: Vec<String> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(dead_ids, ids);
+    assert_eq!(dead[0]["last_status"], 500);
+    let (_, attempts) = admin(&d, "GET", "/v1/endpoints/d/attempts?limit=3", Value::Null).await;
+    let attempts = attempts.as_array().unwrap();
+    assert_eq!(attempts.len(), 3);
+    for a in attempts {
+        assert_eq!(a["status"], 500);
+        assert_eq!(a["outcome"], "http_5xx");
+        assert!(a["attempt"].as_u64().unwrap() >= 1 && a["at"].as_str().unwrap().ends_with('Z'));
+    }
+    let (_, stats) = admin(&d, "GET", "/v1/endpoints/d/stats", Value::Null).await;
+    assert_eq!(stats["delivered"], 0);
+    assert_eq!(stats["failed_attempts"], 4);
+    assert_eq!(stats["pending"], 0);
+    assert_eq!(stats["dead"], 2);
+    assert_eq!(stats["success_rate_1h"], 0.0);
+    assert_eq!(stats["circuit"], "closed");
+
+    // The receiver recovers: replaying the dead letters delivers them, and they leave the list.
+    sink.default_answer("/d", Answer::Status(200));
+    let (s, r) = admin(&d, "POST", "/v1/endpoints/d/replay", json!({"dead": true})).await;
+    assert_eq!((s, r["replayed"].as_u64()), (200, Some(2)));
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        let (_, st) = admin(&d, "GET", "/v1/endpoints/d/stats", Value::Null).await;
+        if st["delivered"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, stats) = admin(&d, "GET", "/v1/endpoints/d/stats", Value::Null).await;
+    assert_eq!(
+        (stats["delivered"].as_u64(), stats["dead"].as_u64()),
+        (Some(2), Some(0)),
+        "{stats}"
+    );
+    let rate = stats["success_rate_1h"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate < 1.0);
+
+    // A window replay sends every retained click accepted in it again.
+    let since = (chrono::Utc::now() - chrono::Duration::minutes(5)).to_rfc3339();
+    let until = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
+    let before = sink.received("/d").len();
+    let (s, r) = admin(
+        &d,
+        "POST",
+        "/v1/endpoints/d/replay",
+        json!({"since": since, "until": until}),
+    )
+    .await;
+    assert_eq!((s, r["replayed"].as_u64()), (200, Some(2)));
+    sink.wait_for("/d", before + 2, WAIT).await;
+    let (s, _) = admin(&d, "POST", "/v1/endpoints/d/replay", json!({"since": "yesterday"})).await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linkly_compatible_routes_create_link_and_workspace_hooks() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(""));
+    let (s, hook) = admin(
+        &d,
+        "POST",
+        "/api/v1/link/12345/webhooks",
+        json!({"url": sink.url("/l")}),
+    )
+    .await;
+    assert_eq!(s, 201, "{hook}");
+    assert_eq!(hook.as_object().unwrap().len(), 2, "{hook}");
+    let (s, ws) = admin(
+        &d,
+        "POST",
+        "/api/v1/workspace/1/webhooks",
+        json!({"url": sink.url("/w")}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (_, list) = admin(&d, "GET", "/api/v1/link/12345/webhooks", Value::Null).await;
+    assert_eq!(list, json!([hook]));
+    let (_, ep) = admin(
+        &d,
+        "GET",
+        &format!("/v1/endpoints/{}", hook["id"].as_str().unwrap()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(ep["format"], "linkly");
+    d.post(
+        r#"{"link":{"id":12345,"workspace_id":1},"click":{"ip":"203.0.113.9"}}"#,
+        "application/json",
+    )
+    .await;
+    let l = sink.wait_for("/l", 1, WAIT).await;
+    let w = sink.wait_for("/w", 1, WAIT).await;
+    assert_eq!(l[0].json()["event"], "click");
+    assert_eq!(w[0].json()["link"]["id"], 12345);
+    assert!(
+        !String::from_utf8_lossy(&l[0].body).contains("203.0.113.9"),
+        "linkly never sends the IP"
+    );
+    let path = format!("/api/v1/workspace/1/webhooks/{}", ws["id"].as_str().unwrap());
+    assert_eq!(admin(&d, "DELETE", &path, Value::Null).await.0, 200);
+    assert_eq!(
+        admin(&d, "GET", "/api/v1/workspace/1/webhooks", Value::Null).await.1,
+        json!([])
+    );
+    let wrong = format!("/api/v1/link/999/webhooks/{}", hook["id"].as_str().unwrap());
+    assert_eq!(admin(&d, "DELETE", &wrong, Value::Null).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_guards_the_api_but_not_health_or_metrics() {
+    let d = Daemon::start(&config_text("").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"adm1n\"",
+    ));
+    for path in ["/v1/endpoints", "/api/v1/link/1/webhooks"] {
+        let (s, _) = request("GET", &format!("{}{path}", d.admin), "", &[]).await;
+        assert_eq!(s, 401, "{path}");
+        let (s, _) = request(
+            "GET",
+            &format!("{}{path}", d.admin),
+            "",
+            &[("authorization", "Bearer nope")],
+        )
+        .await;
+        assert_eq!(s, 401);
+        let (s, _) = request(
+            "GET",
+            &format!("{}{path}", d.admin),
+            "",
+            &[("authorization", "Bearer adm1n")],
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            raw_request("GET", &format!("{}{path}", d.admin), "", &[]).await.0,
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_in_private_networks_are_refused_at_creation() {
+    let d = Daemon::start(&config_text("").replace("allow_private_networks = true", "allow_private_networks = false"));
+    for url in [
+        "http://127.0.0.1/x",
+        "http://localhost:8080/x",
+        "http://10.1.2.3/x",
+        "http://172.16.0.1/x",
+        "http://192.168.1.1/x",
+        "http://169.254.169.254/latest/meta-data",
+        "http://100.64.0.1/x",
+        "http://[::1]/x",
+        "http://[fd00::1]/x",
+        "http://[fe80::1]/x",
+    ] {
+        let (s, body) = admin(&d, "POST", "/v1/endpoints", json!({"id": "p", "url": url})).await;
+        assert_eq!(s, 400, "{url}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("private"), "{url}: {body}");
+    }
+    let (s, body) = admin(
+        &d,
+        "POST",
+        "/v1/endpoints",
+        json!({"id": "p", "url": "file:///etc/passwd"}),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    let (_, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
+    assert_eq!(list, json!([]), "nothing was created");
+}
