@@ -239,6 +239,10 @@ pub async fn run(
     }
 
     admin_state.ready.store(true, Ordering::SeqCst);
+    // systemd (Type=notify): ready only now that the log is recovered and listeners are up.
+    // Without NOTIFY_SOCKET these calls do nothing.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let watchdog = start_watchdog(shutdown_rx.clone());
     tracing::info!(ingest_http = ?http_addr, admin = ?admin_addr, unix = ?unix_path, fsync = ?config.storage.fsync, "clickhook ready");
     println!(
         "ready ingest_http={} admin={} unix={}",
@@ -267,6 +271,7 @@ pub async fn run(
     // Drain: refuse new work, answer what was received, then let delivery finish the
     // attempts in flight; everything else stays queued in the log for the next start.
     tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     admin_state.ready.store(false, Ordering::SeqCst);
     gate.shutting_down.store(true, Ordering::SeqCst);
     let _ = shutdown_tx.send(true);
@@ -277,6 +282,9 @@ pub async fn run(
     let _ = delivery_stop_tx.send(true);
     registry.shutdown().await;
     let _ = housekeeping.await;
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     if let Ok(Err(e)) = log.close().await {
         tracing::error!(error = %e, "final flush failed");
     }
@@ -287,6 +295,27 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime is alive to do it, so a
+/// wedged daemon is restarted.
+fn start_watchdog(mut shutdown: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let every = Duration::from_micros(usec / 2);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }))
 }
 
 /// Once a second: measure the storage directory against `max_bytes` (ingest answers 503

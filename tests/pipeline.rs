@@ -674,3 +674,41 @@ async fn a_burst_to_a_batching_rebrandly_endpoint_arrives_in_few_requests() {
     }
     assert_eq!(v["accepted"], 100);
 }
+
+#[test]
+fn tells_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    std::fs::write(dir.path().join("config.toml"), config_text("")).unwrap();
+    // systemd names the watched process in WATCHDOG_PID; `exec` keeps the shell's pid.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} serve --config {}",
+            bin(),
+            dir.path().join("config.toml").display()
+        ))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1")) && seen.iter().any(|m| m.contains("WATCHDOG=1"))) {
+        let n = notify.recv(&mut buf).expect("a notification within 20 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    loop {
+        let n = notify.recv(&mut buf).expect("STOPPING=1 on drain");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
