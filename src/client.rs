@@ -143,3 +143,40 @@ pub async fn send_http<R: AsyncRead + Unpin>(
     }
     Ok(report)
 }
+
+/// One admin API call for the operator commands; answers the status and JSON body.
+pub async fn admin_request(
+    base: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value), ClientError> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}{}", base.trim_end_matches('/'), path);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = req
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| ClientError::Http(format!("{url}: {e}")))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, value))
+}

@@ -48,6 +48,44 @@ enum Command {
         token: Option<String>,
         file: Option<PathBuf>,
     },
+    /// List the endpoints of a running daemon.
+    Endpoints {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show an endpoint's delivery stats.
+    Stats {
+        #[command(flatten)]
+        admin: AdminArgs,
+        endpoint: String,
+    },
+    /// List an endpoint's dead letters.
+    Dead {
+        #[command(flatten)]
+        admin: AdminArgs,
+        endpoint: String,
+    },
+    /// Send an endpoint's dead letters again, or every click accepted in a time window.
+    Replay {
+        #[command(flatten)]
+        admin: AdminArgs,
+        endpoint: String,
+        /// RFC 3339; with --until replays the window instead of the dead letters.
+        #[arg(long, requires = "until")]
+        since: Option<String>,
+        #[arg(long, requires = "since")]
+        until: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin base URL.
+    #[arg(long, env = "CLICKHOOK_ADMIN", default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// The admin bearer token, when `admin.token` is set.
+    #[arg(long, env = "CLICKHOOK_ADMIN_TOKEN")]
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +131,35 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Endpoints { admin } => operate(admin, "GET", "/v1/endpoints".into(), None, print_endpoints),
+        Command::Stats { admin, endpoint } => operate(
+            admin,
+            "GET",
+            format!("/v1/endpoints/{endpoint}/stats"),
+            None,
+            print_json,
+        ),
+        Command::Dead { admin, endpoint } => {
+            operate(admin, "GET", format!("/v1/endpoints/{endpoint}/dead"), None, print_json)
+        }
+        Command::Replay {
+            admin,
+            endpoint,
+            since,
+            until,
+        } => {
+            let body = match (since, until) {
+                (Some(since), Some(until)) => serde_json::json!({ "since": since, "until": until }),
+                _ => serde_json::json!({ "dead": true }),
+            };
+            operate(
+                admin,
+                "POST",
+                format!("/v1/endpoints/{endpoint}/replay"),
+                Some(body),
+                print_json,
+            )
+        }
     }
 }
 
@@ -179,4 +246,54 @@ fn send(
             ExitCode::SUCCESS
         })
     })
+}
+
+/// Runs one admin call and prints its answer; a non-2xx answer exits 1 with its error.
+fn operate(
+    admin: AdminArgs,
+    method: &str,
+    path: String,
+    body: Option<serde_json::Value>,
+    print: fn(&serde_json::Value),
+) -> ExitCode {
+    let call =
+        async { clickhook::client::admin_request(&admin.admin, admin.token.as_deref(), method, &path, body).await };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(call).map_err(anyhow::Error::from));
+    match result {
+        Ok((status, value)) if (200..300).contains(&status) => {
+            print(&value);
+            ExitCode::SUCCESS
+        }
+        Ok((status, value)) => {
+            eprintln!("clickhook: {status}: {}", value.get("error").unwrap_or(&value));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("clickhook: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn print_endpoints(value: &serde_json::Value) {
+    println!("{:<24} {:<10} {:<8} {:<7} URL", "ID", "FORMAT", "ENABLED", "SOURCE");
+    for ep in value.as_array().into_iter().flatten() {
+        let text = |k: &str| ep[k].as_str().map(str::to_string).unwrap_or_else(|| ep[k].to_string());
+        println!(
+            "{:<24} {:<10} {:<8} {:<7} {}",
+            text("id"),
+            text("format"),
+            text("enabled"),
+            text("source"),
+            text("url")
+        );
+    }
 }

@@ -366,3 +366,36 @@ async fn endpoints_in_private_networks_are_refused_at_creation() {
     let (_, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(list, json!([]), "nothing was created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_list_endpoints_show_stats_and_replay_dead_letters() {
+    let sink = Sink::start().await;
+    sink.default_answer("/c", Answer::Status(500));
+    let cfg = config_text(&endpoint("c", &sink.url("/c"), "")) + "\n[retry]\nschedule = [\"10ms\"]\njitter = 0.0\n";
+    let d = Daemon::start(&cfg);
+    d.post(&click("1", "w"), "application/json").await;
+    until_metric(&d, "clickhook_dead_letters_total{endpoint=\"c\"}", 1.0).await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .args(["--admin", &d.admin])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, text) = run(&["endpoints"]);
+    assert_eq!(code, Some(0));
+    assert!(text.lines().nth(1).unwrap().starts_with("c "), "{text}");
+    let (code, text) = run(&["dead", "c"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("event_id"));
+    sink.default_answer("/c", Answer::Status(200));
+    let (code, text) = run(&["replay", "c"]);
+    assert_eq!((code, text.contains("\"replayed\": 1")), (Some(0), true), "{text}");
+    sink.wait_for("/c", 3, WAIT).await;
+    let (code, text) = run(&["stats", "c"]);
+    assert_eq!(code, Some(0));
+    let stats: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(stats["delivered"], 1);
+    assert_eq!(run(&["stats", "missing"]).0, Some(1));
+}

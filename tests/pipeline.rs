@@ -712,3 +712,35 @@ fn tells_systemd_ready_watchdog_and_stopping() {
     }
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_logs_name_endpoint_and_event_are_rate_limited_and_never_show_secrets() {
+    let sink = Sink::start().await;
+    sink.default_answer("/f", Answer::Status(500));
+    let steps = vec!["\"10ms\""; 30].join(", ");
+    let cfg = config_text(&endpoint("f", &sink.url("/f"), ""))
+        + &format!("\n[retry]\nschedule = [{steps}]\njitter = 0.0\n[breaker]\nfailures = 1000\n");
+    let d = Daemon::start(&cfg.replace("level = \"info\"", "level = \"debug\""));
+    let (_, v) = d.post(&click("1", "w"), "application/json").await;
+    let id = v["ids"][0].as_str().unwrap().to_string();
+    sink.wait_for("/f", 20, WAIT).await;
+    let logs = d.logs();
+    let failure_lines: Vec<&str> = logs.lines().filter(|l| l.contains("delivery attempt failed")).collect();
+    assert!(!failure_lines.is_empty());
+    assert!(
+        failure_lines[0].contains("endpoint=f") && failure_lines[0].contains(&id),
+        "{}",
+        failure_lines[0]
+    );
+    assert!(
+        failure_lines.len() <= 2,
+        "20 failures in well under 10 s log at most twice:\n{}",
+        failure_lines.join("\n")
+    );
+    let secret_b64 = SECRET.trim_start_matches("whsec_");
+    assert!(!logs.contains(secret_b64), "the secret leaked into the logs");
+    assert!(
+        !d.metrics().await.contains(secret_b64),
+        "the secret leaked into the metrics"
+    );
+}

@@ -64,7 +64,13 @@ struct Worker {
     limiter: Option<(u32, TokenBucket)>,
     /// Settings that answered 410; launching resumes when the settings change.
     gone_at: Option<Arc<EndpointSettings>>,
+    /// Failure logging is rate-limited so a dead endpoint cannot flood the journal.
+    last_failure_log: Option<Instant>,
+    failures_unlogged: u64,
 }
+
+/// At most one failure line per endpoint per this interval; the rest are counted.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
     let settings = ep.settings();
@@ -90,6 +96,8 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         breaker,
         limiter: None,
         gone_at: None,
+        last_failure_log: None,
+        failures_unlogged: 0,
     };
     worker.run().await;
 }
@@ -420,8 +428,25 @@ impl Worker {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
         self.ep.set_circuit(self.breaker.state(now));
-        tracing::debug!(endpoint = %self.ep.id, event = %event_ids.first().map(String::as_str).unwrap_or(""),
-            outcome = result.outcome.as_str(), error = ?result.error, "attempt failed");
+        if self
+            .last_failure_log
+            .is_none_or(|t| now.duration_since(t) >= FAILURE_LOG_EVERY)
+        {
+            tracing::warn!(
+                endpoint = %self.ep.id,
+                event = %event_ids.first().map(String::as_str).unwrap_or(""),
+                attempt = attempt_no,
+                outcome = result.outcome.as_str(),
+                status = ?result.status,
+                error = ?result.error,
+                suppressed = self.failures_unlogged,
+                "delivery attempt failed"
+            );
+            self.last_failure_log = Some(now);
+            self.failures_unlogged = 0;
+        } else {
+            self.failures_unlogged += 1;
+        }
         match self.ctx.policy.schedule.delay(attempt_no, result.retry_after) {
             Some(delay) => {
                 let due = now_ms() + delay.as_millis() as u64;
