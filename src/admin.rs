@@ -111,11 +111,7 @@ async fn api(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>
             .await
             .map(|_| json(StatusCode::OK, &json!({"deleted": id})))
             .map_err(Into::into),
-        (&Method::GET, ["v1", "endpoints", id, "secret"]) => state
-            .registry
-            .secret(id)
-            .map(|s| json(StatusCode::OK, &json!({ "secret": s })))
-            .map_err(Into::into),
+        (&Method::GET, ["v1", "endpoints", id, "secret"]) => secret(state, id),
         (&Method::POST, ["v1", "endpoints", id, "secret", "rotate"]) => state
             .registry
             .rotate_secret(id)
@@ -288,6 +284,16 @@ async fn test_event(state: &AdminState, id: &str) -> ApiResult {
             "error": result.error,
         }),
     ))
+}
+
+/// The newest secret, and the Ed25519 public key when the endpoint signs with `v1a`.
+fn secret(state: &AdminState, id: &str) -> ApiResult {
+    let ep = endpoint(state, id)?;
+    let mut out = json!({ "secret": state.registry.secret(id)? });
+    if let Some(key) = &ep.settings().asymmetric {
+        out["public_key"] = Value::String(key.public_key());
+    }
+    Ok(json(StatusCode::OK, &out))
 }
 
 fn limit_of(query: &str, default: usize) -> usize {

@@ -273,6 +273,12 @@ pub struct EndpointConfig {
     pub headers: BTreeMap<String, String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// `v1` (HMAC), `v1a` (Ed25519) or `both`.
+    #[serde(default)]
+    pub signature: crate::deliver::sign::SignatureScheme,
+    /// The Ed25519 key (`whsk_…`) for `v1a`; generated and persisted when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }
 
 fn one() -> usize {
@@ -495,6 +501,9 @@ pub fn validate_endpoint(ep: &EndpointConfig) -> Result<(), (&'static str, Strin
     }
     if let Some(secret) = &ep.secret {
         crate::deliver::sign::SigningKey::from_secret(secret).map_err(|e| ("secret", e.to_string()))?;
+    }
+    if let Some(key) = &ep.signing_key {
+        crate::deliver::sign::AsymmetricKey::from_secret(key).map_err(|e| ("signing_key", e.to_string()))?;
     }
     if ep.max_concurrency == Some(0) {
         return Err(("max_concurrency", "must be at least 1".into()));

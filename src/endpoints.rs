@@ -7,7 +7,7 @@
 use crate::config::{validate_endpoint, EndpointConfig};
 use crate::deliver::policy::CircuitState;
 use crate::deliver::send::Outcome;
-use crate::deliver::sign::{generate_secret, SigningKey};
+use crate::deliver::sign::{generate_secret, AsymmetricKey, SigningKey};
 use crate::deliver::Dispatcher;
 use crate::log::{ClickLog, EndpointKey, LogError};
 use crate::metrics::EndpointMetrics;
@@ -59,8 +59,10 @@ pub struct EndpointSettings {
     pub url: Uri,
     /// Fixed headers: content type, user agent, the endpoint's own, `apikey` for rebrandly.
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Newest first; during rotation the previous key signs too.
+    /// Newest first; during rotation the previous key signs too. Empty when only `v1a`.
     pub keys: Vec<SigningKey>,
+    /// The Ed25519 key when the endpoint wants `v1a` signatures.
+    pub asymmetric: Option<AsymmetricKey>,
     pub timeout: Duration,
     pub max_concurrency: usize,
     pub disabled_reason: Option<String>,
@@ -187,7 +189,7 @@ impl LiveEndpoint {
             "include_bots": c.include_bots, "include_ip": c.include_ip,
             "timeout": humantime::format_duration(s.timeout).to_string(),
             "max_concurrency": s.max_concurrency, "rate_limit": c.rate_limit, "batch_max": c.batch_max,
-            "batch_linger": humantime::format_duration(c.batch_linger.0).to_string(), "headers": c.headers,
+            "batch_linger": humantime::format_duration(c.batch_linger.0).to_string(), "headers": c.headers, "signature": c.signature,
             "enabled": s.disabled_reason.is_none() && c.enabled, "disabled_reason": s.disabled_reason,
             "source": self.source, "created_at": self.created_at,
         })
@@ -592,8 +594,31 @@ impl EndpointRegistry {
             .and_then(|b| serde_json::from_slice::<DisabledMarker>(&b).ok())
             .map(|m| m.reason)
             .or_else(|| (!config.enabled).then(|| "disabled".to_string()));
+        let asymmetric = if config.signature.ed25519() {
+            let text = match &config.signing_key {
+                Some(k) => k.clone(),
+                None => {
+                    let name = format!("{SIGNING_KEY_PREFIX}{}", config.id);
+                    match self.log.get_setting(&name)? {
+                        Some(k) => String::from_utf8_lossy(&k).into_owned(),
+                        None => {
+                            let k = AsymmetricKey::generate();
+                            wait(self.log.put_setting(&name, Some(k.clone().into_bytes()))).await?;
+                            k
+                        }
+                    }
+                }
+            };
+            Some(AsymmetricKey::from_secret(&text).map_err(|e| invalid("signing_key", e.to_string()))?)
+        } else {
+            None
+        };
+        if !config.signature.hmac() {
+            keys.clear();
+        }
         config.secret = Some(secret);
         Ok(EndpointSettings {
+            asymmetric,
             timeout: config.timeout.map(|t| t.0).unwrap_or(self.defaults.timeout),
             max_concurrency: config.max_concurrency.unwrap_or(self.defaults.max_concurrency),
             url,
@@ -663,6 +688,7 @@ const API_PREFIX: &str = "endpoint/";
 /// How long a rotated-out secret keeps signing beside the new one.
 const ROTATION_OVERLAP_MS: u64 = 24 * 3600 * 1000;
 const SECRET_PREFIX: &str = "secret/";
+const SIGNING_KEY_PREFIX: &str = "signing-key/";
 const DISABLED_PREFIX: &str = "disabled/";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

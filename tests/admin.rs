@@ -399,3 +399,41 @@ async fn operator_commands_list_endpoints_show_stats_and_replay_dead_letters() {
     assert_eq!(stats["delivered"], 1);
     assert_eq!(run(&["stats", "missing"]).0, Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1a_signatures_verify_with_the_public_key_from_the_api() {
+    use base64::Engine;
+    use ed25519_dalek::Verifier;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint(
+        "both",
+        &sink.url("/both"),
+        "signature = \"both\"",
+    )));
+    let (s, secret) = admin(&d, "GET", "/v1/endpoints/both/secret", Value::Null).await;
+    assert_eq!(s, 200);
+    let public = secret["public_key"]
+        .as_str()
+        .expect("a v1a endpoint shows its public key");
+    let (_, ep) = admin(&d, "GET", "/v1/endpoints/both", Value::Null).await;
+    assert_eq!(ep["signature"], "both");
+    assert!(!ep.to_string().contains("whsk_"), "the private key never shows");
+    d.post(&click("1", "w"), "application/json").await;
+    let r = &sink.wait_for("/both", 1, WAIT).await[0];
+    assert!(signature_valid(r, SECRET), "the v1 signature still verifies");
+    let v1a = r.headers["webhook-signature"]
+        .split(' ')
+        .find_map(|s| s.strip_prefix("v1a,"))
+        .expect("a v1a signature");
+    let key: [u8; 32] = b64
+        .decode(public.strip_prefix("whpk_").unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&key).unwrap();
+    let sig = ed25519_dalek::Signature::from_slice(&b64.decode(v1a).unwrap()).unwrap();
+    let mut msg = format!("{}.{}.", r.headers["webhook-id"], r.headers["webhook-timestamp"]).into_bytes();
+    msg.extend_from_slice(&r.body);
+    assert!(vk.verify(&msg, &sig).is_ok());
+}

@@ -141,7 +141,13 @@ pub async fn attempt(
 ) -> send::AttemptResult {
     use hyper::header::{HeaderName, HeaderValue};
     let timestamp = chrono::Utc::now().timestamp();
-    let signature = sign::signature_header(&settings.keys, webhook_id, timestamp, &body);
+    let mut signature = sign::signature_header(&settings.keys, webhook_id, timestamp, &body);
+    if let Some(key) = &settings.asymmetric {
+        if !signature.is_empty() {
+            signature.push(' ');
+        }
+        signature.push_str(&key.sign(webhook_id, timestamp, &body));
+    }
     let mut headers = settings.headers.clone();
     for (name, value) in [
         ("webhook-id", webhook_id),

@@ -111,3 +111,89 @@ mod tests {
         ));
     }
 }
+
+/// Which Standard Webhooks signatures an endpoint receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureScheme {
+    /// HMAC-SHA256 (`v1,`), which every Standard Webhooks library verifies.
+    #[default]
+    V1,
+    /// Ed25519 (`v1a,`), verified with the endpoint's public key (`whpk_…`).
+    V1a,
+    /// Both, space-separated.
+    Both,
+}
+
+impl SignatureScheme {
+    pub fn hmac(self) -> bool {
+        matches!(self, SignatureScheme::V1 | SignatureScheme::Both)
+    }
+    pub fn ed25519(self) -> bool {
+        matches!(self, SignatureScheme::V1a | SignatureScheme::Both)
+    }
+}
+
+/// An Ed25519 signing key, written `whsk_<base64 of the 32-byte seed>`; its public half
+/// is `whpk_<base64 of the 32-byte public key>`.
+#[derive(Clone)]
+pub struct AsymmetricKey {
+    key: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for AsymmetricKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AsymmetricKey(<redacted>)")
+    }
+}
+
+impl AsymmetricKey {
+    pub fn from_secret(secret: &str) -> Result<Self, SignError> {
+        let b64 = secret.strip_prefix("whsk_").ok_or(SignError::NoPrefix)?;
+        let bytes = B64.decode(b64).map_err(SignError::NotBase64)?;
+        let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| SignError::KeyLength(bytes.len()))?;
+        Ok(AsymmetricKey { key: ed25519_dalek::SigningKey::from_bytes(&seed) })
+    }
+
+    pub fn generate() -> String {
+        let mut seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut seed);
+        format!("whsk_{}", B64.encode(seed))
+    }
+
+    pub fn public_key(&self) -> String {
+        format!("whpk_{}", B64.encode(self.key.verifying_key().to_bytes()))
+    }
+
+    /// `v1a,<signature>` for one message.
+    pub fn sign(&self, webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
+        use ed25519_dalek::Signer;
+        let mut message = Vec::with_capacity(webhook_id.len() + body.len() + 24);
+        message.extend_from_slice(webhook_id.as_bytes());
+        message.push(b'.');
+        message.extend_from_slice(timestamp.to_string().as_bytes());
+        message.push(b'.');
+        message.extend_from_slice(body);
+        format!("v1a,{}", B64.encode(self.key.sign(&message).to_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod asymmetric_tests {
+    use super::*;
+
+    #[test]
+    fn v1a_signatures_verify_with_the_public_key() {
+        use ed25519_dalek::Verifier;
+        let secret = AsymmetricKey::generate();
+        let key = AsymmetricKey::from_secret(&secret).unwrap();
+        let sig = key.sign("msg_1", 1649367553, b"{}");
+        let raw = B64.decode(sig.strip_prefix("v1a,").unwrap()).unwrap();
+        let public = B64.decode(key.public_key().strip_prefix("whpk_").unwrap()).unwrap();
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&public.try_into().unwrap()).unwrap();
+        let signature = ed25519_dalek::Signature::from_slice(&raw).unwrap();
+        assert!(vk.verify(b"msg_1.1649367553.{}", &signature).is_ok());
+        assert!(vk.verify(b"msg_1.1649367554.{}", &signature).is_err());
+        assert!(AsymmetricKey::from_secret("whsec_abc").is_err());
+    }
+}
