@@ -306,6 +306,19 @@ fn ids_as_text<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         .collect())
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Endpoints with series of their own; the rest share `endpoint="_other"`.
+    pub max_endpoint_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { max_endpoint_series: crate::metrics::DEFAULT_ENDPOINT_SERIES }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -317,6 +330,7 @@ pub struct Config {
     pub breaker: BreakerConfig,
     pub enrich: EnrichConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub endpoints: Vec<EndpointConfig>,
     /// The folder relative paths resolve against (the config file's folder).
     #[serde(skip)]

@@ -129,7 +129,11 @@ impl LiveEndpoint {
 
     pub fn add_pending(&self, n: i64) {
         let now = self.pending.fetch_add(n, Ordering::Relaxed) + n;
-        self.metrics.pending.set(now.max(0) as f64);
+        if self.metrics.shared() {
+            self.metrics.pending.increment(n as f64);
+        } else {
+            self.metrics.pending.set(now.max(0) as f64);
+        }
     }
 
     pub fn set_circuit(&self, state: CircuitState) {

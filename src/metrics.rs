@@ -6,7 +6,9 @@
 use crate::deliver::send::Outcome;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 pub const INGEST_EVENTS: &str = "clickhook_ingest_events_total";
 pub const INGEST_REJECTED: &str = "clickhook_ingest_rejected_total";
@@ -26,6 +28,32 @@ const BUCKETS: &[f64] = &[
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Endpoints that get series of their own; the rest share the label `endpoint="_other"`,
+/// so 100,000 endpoints cannot blow up a Prometheus server.
+static ENDPOINT_SERIES_CAP: AtomicUsize = AtomicUsize::new(DEFAULT_ENDPOINT_SERIES);
+static ENDPOINT_SERIES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+pub const DEFAULT_ENDPOINT_SERIES: usize = 1000;
+/// The shared label of endpoints past the cap.
+pub const OTHER_ENDPOINTS: &str = "_other";
+
+pub fn set_endpoint_series_cap(cap: usize) {
+    ENDPOINT_SERIES_CAP.store(cap, Ordering::Relaxed);
+}
+
+/// The `endpoint` label value for an endpoint id: its own while under the cap.
+fn endpoint_label(endpoint: &str) -> String {
+    let Ok(mut guard) = ENDPOINT_SERIES.lock() else { return OTHER_ENDPOINTS.into() };
+    let named = guard.get_or_insert_with(HashSet::new);
+    if named.contains(endpoint) {
+        return endpoint.into();
+    }
+    if named.len() < ENDPOINT_SERIES_CAP.load(Ordering::Relaxed) {
+        named.insert(endpoint.to_string());
+        return endpoint.into();
+    }
+    OTHER_ENDPOINTS.into()
+}
 
 /// Installs the global recorder (once per process) and returns the handle `/metrics`
 /// renders from.
@@ -82,11 +110,12 @@ pub struct EndpointMetrics {
     pub dead: Counter,
     pub pending: Gauge,
     pub circuit_open: Gauge,
+    shared: bool,
 }
 
 impl EndpointMetrics {
     pub fn new(endpoint: &str) -> Self {
-        let ep = endpoint.to_string();
+        let ep = endpoint_label(endpoint);
         let attempts = Outcome::ALL
             .map(|o| metrics::counter!(DELIVERY_ATTEMPTS, "endpoint" => ep.clone(), "outcome" => o.as_str()));
         for c in &attempts {
@@ -98,12 +127,21 @@ impl EndpointMetrics {
             lag: metrics::histogram!(DELIVERY_LAG, "endpoint" => ep.clone()),
             dead: metrics::counter!(DEAD_LETTERS, "endpoint" => ep.clone()),
             pending: metrics::gauge!(ENDPOINT_PENDING, "endpoint" => ep.clone()),
-            circuit_open: metrics::gauge!(ENDPOINT_CIRCUIT_OPEN, "endpoint" => ep),
+            circuit_open: metrics::gauge!(ENDPOINT_CIRCUIT_OPEN, "endpoint" => ep.clone()),
+            shared: ep == OTHER_ENDPOINTS,
         };
+        if !m.shared {
+            m.pending.set(0.0);
+            m.circuit_open.set(0.0);
+        }
         m.dead.increment(0);
-        m.pending.set(0.0);
-        m.circuit_open.set(0.0);
         m
+    }
+
+    /// Whether this endpoint shares its series with others (past the cap): gauges are
+    /// then not set per endpoint, as they would overwrite each other.
+    pub fn shared(&self) -> bool {
+        self.shared
     }
 
     pub fn attempt(&self, outcome: Outcome) -> &Counter {

@@ -122,6 +122,7 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), ServerError> {
     let metrics = crate::metrics::install();
+    crate::metrics::set_endpoint_series_cap(config.metrics.max_endpoint_series);
     // A configured GeoIP database that cannot be read stops the start: silently running
     // without it would send clicks without the geography the operator asked for.
     let enricher = match &config.enrich.geoip {

@@ -744,3 +744,37 @@ async fn failure_logs_name_endpoint_and_event_are_rate_limited_and_never_show_se
         "the secret leaked into the metrics"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_past_the_series_cap_share_one_label() {
+    let sink = Sink::start().await;
+    let eps =
+        endpoint("a", &sink.url("/a"), "") + &endpoint("b", &sink.url("/b"), "") + &endpoint("c", &sink.url("/c"), "");
+    let d = Daemon::start(&(config_text(&eps) + "\n[metrics]\nmax_endpoint_series = 1\n"));
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/a", 1, WAIT).await;
+    sink.wait_for("/b", 1, WAIT).await;
+    sink.wait_for("/c", 1, WAIT).await;
+    let text = d.metrics().await;
+    let labels: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("clickhook_delivery_attempts_total{"))
+        .filter_map(|l| l.split("endpoint=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(labels.len(), 2, "one named endpoint and one shared label: {labels:?}");
+    assert!(labels.contains("_other"));
+    let mut success = 0.0;
+    for _ in 0..50 {
+        success = d
+            .metric("clickhook_delivery_attempts_total{endpoint=\"_other\",outcome=\"success\"}")
+            .await;
+        if success == 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        success, 2.0,
+        "the two endpoints past the cap add up in the shared series"
+    );
+}
