@@ -31,6 +31,9 @@ impl ConfigError {
     }
 }
 
+/// The id of the internal endpoint that carries operational events.
+pub const OPERATIONS_ENDPOINT: &str = "_operations";
+
 /// A duration written as a string (`"250ms"`, `"5s"`, `"7d"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct HumanDuration(pub Duration);
@@ -306,6 +309,32 @@ fn ids_as_text<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         .collect())
 }
 
+/// `[operations]`: where operational events (`endpoint.failing`, `endpoint.disabled`,
+/// `endpoint.recovered`, `endpoint.dead_letter`) go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OperationsConfig {
+    /// "" disables operational events.
+    pub url: String,
+    /// Signs them like any endpoint; generated and persisted when absent.
+    pub secret: Option<String>,
+    /// Consecutive failed attempts after which an endpoint is reported failing.
+    pub failing_after: u32,
+    /// An endpoint failing without a single success this long is disabled.
+    pub disable_after: HumanDuration,
+}
+
+impl Default for OperationsConfig {
+    fn default() -> Self {
+        OperationsConfig {
+            url: String::new(),
+            secret: None,
+            failing_after: 5,
+            disable_after: HumanDuration(Duration::from_secs(5 * 86400)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -331,6 +360,7 @@ pub struct Config {
     pub enrich: EnrichConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub operations: OperationsConfig,
     pub endpoints: Vec<EndpointConfig>,
     /// The folder relative paths resolve against (the config file's folder).
     #[serde(skip)]
@@ -419,6 +449,12 @@ impl Config {
             return Err(ConfigError::invalid(file, "log.format", "must be \"text\" or \"json\""));
         }
         let allowed = self.allowed_cidrs()?;
+        if let Some(ops) = self.operations_endpoint() {
+            validate_endpoint(&ops).map_err(|(field, why)| ConfigError::invalid(file, format!("operations.{field}"), why))?;
+            if self.operations.failing_after == 0 {
+                return Err(ConfigError::invalid(file, "operations.failing_after", "must be at least 1"));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
             let key = format!("endpoints[{i}]");
@@ -445,6 +481,32 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The internal endpoint that carries operational events, when `[operations] url` is set.
+    pub fn operations_endpoint(&self) -> Option<EndpointConfig> {
+        if self.operations.url.is_empty() {
+            return None;
+        }
+        Some(EndpointConfig {
+            id: OPERATIONS_ENDPOINT.into(),
+            url: self.operations.url.clone(),
+            format: Format::Operational,
+            secret: self.operations.secret.clone(),
+            workspaces: vec![],
+            links: vec![],
+            include_bots: false,
+            include_ip: false,
+            timeout: None,
+            max_concurrency: None,
+            rate_limit: 0,
+            batch_max: 1,
+            batch_linger: HumanDuration::default(),
+            headers: BTreeMap::new(),
+            enabled: true,
+            signature: Default::default(),
+            signing_key: None,
+        })
     }
 
     /// The socket's permission bits, from the octal `ingest.unix.mode`.

@@ -218,6 +218,8 @@ pub struct EndpointRegistry {
     dispatcher: Dispatcher,
     defaults: EndpointDefaults,
     workers: Mutex<HashMap<EndpointKey, JoinHandle<()>>>,
+    /// The internal endpoint for operational events; never routed clicks, never listed.
+    operations: Mutex<Option<Arc<LiveEndpoint>>>,
     /// Serialises changes; reads never wait for it.
     change: tokio::sync::Mutex<()>,
 }
@@ -234,6 +236,7 @@ impl EndpointRegistry {
             dispatcher,
             defaults,
             workers: Mutex::new(HashMap::new()),
+            operations: Mutex::new(None),
             change: tokio::sync::Mutex::new(()),
         })
     }
@@ -372,6 +375,35 @@ impl EndpointRegistry {
         self.publish(self.snapshot.load().by_id.clone());
         tracing::warn!(endpoint = %id, reason, "endpoint disabled");
         Ok(())
+    }
+
+    /// Starts the internal endpoint that receives operational events.
+    pub async fn start_operations(&self, config: &EndpointConfig) -> Result<(), EndpointError> {
+        let live = self.make_live(config, EndpointSource::Config, now_rfc3339()).await?;
+        if let Ok(mut ops) = self.operations.lock() {
+            *ops = Some(live);
+        }
+        Ok(())
+    }
+
+    /// Queues one operational event (`endpoint.failing`, …) for the operations endpoint,
+    /// durably, like any click. Without `[operations] url` it does nothing.
+    pub async fn emit_operational(&self, kind: &str, data: serde_json::Value) {
+        let Some(ops) = self.operations.lock().ok().and_then(|o| o.clone()) else { return };
+        let id = format!("op_{}", uuid::Uuid::now_v7().simple());
+        let event = serde_json::json!({
+            "id": id, "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "type": kind, "data": data,
+        });
+        let Ok(bytes) = serde_json::to_vec(&event) else { return };
+        let ticket = self.log.append(vec![crate::log::NewEvent { id, client_id: false, data: bytes, endpoints: vec![ops.key] }]);
+        match ticket.await {
+            Ok(Ok(_)) => {
+                ops.add_pending(1);
+                ops.wake.notify_one();
+            }
+            _ => tracing::error!(kind, "cannot store an operational event"),
+        }
     }
 
     /// Applies a partial change (any endpoint field but `id`). Config-file endpoints take

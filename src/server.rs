@@ -5,7 +5,7 @@
 //! same code. It must not parse arguments, install signal handlers or exit the process.
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, OPERATIONS_ENDPOINT};
 use crate::deliver::policy::RetrySchedule;
 use crate::deliver::send::AddressPolicy;
 use crate::deliver::{DeliverError, DeliveryPolicy, Dispatcher, WorkerEvent};
@@ -160,6 +160,8 @@ pub async fn run(
             allow_private: config.delivery.allow_private_networks,
             allowed: Arc::new(config.allowed_cidrs()?),
         },
+        failing_after: config.operations.failing_after,
+        disable_after: config.operations.disable_after.0,
     };
     let dispatcher = Dispatcher::new(
         config.shard_count(),
@@ -177,6 +179,9 @@ pub async fn run(
         },
     );
     registry.apply_config(&config.endpoints).await?;
+    if let Some(ops) = config.operations_endpoint() {
+        registry.start_operations(&ops).await?;
+    }
     registry.load_api_endpoints().await?;
 
     let gate = Arc::new(IngestGate::default());
@@ -228,13 +233,7 @@ pub async fn run(
         let registry = registry.clone();
         tokio::spawn(async move {
             while let Some(event) = worker_events.recv().await {
-                match event {
-                    WorkerEvent::Gone { endpoint } => {
-                        if let Err(e) = registry.disable(&endpoint, "gone").await {
-                            tracing::error!(endpoint = %endpoint, error = %e, "cannot disable the endpoint");
-                        }
-                    }
-                }
+                handle_worker_event(&registry, event).await;
             }
         });
     }
@@ -296,6 +295,40 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Acts on what a worker reported: disables endpoints, and tells the operator through
+/// operational events. The operations endpoint reports nothing about itself (no loops).
+async fn handle_worker_event(registry: &EndpointRegistry, event: WorkerEvent) {
+    use serde_json::json;
+    let disable = |endpoint: String, reason: &'static str| async move {
+        if let Err(e) = registry.disable(&endpoint, reason).await {
+            tracing::error!(endpoint = %endpoint, error = %e, "cannot disable the endpoint");
+        }
+        registry.emit_operational("endpoint.disabled", json!({"endpoint": endpoint, "reason": reason})).await;
+    };
+    match event {
+        WorkerEvent::Gone { endpoint } | WorkerEvent::FailingTooLong { endpoint } if endpoint == OPERATIONS_ENDPOINT => {
+            tracing::error!("the operations endpoint is gone or failing; operational events wait in its queue");
+        }
+        WorkerEvent::Failing { endpoint, .. }
+        | WorkerEvent::Recovered { endpoint }
+        | WorkerEvent::DeadLetter { endpoint, .. }
+            if endpoint == OPERATIONS_ENDPOINT => {}
+        WorkerEvent::Gone { endpoint } => disable(endpoint, "gone").await,
+        WorkerEvent::FailingTooLong { endpoint } => disable(endpoint, "failing").await,
+        WorkerEvent::Failing { endpoint, consecutive, last_error } => {
+            let data = json!({"endpoint": endpoint, "consecutive_failures": consecutive, "last_error": last_error});
+            registry.emit_operational("endpoint.failing", data).await;
+        }
+        WorkerEvent::Recovered { endpoint } => {
+            registry.emit_operational("endpoint.recovered", json!({ "endpoint": endpoint })).await;
+        }
+        WorkerEvent::DeadLetter { endpoint, event_ids, last_error } => {
+            let data = json!({"endpoint": endpoint, "event_ids": event_ids, "last_error": last_error});
+            registry.emit_operational("endpoint.dead_letter", data).await;
+        }
+    }
 }
 
 /// Pings systemd's watchdog at half its interval while the runtime is alive to do it, so a

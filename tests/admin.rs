@@ -437,3 +437,105 @@ async fn v1a_signatures_verify_with_the_public_key_from_the_api() {
     msg.extend_from_slice(&r.body);
     assert!(vk.verify(&msg, &sig).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operational_events_tell_of_failing_dead_letters_recovery_and_disabling() {
+    let sink = Sink::start().await;
+    sink.script(
+        "/flaky",
+        vec![Answer::Status(500), Answer::Status(500), Answer::Status(500)],
+    );
+    sink.default_answer("/gone", Answer::Status(410));
+    let eps = endpoint("flaky", &sink.url("/flaky"), "max_concurrency = 1") + &endpoint("gone", &sink.url("/gone"), "");
+    let cfg = config_text(&eps)
+        + &format!(
+            "\n[retry]\nschedule = [\"20ms\", \"20ms\"]\njitter = 0.0\n[operations]\nurl = \"{}\"\nsecret = \"{SECRET}\"\nfailing_after = 2\n",
+            sink.url("/ops")
+        );
+    let d = Daemon::start(&cfg);
+    // Two clicks: the first fails three times (dead letter after 2 retries), the second succeeds.
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/flaky", 3, WAIT).await;
+    d.post(&click("2", "w"), "application/json").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let kinds = |sink: &Sink| {
+        sink.received("/ops")
+            .iter()
+            .map(|r| r.json()["type"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    while std::time::Instant::now() < deadline {
+        let k = kinds(&sink);
+        if [
+            "endpoint.failing",
+            "endpoint.dead_letter",
+            "endpoint.recovered",
+            "endpoint.disabled",
+        ]
+        .iter()
+        .all(|t| k.iter().any(|x| x == t))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events: Vec<Value> = sink.received("/ops").iter().map(|r| r.json()).collect();
+    let find = |t: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == t)
+            .unwrap_or_else(|| panic!("no {t} in {events:?}"))
+            .clone()
+    };
+    assert_eq!(find("endpoint.failing")["data"]["endpoint"], "flaky");
+    assert_eq!(find("endpoint.failing")["data"]["consecutive_failures"], 2);
+    assert_eq!(
+        find("endpoint.dead_letter")["data"]["event_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(find("endpoint.recovered")["data"]["endpoint"], "flaky");
+    let disabled = find("endpoint.disabled");
+    assert_eq!(
+        (
+            disabled["data"]["endpoint"].as_str(),
+            disabled["data"]["reason"].as_str()
+        ),
+        (Some("gone"), Some("gone"))
+    );
+    for r in sink.received("/ops") {
+        assert!(signature_valid(&r, SECRET), "operational events are signed");
+        assert_eq!(r.headers["webhook-id"], r.json()["id"].as_str().unwrap());
+    }
+    let (_, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
+    assert!(
+        !list.to_string().contains("_operations"),
+        "the operations endpoint is internal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_for_disable_after_is_disabled() {
+    let sink = Sink::start().await;
+    sink.default_answer("/down", Answer::Status(503));
+    let steps = vec!["\"50ms\""; 40].join(", ");
+    let cfg = config_text(&endpoint("down", &sink.url("/down"), ""))
+        + &format!("\n[retry]\nschedule = [{steps}]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"300ms\"\n");
+    let d = Daemon::start(&cfg);
+    d.post(&click("1", "w"), "application/json").await;
+    let mut ep = Value::Null;
+    for _ in 0..100 {
+        ep = admin(&d, "GET", "/v1/endpoints/down", Value::Null).await.1;
+        if ep["enabled"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        (ep["enabled"].as_bool(), ep["disabled_reason"].as_str()),
+        (Some(false), Some("failing")),
+        "{ep}"
+    );
+}

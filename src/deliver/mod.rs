@@ -29,11 +29,20 @@ pub enum DeliverError {
     Shard(usize, std::io::Error),
 }
 
-/// What a worker reports upward because it changes more than its own state.
+/// What a worker reports upward because it concerns more than its own queue: the
+/// registry disables endpoints, and operational events tell the operator.
 #[derive(Debug)]
 pub enum WorkerEvent {
     /// The endpoint answered 410 Gone: disable it.
     Gone { endpoint: String },
+    /// `failing_after` consecutive attempts failed.
+    Failing { endpoint: String, consecutive: u32, last_error: Option<String> },
+    /// Failing without a success for `disable_after`: disable it.
+    FailingTooLong { endpoint: String },
+    /// A success after it was reported failing.
+    Recovered { endpoint: String },
+    /// Events exhausted their retries.
+    DeadLetter { endpoint: String, event_ids: Vec<String>, last_error: Option<String> },
 }
 
 /// Settings shared by every worker.
@@ -43,6 +52,10 @@ pub struct DeliveryPolicy {
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
     pub addresses: AddressPolicy,
+    /// Consecutive failures that make an endpoint "failing" (an operational event).
+    pub failing_after: u32,
+    /// How long an endpoint may fail without a success before it is disabled.
+    pub disable_after: Duration,
 }
 
 /// One delivery thread with its own current-thread runtime.

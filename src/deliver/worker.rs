@@ -67,6 +67,11 @@ struct Worker {
     /// Failure logging is rate-limited so a dead endpoint cannot flood the journal.
     last_failure_log: Option<Instant>,
     failures_unlogged: u64,
+    /// Failed attempts since the last success, and when the first of them ended.
+    consecutive_failures: u32,
+    failing_since: Option<Instant>,
+    reported_failing: bool,
+    reported_too_long: bool,
 }
 
 /// At most one failure line per endpoint per this interval; the rest are counted.
@@ -98,6 +103,10 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         gone_at: None,
         last_failure_log: None,
         failures_unlogged: 0,
+        consecutive_failures: 0,
+        failing_since: None,
+        reported_failing: false,
+        reported_too_long: false,
     };
     worker.run().await;
 }
@@ -383,7 +392,8 @@ impl Worker {
             event_ids,
             accepted_ms,
         } = done;
-        let metrics = &self.ep.metrics;
+        let ep = self.ep.clone();
+        let metrics = &ep.metrics;
         metrics.attempt(result.outcome).increment(1);
         metrics.duration.record(result.latency.as_secs_f64());
         let attempt_no = job.items.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
@@ -404,6 +414,13 @@ impl Worker {
         let now = Instant::now();
         let seqs: Vec<Seq> = job.items.iter().map(|p| p.seq).collect();
         if result.outcome == Outcome::Success {
+            if self.reported_failing {
+                self.report(WorkerEvent::Recovered { endpoint: self.ep.id.clone() });
+            }
+            self.consecutive_failures = 0;
+            self.failing_since = None;
+            self.reported_failing = false;
+            self.reported_too_long = false;
             self.breaker.on_success();
             self.ep.set_circuit(self.breaker.state(now));
             self.ctx.log.delivered(self.ep.key, &seqs);
@@ -424,6 +441,7 @@ impl Worker {
             self.ready.push_front(job);
             return;
         }
+        self.note_failure(now, &result.error);
         if self.breaker.on_failure(now) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
@@ -475,10 +493,38 @@ impl Worker {
                     .collect::<Vec<_>>();
                 tracing::warn!(endpoint = %self.ep.id, count = letters.len(), "events dead-lettered after the last retry");
                 metrics.dead.increment(letters.len() as u64);
+                self.report(WorkerEvent::DeadLetter {
+                    endpoint: self.ep.id.clone(),
+                    event_ids: letters.iter().map(|l| l.event_id.clone()).collect(),
+                    last_error: result.error.clone(),
+                });
                 self.ctx.log.bury(self.ep.key, letters);
                 self.settle(&seqs);
             }
         }
+    }
+
+    /// Counts a failed attempt toward the operational `failing` and `disabled` thresholds.
+    fn note_failure(&mut self, now: Instant, error: &Option<String>) {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        let since = *self.failing_since.get_or_insert(now);
+        if !self.reported_failing && self.consecutive_failures >= self.ctx.policy.failing_after {
+            self.reported_failing = true;
+            self.report(WorkerEvent::Failing {
+                endpoint: self.ep.id.clone(),
+                consecutive: self.consecutive_failures,
+                last_error: error.clone(),
+            });
+        }
+        if !self.reported_too_long && now.duration_since(since) >= self.ctx.policy.disable_after {
+            self.reported_too_long = true;
+            self.report(WorkerEvent::FailingTooLong { endpoint: self.ep.id.clone() });
+        }
+    }
+
+    fn report(&self, event: WorkerEvent) {
+        // The receiver lives as long as the daemon; a send after it is gone changes nothing.
+        let _ = self.ctx.events.send(event);
     }
 
     /// The entries left the queue (delivered, dead or dropped).

@@ -27,7 +27,8 @@ fn field_error(field: impl Into<String>, why: impl Into<String>) -> AdapterError
 /// Maps one product payload into one or more clicks of the model of SPEC §3.1.
 pub fn adapt(format: Format, payload: Value) -> Result<Vec<Value>, AdapterError> {
     match format {
-        Format::Standard => Ok(vec![payload]),
+        // Operational events are never ingested; the ingest query cannot name them.
+        Format::Standard | Format::Operational => Ok(vec![payload]),
         Format::Linkly => linkly(payload).map(|c| vec![c]),
         Format::Rebrandly => rebrandly(payload),
         Format::Masiv => masiv(payload).map(|c| vec![c]),

@@ -23,6 +23,9 @@ pub enum Format {
     Linkly,
     Rebrandly,
     Masiv,
+    /// Operational events: the stored JSON is the whole body. Internal, not configurable.
+    #[serde(skip)]
+    Operational,
 }
 
 impl Format {
@@ -37,6 +40,7 @@ impl Format {
             Format::Linkly => "linkly",
             Format::Rebrandly => "rebrandly",
             Format::Masiv => "masiv",
+            Format::Operational => "operational",
         }
     }
 }
@@ -70,6 +74,7 @@ pub fn render(format: Format, events: &[&[u8]], ctx: &RenderContext<'_>) -> Resu
     let renderer: fn(&[Value], &RenderContext<'_>) -> Value = match format {
         // The stored event already is the standard `data` object: splice, do not parse.
         Format::Standard => return Ok(standard::render(events, ctx)),
+        Format::Operational => return Ok(events.first().map(|e| e.to_vec()).unwrap_or_default()),
         Format::Linkly => linkly::render,
         Format::Rebrandly => rebrandly::render,
         Format::Masiv => masiv::render,
