@@ -344,7 +344,9 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { max_endpoint_series: crate::metrics::DEFAULT_ENDPOINT_SERIES }
+        MetricsConfig {
+            max_endpoint_series: crate::metrics::DEFAULT_ENDPOINT_SERIES,
+        }
     }
 }
 
@@ -450,9 +452,14 @@ impl Config {
         }
         let allowed = self.allowed_cidrs()?;
         if let Some(ops) = self.operations_endpoint() {
-            validate_endpoint(&ops).map_err(|(field, why)| ConfigError::invalid(file, format!("operations.{field}"), why))?;
+            validate_endpoint(&ops)
+                .map_err(|(field, why)| ConfigError::invalid(file, format!("operations.{field}"), why))?;
             if self.operations.failing_after == 0 {
-                return Err(ConfigError::invalid(file, "operations.failing_after", "must be at least 1"));
+                return Err(ConfigError::invalid(
+                    file,
+                    "operations.failing_after",
+                    "must be at least 1",
+                ));
             }
         }
         let mut seen = std::collections::HashSet::new();

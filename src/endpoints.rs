@@ -389,14 +389,21 @@ impl EndpointRegistry {
     /// Queues one operational event (`endpoint.failing`, …) for the operations endpoint,
     /// durably, like any click. Without `[operations] url` it does nothing.
     pub async fn emit_operational(&self, kind: &str, data: serde_json::Value) {
-        let Some(ops) = self.operations.lock().ok().and_then(|o| o.clone()) else { return };
+        let Some(ops) = self.operations.lock().ok().and_then(|o| o.clone()) else {
+            return;
+        };
         let id = format!("op_{}", uuid::Uuid::now_v7().simple());
         let event = serde_json::json!({
             "id": id, "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "type": kind, "data": data,
         });
         let Ok(bytes) = serde_json::to_vec(&event) else { return };
-        let ticket = self.log.append(vec![crate::log::NewEvent { id, client_id: false, data: bytes, endpoints: vec![ops.key] }]);
+        let ticket = self.log.append(vec![crate::log::NewEvent {
+            id,
+            client_id: false,
+            data: bytes,
+            endpoints: vec![ops.key],
+        }]);
         match ticket.await {
             Ok(Ok(_)) => {
                 ops.add_pending(1);

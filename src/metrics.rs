@@ -43,7 +43,9 @@ pub fn set_endpoint_series_cap(cap: usize) {
 
 /// The `endpoint` label value for an endpoint id: its own while under the cap.
 fn endpoint_label(endpoint: &str) -> String {
-    let Ok(mut guard) = ENDPOINT_SERIES.lock() else { return OTHER_ENDPOINTS.into() };
+    let Ok(mut guard) = ENDPOINT_SERIES.lock() else {
+        return OTHER_ENDPOINTS.into();
+    };
     let named = guard.get_or_insert_with(HashSet::new);
     if named.contains(endpoint) {
         return endpoint.into();

@@ -305,10 +305,14 @@ async fn handle_worker_event(registry: &EndpointRegistry, event: WorkerEvent) {
         if let Err(e) = registry.disable(&endpoint, reason).await {
             tracing::error!(endpoint = %endpoint, error = %e, "cannot disable the endpoint");
         }
-        registry.emit_operational("endpoint.disabled", json!({"endpoint": endpoint, "reason": reason})).await;
+        registry
+            .emit_operational("endpoint.disabled", json!({"endpoint": endpoint, "reason": reason}))
+            .await;
     };
     match event {
-        WorkerEvent::Gone { endpoint } | WorkerEvent::FailingTooLong { endpoint } if endpoint == OPERATIONS_ENDPOINT => {
+        WorkerEvent::Gone { endpoint } | WorkerEvent::FailingTooLong { endpoint }
+            if endpoint == OPERATIONS_ENDPOINT =>
+        {
             tracing::error!("the operations endpoint is gone or failing; operational events wait in its queue");
         }
         WorkerEvent::Failing { endpoint, .. }
@@ -317,14 +321,24 @@ async fn handle_worker_event(registry: &EndpointRegistry, event: WorkerEvent) {
             if endpoint == OPERATIONS_ENDPOINT => {}
         WorkerEvent::Gone { endpoint } => disable(endpoint, "gone").await,
         WorkerEvent::FailingTooLong { endpoint } => disable(endpoint, "failing").await,
-        WorkerEvent::Failing { endpoint, consecutive, last_error } => {
+        WorkerEvent::Failing {
+            endpoint,
+            consecutive,
+            last_error,
+        } => {
             let data = json!({"endpoint": endpoint, "consecutive_failures": consecutive, "last_error": last_error});
             registry.emit_operational("endpoint.failing", data).await;
         }
         WorkerEvent::Recovered { endpoint } => {
-            registry.emit_operational("endpoint.recovered", json!({ "endpoint": endpoint })).await;
+            registry
+                .emit_operational("endpoint.recovered", json!({ "endpoint": endpoint }))
+                .await;
         }
-        WorkerEvent::DeadLetter { endpoint, event_ids, last_error } => {
+        WorkerEvent::DeadLetter {
+            endpoint,
+            event_ids,
+            last_error,
+        } => {
             let data = json!({"endpoint": endpoint, "event_ids": event_ids, "last_error": last_error});
             registry.emit_operational("endpoint.dead_letter", data).await;
         }

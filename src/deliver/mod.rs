@@ -36,13 +36,21 @@ pub enum WorkerEvent {
     /// The endpoint answered 410 Gone: disable it.
     Gone { endpoint: String },
     /// `failing_after` consecutive attempts failed.
-    Failing { endpoint: String, consecutive: u32, last_error: Option<String> },
+    Failing {
+        endpoint: String,
+        consecutive: u32,
+        last_error: Option<String>,
+    },
     /// Failing without a success for `disable_after`: disable it.
     FailingTooLong { endpoint: String },
     /// A success after it was reported failing.
     Recovered { endpoint: String },
     /// Events exhausted their retries.
-    DeadLetter { endpoint: String, event_ids: Vec<String>, last_error: Option<String> },
+    DeadLetter {
+        endpoint: String,
+        event_ids: Vec<String>,
+        last_error: Option<String>,
+    },
 }
 
 /// Settings shared by every worker.

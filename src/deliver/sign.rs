@@ -151,8 +151,13 @@ impl AsymmetricKey {
     pub fn from_secret(secret: &str) -> Result<Self, SignError> {
         let b64 = secret.strip_prefix("whsk_").ok_or(SignError::NoPrefix)?;
         let bytes = B64.decode(b64).map_err(SignError::NotBase64)?;
-        let seed: [u8; 32] = bytes.as_slice().try_into().map_err(|_| SignError::KeyLength(bytes.len()))?;
-        Ok(AsymmetricKey { key: ed25519_dalek::SigningKey::from_bytes(&seed) })
+        let seed: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| SignError::KeyLength(bytes.len()))?;
+        Ok(AsymmetricKey {
+            key: ed25519_dalek::SigningKey::from_bytes(&seed),
+        })
     }
 
     pub fn generate() -> String {

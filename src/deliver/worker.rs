@@ -415,7 +415,9 @@ impl Worker {
         let seqs: Vec<Seq> = job.items.iter().map(|p| p.seq).collect();
         if result.outcome == Outcome::Success {
             if self.reported_failing {
-                self.report(WorkerEvent::Recovered { endpoint: self.ep.id.clone() });
+                self.report(WorkerEvent::Recovered {
+                    endpoint: self.ep.id.clone(),
+                });
             }
             self.consecutive_failures = 0;
             self.failing_since = None;
@@ -518,7 +520,9 @@ impl Worker {
         }
         if !self.reported_too_long && now.duration_since(since) >= self.ctx.policy.disable_after {
             self.reported_too_long = true;
-            self.report(WorkerEvent::FailingTooLong { endpoint: self.ep.id.clone() });
+            self.report(WorkerEvent::FailingTooLong {
+                endpoint: self.ep.id.clone(),
+            });
         }
     }
 
