@@ -234,6 +234,19 @@ impl tower_service::Service<Uri> for GuardedConnector {
     }
 }
 
+/// One rustls configuration (webpki roots, verification on) for every endpoint: parsing
+/// the root store per endpoint cost ~80 KB each with thousands of endpoints.
+fn tls_config() -> rustls::ClientConfig {
+    static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()
+        })
+        .clone()
+}
+
 type HttpsClient = Client<HttpsConnector<GuardedConnector>, Full<Bytes>>;
 
 /// One endpoint's connection pool. Cloning shares the pool.
@@ -250,7 +263,7 @@ impl EndpointClient {
         http.set_connect_timeout(Some(connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(tls_config())
             .https_or_http()
             .enable_http1()
             .enable_http2()
