@@ -328,7 +328,9 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
             };
             let config = dir.path().join("config.toml");
             std::fs::write(&config, render_config(&settings)).map_err(|e| Error::io("writing config.toml", e))?;
-            let d = Daemon::start(&options.daemon_bin, &config, dir.path(), options.startup_timeout).await?;
+            // The daemon runs in its temp dir: a relative binary path must not resolve there.
+            let bin = std::path::absolute(&options.daemon_bin).unwrap_or_else(|_| options.daemon_bin.clone());
+            let d = Daemon::start(&bin, &config, dir.path(), options.startup_timeout).await?;
             let target = match options.transport {
                 Transport::Http => IngestTarget::Http {
                     addr: d.ready.ingest_http,

@@ -72,6 +72,8 @@ struct Worker {
     failing_since: Option<Instant>,
     reported_failing: bool,
     reported_too_long: bool,
+    /// Delivered entries not yet handed to the log.
+    completed: Vec<Seq>,
 }
 
 /// At most one failure line per endpoint per this interval; the rest are counted.
@@ -107,6 +109,7 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         failing_since: None,
         reported_failing: false,
         reported_too_long: false,
+        completed: Vec::new(),
     };
     worker.run().await;
 }
@@ -117,6 +120,7 @@ impl Worker {
             let settings = self.ep.settings();
             let draining = self.ep.stopping.load(Ordering::SeqCst) || *self.ctx.shutdown.borrow();
             if draining && self.inflight.is_empty() {
+                self.flush_completed();
                 return;
             }
             if self.ep.rewind.swap(false, Ordering::SeqCst) {
@@ -140,10 +144,13 @@ impl Worker {
             let mut shutdown = self.ctx.shutdown.clone();
             tokio::select! {
                 Some(done) = self.inflight.join_next(), if !self.inflight.is_empty() => {
-                    match done {
-                        Ok(finished) => self.finish(finished, &settings),
-                        Err(e) => tracing::error!(endpoint = %self.ep.id, error = %e, "an attempt task failed"),
+                    self.finished(done, &settings);
+                    // Take every other attempt that is done too, so their completions reach
+                    // the log in one write instead of one wake-up of its writer each.
+                    while let Some(done) = self.inflight.try_join_next() {
+                        self.finished(done, &settings);
                     }
+                    self.flush_completed();
                 }
                 _ = self.ep.wake.notified() => self.caught_up = false,
                 _ = sleep_until(wake_at), if wake_at.is_some() => {}
@@ -425,7 +432,7 @@ impl Worker {
             self.reported_too_long = false;
             self.breaker.on_success();
             self.ep.set_circuit(self.breaker.state(now));
-            self.ctx.log.delivered(self.ep.key, &seqs);
+            self.completed.extend_from_slice(&seqs);
             let now_ms = now_ms();
             for accepted in accepted_ms {
                 metrics.lag.record(now_ms.saturating_sub(accepted) as f64 / 1000.0);
@@ -529,6 +536,21 @@ impl Worker {
     fn report(&self, event: WorkerEvent) {
         // The receiver lives as long as the daemon; a send after it is gone changes nothing.
         let _ = self.ctx.events.send(event);
+    }
+
+    fn finished(&mut self, done: Result<Finished, tokio::task::JoinError>, settings: &Arc<EndpointSettings>) {
+        match done {
+            Ok(finished) => self.finish(finished, settings),
+            Err(e) => tracing::error!(endpoint = %self.ep.id, error = %e, "an attempt task failed"),
+        }
+    }
+
+    /// Hands the delivered entries gathered since the last call to the log in one write.
+    fn flush_completed(&mut self) {
+        if !self.completed.is_empty() {
+            self.ctx.log.delivered(self.ep.key, &self.completed);
+            self.completed.clear();
+        }
     }
 
     /// The entries left the queue (delivered, dead or dropped).
