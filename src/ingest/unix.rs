@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 /// Groups of lines read but not yet answered, per connection.
-const REPLY_QUEUE: usize = 64;
+const REPLY_QUEUE: usize = 8;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// The answer owed to one line.

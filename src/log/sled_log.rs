@@ -64,6 +64,7 @@ impl SledLog {
             .cache_capacity(options.cache_capacity)
             // The writer flushes per batch (or per interval) itself.
             .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| LogError::Storage(format!("{}: {e}", path.display())))?;
         let tree = db.open_tree("log")?;
