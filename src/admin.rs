@@ -33,8 +33,16 @@ pub struct AdminState {
     pub addresses: AddressPolicy,
 }
 
+/// At most this many open admin connections: past it, new connections wait in the kernel's backlog
+/// instead of costing memory here.
+const MAX_CONNECTIONS: usize = 256;
+
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
@@ -45,6 +53,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: 
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(route(req, &state).await) }

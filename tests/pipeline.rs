@@ -778,3 +778,22 @@ async fn endpoints_past_the_series_cap_share_one_label() {
         "the two endpoints past the cap add up in the shared series"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_caps_its_connections() {
+    let d = Daemon::start(&config_text(""));
+    let addr = d.admin.trim_start_matches("http://").to_string();
+    // Idle connections that never send a request hold their slots (until the header timeout).
+    let mut idle = Vec::new();
+    for _ in 0..256 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let url = format!("{}/healthz", d.admin);
+    let blocked = tokio::time::timeout(Duration::from_millis(700), raw_request("GET", &url, "", &[])).await;
+    assert!(blocked.is_err(), "a connection past the cap waits");
+    idle.truncate(200);
+    let (s, _) = tokio::time::timeout(Duration::from_secs(5), raw_request("GET", &url, "", &[]))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "freed slots take connections again");
+}

@@ -69,9 +69,42 @@ pub fn parse_body(body: &mut [u8], framing: Framing) -> Result<Vec<Value>, Click
     }
 }
 
+/// Deepest nesting of arrays and objects a click may have. Parsing recurses per level,
+/// so without a bound a body of nested brackets could exhaust the stack.
+pub const MAX_DEPTH: usize = 64;
+
 /// Parses one JSON value with simd-json.
 pub fn parse_one(bytes: &mut [u8]) -> Result<Value, String> {
+    check_depth(bytes)?;
     simd_json::serde::from_slice::<Value>(bytes).map_err(|e| format!("malformed JSON: {e}"))
+}
+
+/// Refuses JSON nested deeper than [`MAX_DEPTH`], looking at brackets outside strings.
+fn check_depth(bytes: &[u8]) -> Result<(), String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!("JSON nested deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// For a malformed array, the index of the element where parsing failed (0 otherwise).
@@ -329,6 +362,27 @@ mod tests {
             .unwrap_err()
             .message
             .starts_with("link.enabled"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let mut deep = "[".repeat(100_000).into_bytes();
+        assert!(parse_one(&mut deep).unwrap_err().contains("nested deeper"));
+        let mut ok = format!(
+            r#"{{"link":{{"id":1}},"metadata":{}{}}}"#,
+            "[".repeat(60),
+            "]".repeat(60)
+        )
+        .into_bytes();
+        assert!(parse_one(&mut ok).is_ok());
+        let mut in_string = format!(r#"{{"link":{{"id":"{}"}}}}"#, "[".repeat(1000)).into_bytes();
+        assert!(
+            parse_one(&mut in_string).is_ok(),
+            "brackets inside strings do not count"
+        );
+        let mut escaped = br#"{"link":{"id":"a\"[[["}}"#.to_vec();
+        let parsed = parse_one(&mut escaped);
+        assert!(parsed.is_ok(), "{parsed:?}");
     }
 
     #[test]

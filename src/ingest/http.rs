@@ -29,6 +29,10 @@ pub struct HttpIngestSettings {
     pub tokens: Vec<String>,
 }
 
+/// At most this many open ingest HTTP connections: past it, new connections wait in the kernel's backlog
+/// instead of costing memory here.
+const MAX_CONNECTIONS: usize = 4096;
+
 /// Serves until `shutdown` turns true, then finishes the requests already received.
 pub async fn serve(
     listener: TcpListener,
@@ -38,10 +42,15 @@ pub async fn serve(
 ) {
     let settings = Arc::new(settings);
     let mut connections = JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept_within(&listener, &slots) => a,
             _ = shutdown.changed() => break,
+        };
+        let (accepted, slot) = match accepted {
+            Some((a, slot)) => (a, slot),
+            None => break,
         };
         let (stream, _) = match accepted {
             Ok(s) => s,
@@ -56,6 +65,7 @@ pub async fn serve(
         let settings = settings.clone();
         let mut shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| handle(req, ingestor.clone(), settings.clone()));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -73,6 +83,18 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept_within(
+    listener: &TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Option<(
+    std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let slot = slots.clone().acquire_owned().await.ok()?;
+    Some((listener.accept().await, slot))
 }
 
 async fn handle(

@@ -30,6 +30,10 @@ struct Group {
     submitted: Option<Result<Submitted, IngestError>>,
 }
 
+/// At most this many open socket connections: past it, new connections wait in the kernel's backlog
+/// instead of costing memory here.
+const MAX_CONNECTIONS: usize = 1024;
+
 pub async fn serve(
     listener: UnixListener,
     ingestor: Arc<Ingestor>,
@@ -37,14 +41,22 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => break,
         };
         match accepted {
             Ok((stream, _)) => {
-                connections.spawn(connection(stream, ingestor.clone(), max_line, shutdown.clone()));
+                let conn = connection(stream, ingestor.clone(), max_line, shutdown.clone());
+                connections.spawn(async move {
+                    let _slot = slot;
+                    conn.await
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "socket accept failed");
