@@ -5,7 +5,7 @@
 
 use crate::config::EndpointConfig;
 use crate::deliver::format::{self, RenderContext};
-use crate::deliver::send::{AddressPolicy, EndpointClient};
+use crate::deliver::send::{AddressPolicy, ConnectionBudget, EndpointClient};
 use crate::endpoints::{EndpointError, EndpointRegistry, EndpointSource, LiveEndpoint};
 use crate::ingest::http::{bearer_matches, json, json_error};
 use bytes::Bytes;
@@ -31,6 +31,8 @@ pub struct AdminState {
     pub token: String,
     /// Which destinations endpoints may have (checked on create and change).
     pub addresses: AddressPolicy,
+    /// The outbound connection budget test events draw from, like deliveries.
+    pub connections: ConnectionBudget,
 }
 
 /// At most this many open admin connections: past it, new connections wait in the kernel's backlog
@@ -282,7 +284,7 @@ async fn test_event(state: &AdminState, id: &str) -> ApiResult {
         batch: batched,
     };
     let body = format::render(settings.config.format, &[&data], &ctx).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let client = EndpointClient::new(state.addresses.clone(), settings.timeout, 1);
+    let client = EndpointClient::new(state.addresses.clone(), state.connections.clone(), settings.timeout, 1);
     let result = crate::deliver::attempt(&client, &settings, &webhook_id, Bytes::from(body)).await;
     Ok(json(
         StatusCode::OK,

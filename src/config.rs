@@ -171,6 +171,8 @@ pub struct DeliveryConfig {
     pub max_concurrency: usize,
     pub allow_private_networks: bool,
     pub allowed_cidrs: Vec<String>,
+    /// Open outbound connections across all endpoints; 0 = from the open-files limit.
+    pub max_connections: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -181,6 +183,7 @@ impl Default for DeliveryConfig {
             max_concurrency: 32,
             allow_private_networks: false,
             allowed_cidrs: vec![],
+            max_connections: 0,
         }
     }
 }

@@ -177,7 +177,33 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// Raises the soft open-files limit to the hard one: every endpoint keeps its own pool of
+/// connections, and the common default soft limit of 1024 would refuse connections past
+/// about a thousand endpoints (under systemd, LimitNOFILE sets both).
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(soft = limit.rlim_cur, "cannot raise the open-files limit");
+            }
+        }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            tracing::info!(open_files = limit.rlim_cur, "open-files limit");
+        }
+    }
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -7,7 +7,7 @@
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError, OPERATIONS_ENDPOINT};
 use crate::deliver::policy::RetrySchedule;
-use crate::deliver::send::AddressPolicy;
+use crate::deliver::send::{AddressPolicy, ConnectionBudget};
 use crate::deliver::{DeliverError, DeliveryPolicy, Dispatcher, WorkerEvent};
 use crate::endpoints::{EndpointDefaults, EndpointError, EndpointRegistry};
 use crate::enrich::Enricher;
@@ -149,6 +149,11 @@ pub async fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (delivery_stop_tx, delivery_stop_rx) = watch::channel(false);
     let (worker_events_tx, mut worker_events) = mpsc::unbounded_channel();
+    let connections = match config.delivery.max_connections {
+        0 => ConnectionBudget::from_file_limit(),
+        n => ConnectionBudget::new(n),
+    };
+    tracing::info!(connections = connections.available(), "outbound connection budget");
     let policy = DeliveryPolicy {
         schedule: Arc::new(RetrySchedule {
             steps: config.retry.schedule.iter().map(|d| d.0).collect(),
@@ -160,6 +165,7 @@ pub async fn run(
             allow_private: config.delivery.allow_private_networks,
             allowed: Arc::new(config.allowed_cidrs()?),
         },
+        connections: connections.clone(),
         failing_after: config.operations.failing_after,
         disable_after: config.operations.disable_after.0,
     };
@@ -196,6 +202,7 @@ pub async fn run(
         metrics,
         ready: false.into(),
         token: config.admin.token.clone(),
+        connections,
         addresses: AddressPolicy {
             allow_private: config.delivery.allow_private_networks,
             allowed: Arc::new(config.allowed_cidrs()?),

@@ -60,6 +60,8 @@ pub struct DeliveryPolicy {
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
     pub addresses: AddressPolicy,
+    /// Outbound connections across all endpoints.
+    pub connections: send::ConnectionBudget,
     /// Consecutive failures that make an endpoint "failing" (an operational event).
     pub failing_after: u32,
     /// How long an endpoint may fail without a success before it is disabled.

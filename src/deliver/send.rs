@@ -207,10 +207,90 @@ impl tower_service::Service<Name> for GuardedResolver {
 pub struct GuardedConnector {
     inner: HttpConnector<GuardedResolver>,
     policy: AddressPolicy,
+    budget: ConnectionBudget,
+}
+
+/// Open outbound connections across all endpoints at most: a connect waits for a slot
+/// (inside its attempt's deadline), and a slot is held until its connection closes. This
+/// keeps thousands of endpoints, each with its own pool, under the process's file limit.
+#[derive(Clone, Debug)]
+pub struct ConnectionBudget(Arc<tokio::sync::Semaphore>);
+
+impl ConnectionBudget {
+    pub fn new(connections: usize) -> Self {
+        ConnectionBudget(Arc::new(tokio::sync::Semaphore::new(connections.max(1))))
+    }
+
+    /// Sized from the soft open-files limit, keeping 1024 descriptors for listeners,
+    /// clients and the log.
+    pub fn from_file_limit() -> Self {
+        // SAFETY: getrlimit only writes the struct passed to it.
+        let soft = unsafe {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur
+            } else {
+                1024
+            }
+        };
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
+        ConnectionBudget::new(soft.saturating_sub(1024).max(256))
+    }
+
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// A TCP connection holding its slot of the [`ConnectionBudget`].
+pub struct BudgetedStream {
+    inner: TokioIo<tokio::net::TcpStream>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl hyper_util::client::legacy::connect::Connection for BudgetedStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
+}
+
+impl hyper::rt::Read for BudgetedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for BudgetedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
 }
 
 impl tower_service::Service<Uri> for GuardedConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
+    type Response = BudgetedStream;
     type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -229,8 +309,16 @@ impl tower_service::Service<Uri> for GuardedConnector {
                 return Box::pin(async move { Err(SendError::PrivateAddress(ip).into()) });
             }
         }
-        let fut = self.inner.call(uri);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+        let mut inner = self.inner.clone();
+        let budget = self.budget.0.clone();
+        Box::pin(async move {
+            let slot = budget.acquire_owned().await?;
+            let stream = inner.call(uri).await?;
+            Ok(BudgetedStream {
+                inner: stream,
+                _slot: slot,
+            })
+        })
     }
 }
 
@@ -258,7 +346,7 @@ pub struct EndpointClient {
 }
 
 impl EndpointClient {
-    pub fn new(policy: AddressPolicy, connect_timeout: Duration, max_idle: usize) -> Self {
+    pub fn new(policy: AddressPolicy, budget: ConnectionBudget, connect_timeout: Duration, max_idle: usize) -> Self {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: policy.clone() });
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -269,11 +357,16 @@ impl EndpointClient {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(GuardedConnector { inner: http, policy });
+            .wrap_connector(GuardedConnector {
+                inner: http,
+                policy,
+                budget,
+            });
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Idle connections hold descriptors and budget slots: not for long.
+            .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(max_idle)
             .build(https);
         EndpointClient { client }
@@ -424,9 +517,15 @@ mod tests {
             let mut conn = GuardedConnector {
                 inner: http,
                 policy: deny.clone(),
+                budget: ConnectionBudget::new(4),
             };
-            let err = conn.call(url.parse().unwrap()).await.expect_err("refused");
-            assert!(format!("{err:?}").to_lowercase().contains("private"), "{url}: {err:?}");
+            let err = conn
+                .call(url.parse().unwrap())
+                .await
+                .err()
+                .map(|e| format!("{e:?}"))
+                .expect("refused");
+            assert!(err.to_lowercase().contains("private"), "{url}: {err}");
         }
         let allow = AddressPolicy {
             allow_private: true,
@@ -434,14 +533,22 @@ mod tests {
         };
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: allow.clone() });
         http.enforce_http(false);
+        let budget = ConnectionBudget::new(1);
         let mut conn = GuardedConnector {
             inner: http,
             policy: allow,
+            budget: budget.clone(),
         };
-        assert!(conn
+        let first = conn
             .call(format!("http://localhost:{port}/").parse().unwrap())
             .await
-            .is_ok());
+            .unwrap();
+        assert_eq!(budget.available(), 0, "an open connection holds its slot");
+        let second = conn.call(format!("http://localhost:{port}/").parse().unwrap());
+        let waited = tokio::time::timeout(Duration::from_millis(200), second).await;
+        assert!(waited.is_err(), "past the budget a connect waits");
+        drop(first);
+        assert_eq!(budget.available(), 1, "closing the connection frees its slot");
     }
 
     #[test]

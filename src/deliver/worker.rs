@@ -74,6 +74,10 @@ struct Worker {
     reported_too_long: bool,
     /// Delivered entries not yet handed to the log.
     completed: Vec<Seq>,
+    /// In-flight attempts allowed now (up to `max_concurrency`): it starts at 1 and grows
+    /// while the endpoint keeps up, so a burst over thousands of endpoints opens a few
+    /// connections each rather than `max_concurrency` each, and halves on failures.
+    concurrency: usize,
 }
 
 /// At most one failure line per endpoint per this interval; the rest are counted.
@@ -83,6 +87,7 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
     let settings = ep.settings();
     let client = EndpointClient::new(
         ctx.policy.addresses.clone(),
+        ctx.policy.connections.clone(),
         settings.timeout,
         settings.max_concurrency.max(1),
     );
@@ -110,6 +115,7 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         reported_failing: false,
         reported_too_long: false,
         completed: Vec::new(),
+        concurrency: 1,
     };
     worker.run().await;
 }
@@ -268,7 +274,8 @@ impl Worker {
         }
         let batch_max = settings.config.batch_max.max(1);
         let linger = settings.config.batch_linger.0;
-        while self.inflight.len() < settings.max_concurrency && !self.ready.is_empty() {
+        let limit = self.concurrency.min(settings.max_concurrency).max(1);
+        while self.inflight.len() < limit && !self.ready.is_empty() {
             let now = Instant::now();
             if self.breaker.state(now) == CircuitState::Open {
                 break;
@@ -421,6 +428,10 @@ impl Worker {
         let now = Instant::now();
         let seqs: Vec<Seq> = job.items.iter().map(|p| p.seq).collect();
         if result.outcome == Outcome::Success {
+            // Grow only when the limit is what holds the queue back.
+            if self.inflight.len() + 1 >= self.concurrency && !self.ready.is_empty() {
+                self.concurrency = (self.concurrency + 1).min(settings.max_concurrency.max(1));
+            }
             if self.reported_failing {
                 self.report(WorkerEvent::Recovered {
                     endpoint: self.ep.id.clone(),
@@ -450,6 +461,7 @@ impl Worker {
             self.ready.push_front(job);
             return;
         }
+        self.concurrency = (self.concurrency / 2).max(1);
         self.note_failure(now, &result.error);
         if self.breaker.on_failure(now) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
