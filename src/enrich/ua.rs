@@ -94,9 +94,8 @@ impl Default for UaParser {
 
 impl UaParser {
     pub fn new() -> Self {
-        // Building the extractor compiles about 1,200 regexes; doing it here keeps that cost
-        // at startup instead of on the first click.
-        let _ = extractor();
+        // The extractor (about 1,200 compiled regexes, tens of MB) is built on the first
+        // user agent to parse, so a daemon that has not seen one stays small.
         UaParser {
             cache: Cache::new(CACHE_ENTRIES),
         }
