@@ -797,3 +797,55 @@ async fn the_admin_listener_caps_its_connections() {
         .unwrap();
     assert_eq!(s, 200, "freed slots take connections again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn product_payloads_go_in_through_adapters_and_come_out_unchanged() {
+    let sink = Sink::start().await;
+    let eps = endpoint(
+        "masiv",
+        &sink.url("/masiv"),
+        "format = \"masiv\"\ninclude_ip = true\ninclude_bots = true",
+    ) + &endpoint(
+        "linkly",
+        &sink.url("/linkly"),
+        "format = \"linkly\"\ninclude_bots = true",
+    );
+    let d = Daemon::start(&config_text(&eps));
+    let masiv_in: serde_json::Value = serde_json::from_str(include_str!("golden/masiv_example.json")).unwrap();
+    let url = format!("{}/v1/clicks?format=masiv", d.http);
+    let (s, v) = request(
+        "POST",
+        &url,
+        &masiv_in.to_string(),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let linkly_in: serde_json::Value = serde_json::from_str(include_str!("golden/linkly_example.json")).unwrap();
+    let url = format!("{}/v1/clicks?format=linkly", d.http);
+    let (s, v) = request(
+        "POST",
+        &url,
+        &linkly_in.to_string(),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    // Each product's payload arrives at the endpoint of its own format as it went in.
+    let masiv = sink.wait_for("/masiv", 2, WAIT).await;
+    let back = masiv
+        .iter()
+        .map(|r| r.json())
+        .find(|v| v["EventBody"]["Segment"] == "Q7tAxat")
+        .unwrap();
+    assert_eq!(back, masiv_in);
+    let linkly = sink.wait_for("/linkly", 2, WAIT).await;
+    let back = linkly
+        .iter()
+        .map(|r| r.json())
+        .find(|v| v["link"]["id"] == 12345)
+        .unwrap();
+    assert_eq!(back, linkly_in);
+    let (s, v) = request("POST", &format!("{}/v1/clicks?format=bitly", d.http), "{}", &[]).await;
+    assert_eq!(s, 400, "{v}");
+}
