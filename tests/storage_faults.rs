@@ -1,0 +1,355 @@
+//! Storage faults, against the real daemon. Past `storage.max_bytes` ingest answers 503 with
+//! `Retry-After` (and the socket answers `err`), and every click acknowledged before that is
+//! still delivered, across a `kill -9` too. A data directory that cannot be created or opened
+//! (as root, so through paths no permission bit can fix) stops `clickhook serve` with exit
+//! code 1 and an error that names the path, never a panic. A corrupted data directory must
+//! either stop the daemon with a clear error or lose nothing acknowledged; each kind of
+//! damage tested here says which of the two happened.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A loopback address where nothing listens yet.
+fn free_addr() -> std::net::SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    addr
+}
+
+/// An endpoint that is down: its first failure opens the circuit for an hour, so the
+/// events wait durably without spending attempts, and the next start sends them at once.
+fn down_endpoint(addr: std::net::SocketAddr) -> String {
+    endpoint("a", &format!("http://{addr}/a"), "")
+        + "\n[retry]\nschedule = [\"50ms\"]\njitter = 0.0\n[breaker]\nfailures = 1\ncooldown = \"1h\"\n"
+}
+
+/// A click carrying about 2 KiB of metadata, so the log grows quickly.
+fn fat_click(i: usize) -> String {
+    format!(
+        r#"{{"link":{{"id":"{i}","workspace_id":"w"}},"metadata":{{"pad":"{}"}}}}"#,
+        "x".repeat(2048)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_bytes_ingest_answers_503_and_loses_nothing_already_accepted() {
+    let addr = free_addr();
+    let cfg = config_text(&down_endpoint(addr)).replace("path = \"data\"", "path = \"data\"\nmax_bytes = \"96KiB\"");
+    let mut d = Daemon::start(&cfg);
+    let url = format!("{}/v1/clicks", d.http);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut accepted: Vec<String> = Vec::new();
+    let mut refused = None;
+    let deadline = Instant::now() + WAIT;
+    let mut i = 0;
+    while refused.is_none() && Instant::now() < deadline {
+        let req = hyper::Request::post(&url)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(fat_click(i))))
+            .unwrap();
+        i += 1;
+        let resp = client.request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        match status {
+            202 => accepted.push(v["ids"][0].as_str().unwrap().to_string()),
+            503 => refused = Some((retry_after, v)),
+            other => panic!("ingest answered {other}: {v}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (retry_after, body) = refused.expect("ingest must answer 503 once the data dir is over max_bytes");
+    eprintln!("{} clicks accepted before the 503: {body}", accepted.len());
+    assert!(!accepted.is_empty(), "some clicks fit before the limit");
+    let retry_after: u64 = retry_after
+        .expect("a 503 carries Retry-After")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(
+        (1..=5).contains(&retry_after),
+        "Retry-After of 1-5 s, got {retry_after}"
+    );
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("max_bytes")),
+        "the 503 says why: {body}"
+    );
+
+    // The socket refuses the line too, and says so, rather than dropping it.
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{}\n", fat_click(9999)).as_bytes())
+            .await
+            .unwrap();
+        write.shutdown().await.unwrap();
+        let reply = BufReader::new(read).lines().next_line().await.unwrap();
+        let reply = reply.expect("the socket answers the line");
+        assert!(
+            reply.starts_with("err "),
+            "over max_bytes the socket answers err: {reply}"
+        );
+    }
+
+    // Crash, bring the endpoint up, restart: everything acknowledged arrives.
+    d.kill9();
+    let sink = Sink::start_on(addr).await;
+    d.spawn();
+    let got = sink.wait_for("/a", accepted.len(), WAIT).await;
+    let mut delivered: Vec<String> = sink.event_ids("/a");
+    delivered.sort();
+    delivered.dedup();
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| delivered.binary_search(id).is_err())
+        .collect();
+    eprintln!(
+        "acknowledged {}, delivered {} ({} requests), lost {}",
+        accepted.len(),
+        delivered.len(),
+        got.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged clicks lost over max_bytes: {lost:?}");
+    assert_eq!(
+        delivered.len(),
+        accepted.len(),
+        "nothing refused with 503 was delivered"
+    );
+}
+
+/// `clickhook serve` on a config whose storage path cannot work: exit 1, the path named,
+/// no panic.
+fn assert_clear_start_failure(storage_path: &str, dir: &Path, expect_in_error: &str) {
+    let cfg = config_text("").replace("path = \"data\"", &format!("path = \"{storage_path}\""));
+    std::fs::write(dir.join("config.toml"), cfg).unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.join("config.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stderr.contains("panicked"),
+        "{storage_path}: a panic instead of an error:\n{stderr}"
+    );
+    assert!(
+        !stdout.starts_with("ready"),
+        "{storage_path}: the daemon must not start:\n{stdout}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{storage_path}: an unusable data directory exits 1:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(expect_in_error),
+        "{storage_path}: the error must name the path ({expect_in_error}):\n{stderr}"
+    );
+}
+
+#[test]
+fn an_unusable_data_directory_is_a_clear_start_error_even_as_root() {
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where a parent directory should be: mkdir fails (ENOTDIR) for root too.
+    std::fs::write(dir.path().join("plain-file"), b"not a directory").unwrap();
+    let under_file = dir.path().join("plain-file").join("data");
+    assert_clear_start_failure(under_file.to_str().unwrap(), dir.path(), under_file.to_str().unwrap());
+    // The storage path itself is a regular file.
+    let file = dir.path().join("plain-file");
+    assert_clear_start_failure(file.to_str().unwrap(), dir.path(), file.to_str().unwrap());
+    // procfs takes no new directories, whoever asks.
+    assert_clear_start_failure(
+        "/proc/clickhook-no-such/data",
+        dir.path(),
+        "/proc/clickhook-no-such/data",
+    );
+}
+
+/// How a data directory was damaged between two runs.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// None: the control, which shows the restart delivers everything when nothing is damaged.
+    Nothing,
+    /// Random bytes over the whole `conf` file.
+    ConfGarbage,
+    /// Random bytes over 2,000 bytes in the middle of the `db` file.
+    DbMiddleGarbage,
+    /// Random bytes over the whole `db` file.
+    DbAllGarbage,
+    /// The `db` file cut to half its length.
+    DbTruncated,
+}
+
+fn damage(data: &Path, how: Damage) {
+    use rand::RngCore;
+    use std::io::{Seek, SeekFrom, Write};
+    let (name, from, len) = match how {
+        Damage::Nothing => return,
+        Damage::ConfGarbage => ("conf", 0.0, 1.0),
+        Damage::DbMiddleGarbage => ("db", 0.5, 0.0),
+        Damage::DbAllGarbage => ("db", 0.0, 1.0),
+        Damage::DbTruncated => {
+            let f = std::fs::OpenOptions::new().write(true).open(data.join("db")).unwrap();
+            let size = f.metadata().unwrap().len();
+            f.set_len(size / 2).unwrap();
+            return;
+        }
+    };
+    let path = data.join(name);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let start = (size as f64 * from) as u64;
+    let n = if len > 0.0 { size } else { 2000.min(size - start) };
+    let mut garbage = vec![0u8; n as usize];
+    rand::thread_rng().fill_bytes(&mut garbage);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(start)).unwrap();
+    f.write_all(&garbage).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Accepts 40 clicks for a down endpoint, stops cleanly, damages the data directory, and
+/// starts again with the endpoint up. Passes when the start fails with exit 1 and an error
+/// naming the data directory, or when every acknowledged click is still delivered.
+async fn corrupted_data_dir(how: Damage) {
+    let addr = free_addr();
+    let mut d = Daemon::start(&config_text(&down_endpoint(addr)));
+    let body = format!(
+        "[{}]",
+        (0..40)
+            .map(|i| click(&i.to_string(), "w"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (status, v) = d.post(&body, "application/json").await;
+    assert_eq!(status, 202, "{v}");
+    let accepted: Vec<String> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(d.terminate(), 0, "clean stop:\n{}", d.logs());
+    let data = d.dir.path().join("data");
+    damage(&data, how);
+
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(d.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sink = Sink::start_on(addr).await;
+    // Give it time to either fail or deliver, then stop it either way.
+    let pid = out.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut child = out;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        let mut got = sink.event_ids("/a");
+        got.sort();
+        got.dedup();
+        if got.len() >= accepted.len() || Instant::now() > deadline {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "{how:?}: a panic instead of an error:\n{stderr}"
+    );
+    match status {
+        Some(s) => {
+            eprintln!(
+                "{how:?}: the daemon refused to start (exit {:?}): {}",
+                s.code(),
+                stderr.trim()
+            );
+            assert_eq!(
+                s.code(),
+                Some(1),
+                "{how:?}: a damaged data directory exits 1:\n{stderr}"
+            );
+            assert!(
+                stderr.contains(data.to_str().unwrap()),
+                "{how:?}: the error names the data directory:\n{stderr}"
+            );
+        }
+        None => {
+            let mut delivered = sink.event_ids("/a");
+            delivered.sort();
+            delivered.dedup();
+            let lost: Vec<&String> = accepted
+                .iter()
+                .filter(|id| delivered.binary_search(id).is_err())
+                .collect();
+            eprintln!(
+                "{how:?}: the daemon started and recovered; acknowledged {}, delivered {}, lost {}",
+                accepted.len(),
+                delivered.len(),
+                lost.len()
+            );
+            assert!(
+                lost.is_empty(),
+                "{how:?}: the daemon started on a damaged data directory without an error and lost {} of {} \
+                 acknowledged clicks",
+                lost.len(),
+                accepted.len()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undamaged_data_directory_delivers_everything_after_the_restart() {
+    corrupted_data_dir(Damage::Nothing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_conf_file_is_a_clear_start_error() {
+    corrupted_data_dir(Damage::ConfGarbage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "daemon bug: sled recovery treats a corrupt segment as the log's end, the daemon starts without a word \
+            and acknowledged clicks are gone"]
+async fn garbage_in_the_middle_of_the_db_file_loses_nothing_silently() {
+    corrupted_data_dir(Damage::DbMiddleGarbage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "daemon bug: a db file of random bytes opens as an empty log; every acknowledged click is gone, unreported"]
+async fn a_db_file_of_garbage_loses_nothing_silently() {
+    corrupted_data_dir(Damage::DbAllGarbage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "daemon bug: a truncated db file opens without an error and the clicks past the cut are gone"]
+async fn a_truncated_db_file_loses_nothing_silently() {
+    corrupted_data_dir(Damage::DbTruncated).await;
+}
