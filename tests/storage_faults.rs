@@ -336,20 +336,16 @@ async fn a_garbage_conf_file_is_a_clear_start_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: sled recovery treats a corrupt segment as the log's end, the daemon starts without a word \
-            and acknowledged clicks are gone"]
 async fn garbage_in_the_middle_of_the_db_file_loses_nothing_silently() {
     corrupted_data_dir(Damage::DbMiddleGarbage).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: a db file of random bytes opens as an empty log; every acknowledged click is gone, unreported"]
 async fn a_db_file_of_garbage_loses_nothing_silently() {
     corrupted_data_dir(Damage::DbAllGarbage).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: a truncated db file opens without an error and the clicks past the cut are gone"]
 async fn a_truncated_db_file_loses_nothing_silently() {
     corrupted_data_dir(Damage::DbTruncated).await;
 }

@@ -69,6 +69,19 @@ impl SledLog {
             .map_err(|e| LogError::Storage(format!("{}: {e}", path.display())))?;
         let tree = db.open_tree("log")?;
         let next_seq = recover_next_seq(&tree)?;
+        // sled recovers a damaged segment as the end of the log; the marker written beside
+        // it says how far the log really went, so a short recovery stops the start.
+        let marker = read_marker(path)?;
+        if next_seq < marker {
+            return Err(LogError::Corrupt(format!(
+                "{}: the log recovered only up to event {} but events up to {} were stored: its files are \
+                 damaged. Nothing was changed; restore the directory from a backup, or move it aside to start \
+                 with an empty log",
+                path.display(),
+                next_seq.saturating_sub(1),
+                marker.saturating_sub(1)
+            )));
+        }
         let count = tree.scan_prefix([EVENT]).keys().count() as u64;
         let events = Arc::new(AtomicU64::new(count));
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -79,6 +92,9 @@ impl SledLog {
             next_seq,
             options,
             events: events.clone(),
+            dir: path.to_path_buf(),
+            marker_written: marker,
+            last_marker: Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("clickhook-log-writer".into())
@@ -134,6 +150,34 @@ fn restrict_permissions(path: &Path) {
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
 }
 
+/// The file beside sled's that records the next seq as of a past flush.
+const MARKER_FILE: &str = "clickhook.seq";
+
+fn read_marker(dir: &Path) -> Result<Seq, LogError> {
+    match std::fs::read_to_string(dir.join(MARKER_FILE)) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            LogError::Corrupt(format!(
+                "{}: {MARKER_FILE} holds {:?}, not a number",
+                dir.display(),
+                text.trim()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(LogError::Storage(format!("{}: {e}", dir.join(MARKER_FILE).display()))),
+    }
+}
+
+/// Replaces the marker atomically and durably (temp file, fsync, rename, fsync the dir).
+fn write_marker(dir: &Path, next_seq: Seq) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(next_seq.to_string().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 fn recover_next_seq(tree: &sled::Tree) -> Result<Seq, LogError> {
     let stored = tree
         .get(keys::META_NEXT_SEQ)?
@@ -154,6 +198,10 @@ struct Writer {
     next_seq: Seq,
     options: SledOptions,
     events: Arc<AtomicU64>,
+    dir: std::path::PathBuf,
+    /// The next seq the marker file records, and when it was last written.
+    marker_written: Seq,
+    last_marker: Instant,
 }
 
 /// Replies held until the batch they belong to is durable.
@@ -207,7 +255,11 @@ impl Writer {
             let result = if flush_now {
                 last_flush = Instant::now();
                 dirty = false;
-                self.db.flush().map(|_| ()).map_err(LogError::from)
+                let flushed = self.db.flush().map(|_| ()).map_err(LogError::from);
+                if flushed.is_ok() {
+                    self.update_marker(closing);
+                }
+                flushed
             } else {
                 Ok(())
             };
@@ -226,6 +278,21 @@ impl Writer {
             }
         }
         let _ = self.db.flush();
+    }
+
+    /// Records the flushed position in the marker file, at most every [`LAZY_FLUSH`] (and
+    /// on close): it only has to lag behind what sled holds, never run ahead of it.
+    fn update_marker(&mut self, closing: bool) {
+        if self.next_seq == self.marker_written || (!closing && self.last_marker.elapsed() < LAZY_FLUSH) {
+            return;
+        }
+        match write_marker(&self.dir, self.next_seq) {
+            Ok(()) => {
+                self.marker_written = self.next_seq;
+                self.last_marker = Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot update the log's position marker"),
+        }
     }
 
     /// Applies one group of operations as a single sled batch. Returns the replies to
