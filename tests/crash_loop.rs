@@ -4,7 +4,8 @@
 //! bursts, with attempts in flight, with retries pending, and right after a dead-letter
 //! replay — and restarted each time. Afterwards every acknowledged click must have reached
 //! both endpoints with a 2xx at least once. It prints acknowledged, delivered, lost (which
-//! must be 0) and duplicates; `CRASH_SEED` replays a run.
+//! must be 0) and duplicates; `CRASH_SEED` replays a run and `CRASH_KILLS` sets the
+//! number of kills (the long version: `loadtest/scripts/crash-loop.sh`, 100 kills).
 
 mod common;
 
@@ -23,7 +24,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-const ROUNDS: usize = 12;
+/// Kills per run; `CRASH_KILLS` sets more for the long version
+/// (`loadtest/scripts/crash-loop.sh`).
+fn rounds() -> usize {
+    std::env::var("CRASH_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12)
+}
 
 /// How a receiver path answers: `fail_pct` % of requests get a 500, each after a delay
 /// drawn from `delay_ms`.
@@ -233,7 +241,8 @@ async fn twelve_kill_9s_at_random_moments_lose_no_acknowledged_click() {
     let mut acknowledged: Vec<String> = Vec::new();
     let mut replayed_before_kill = 0;
 
-    for round in 0..ROUNDS {
+    let rounds = rounds();
+    for round in 0..rounds {
         let moment = [
             Moment::IngestBurst,
             Moment::AttemptsInFlight,
@@ -357,7 +366,7 @@ async fn twelve_kill_9s_at_random_moments_lose_no_acknowledged_click() {
         }
         lost_total += lost.len();
     }
-    eprintln!("{ROUNDS} kill -9 rounds in {:?}", started.elapsed());
+    eprintln!("{rounds} kill -9 rounds in {:?}", started.elapsed());
     assert!(
         acknowledged.len() > 1000,
         "the loop acknowledged too little to prove anything"
