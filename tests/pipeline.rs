@@ -849,3 +849,64 @@ async fn product_payloads_go_in_through_adapters_and_come_out_unchanged() {
     let (s, v) = request("POST", &format!("{}/v1/clicks?format=bitly", d.http), "{}", &[]).await;
     assert_eq!(s, 400, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuse_limits_slowloris_overlong_socket_lines_and_private_data_files() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let cfg = config_text("").replace(
+        "[ingest.http]\nlisten = \"127.0.0.1:0\"",
+        "[ingest.http]\nlisten = \"127.0.0.1:0\"\nmax_body = \"1KiB\"",
+    );
+    let mut d = Daemon::start(&cfg);
+    // Slowloris: headers that never finish are cut off (header read timeout, 10 s).
+    let mut slow = tokio::net::TcpStream::connect(d.http.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    slow.write_all(b"POST /v1/clicks HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        closed,
+        Ok(true),
+        "a connection that never finishes its headers is closed"
+    );
+    // A socket line over max_body is answered err and skipped; its neighbours are fine.
+    let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let long = format!("{{\"link\":{{\"id\":\"{}\"}}}}", "x".repeat(4096));
+    let text = format!("{}\n{long}\n{}\n", click("1", "w"), click("2", "w"));
+    write.write_all(text.as_bytes()).await.unwrap();
+    write.shutdown().await.unwrap();
+    let mut lines = BufReader::new(read).lines();
+    let mut replies = Vec::new();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        replies.push(l);
+    }
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(
+        replies[0].starts_with("ok ") && replies[2].starts_with("ok "),
+        "{replies:?}"
+    );
+    assert!(replies[1].starts_with("err line longer"), "{replies:?}");
+    assert_eq!(d.terminate(), 0);
+    // Secrets live in the data directory: it and its files are private to the daemon.
+    let data = d.dir.path().join("data");
+    assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+    d.spawn();
+    for entry in std::fs::read_dir(&data).unwrap().flatten() {
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        let want = if entry.path().is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode & !want, 0, "{} has mode {mode:o}", entry.path().display());
+    }
+}

@@ -68,6 +68,8 @@ impl SledLog {
             .open()
             .map_err(|e| LogError::Storage(format!("{}: {e}", path.display())))?;
         let tree = db.open_tree("log")?;
+        // sled has created its files by now; give them the directory's privacy.
+        restrict_permissions(path);
         let next_seq = recover_next_seq(&tree)?;
         // sled recovers a damaged segment as the end of the log; the marker written beside
         // it says how far the log really went, so a short recovery stops the start.
@@ -146,8 +148,14 @@ impl Drop for SledLog {
 
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    // Secrets live in the log: keep the directory private to the daemon's user.
+    // Secrets live in the log: keep the directory and its files private to the daemon's user.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            let mode = if entry.path().is_dir() { 0o700 } else { 0o600 };
+            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode));
+        }
+    }
 }
 
 /// The file beside sled's that records the next seq as of a past flush.
@@ -171,7 +179,15 @@ fn read_marker(dir: &Path) -> Result<Seq, LogError> {
 fn write_marker(dir: &Path, next_seq: Seq) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+    };
     f.write_all(next_seq.to_string().as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
