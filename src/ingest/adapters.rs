@@ -109,15 +109,7 @@ impl Fields {
 }
 
 fn must_be(what: &str, got: &Value) -> String {
-    let kind = match got {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
-    format!("must be {what}, not {kind}")
+    format!("must be {what}, not {}", super::click::kind(got))
 }
 
 /// `{"name": …, "version": …}` as the click model spells browser and OS.

@@ -287,7 +287,8 @@ fn check_fields(obj: &Map<String, Value>, at: &str, strings: &[&str], bools: &[&
     Ok(())
 }
 
-fn kind(v: &Value) -> &'static str {
+/// How a JSON value is named in error messages ("a string", "an array", …).
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
