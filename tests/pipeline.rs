@@ -910,3 +910,25 @@ async fn abuse_limits_slowloris_overlong_socket_lines_and_private_data_files() {
         assert_eq!(mode & !want, 0, "{} has mode {mode:o}", entry.path().display());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_headers_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Daemon::start(&config_text(""));
+    let mut conn = tokio::net::TcpStream::connect(d.http.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let huge = "a".repeat(1 << 20);
+    let head = format!("POST /v1/clicks HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\nContent-Length: 2\r\n\r\n{{}}");
+    let _ = conn.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "a 1 MiB header is refused, got {text:?}"
+    );
+    assert!(!text.contains("\"accepted\""), "nothing is accepted");
+    let (s, _) = d.post(&click("1", "w"), "application/json").await;
+    assert_eq!(s, 202, "the daemon still serves others");
+}
