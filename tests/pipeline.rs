@@ -932,3 +932,40 @@ async fn oversized_request_headers_are_refused() {
     let (s, _) = d.post(&click("1", "w"), "application/json").await;
     assert_eq!(s, 202, "the daemon still serves others");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_and_socket_listeners_cap_their_connections() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let d = Daemon::start(&config_text(""));
+    let addr = d.http.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..4096 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let blocked = tokio::time::timeout(Duration::from_millis(700), d.post(&click("1", "w"), "application/json")).await;
+    assert!(blocked.is_err(), "an HTTP connection past the cap of 4096 waits");
+    idle.truncate(4000);
+    let (s, _) = tokio::time::timeout(Duration::from_secs(5), d.post(&click("1", "w"), "application/json"))
+        .await
+        .unwrap();
+    assert_eq!(s, 202);
+    drop(idle);
+    let mut socks = Vec::new();
+    for _ in 0..1024 {
+        socks.push(tokio::net::UnixStream::connect(&d.socket).await.unwrap());
+    }
+    let try_one = || async {
+        let s = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(format!("{}\n", click("2", "w")).as_bytes()).await.unwrap();
+        BufReader::new(r).lines().next_line().await.unwrap().unwrap_or_default()
+    };
+    let blocked = tokio::time::timeout(Duration::from_millis(700), try_one()).await;
+    assert!(
+        blocked.is_err(),
+        "a socket connection past the cap of 1024 is not served"
+    );
+    socks.truncate(1000);
+    let reply = tokio::time::timeout(Duration::from_secs(5), try_one()).await.unwrap();
+    assert!(reply.starts_with("ok "), "{reply}");
+}
