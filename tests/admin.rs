@@ -24,18 +24,6 @@ async fn admin(d: &Daemon, method: &str, path: &str, body: Value) -> (u16, Value
     .await
 }
 
-async fn until_metric(d: &Daemon, series: &str, want: f64) -> f64 {
-    let mut v = f64::NAN;
-    for _ in 0..200 {
-        v = d.metric(series).await;
-        if v == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only() {
     let sink = Sink::start().await;
@@ -173,7 +161,8 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
         )
         .await;
     assert_eq!(
-        until_metric(&d, "clickhook_dead_letters_total{endpoint=\"d\"}", 2.0).await,
+        d.metric_until("clickhook_dead_letters_total{endpoint=\"d\"}", |v| v == 2.0)
+            .await,
         2.0
     );
     let (_, dead) = admin(&d, "GET", "/v1/endpoints/d/dead", Value::Null).await;
@@ -374,7 +363,8 @@ async fn operator_commands_list_endpoints_show_stats_and_replay_dead_letters() {
     let cfg = config_text(&endpoint("c", &sink.url("/c"), "")) + "\n[retry]\nschedule = [\"10ms\"]\njitter = 0.0\n";
     let d = Daemon::start(&cfg);
     d.post(&click("1", "w"), "application/json").await;
-    until_metric(&d, "clickhook_dead_letters_total{endpoint=\"c\"}", 1.0).await;
+    d.metric_until("clickhook_dead_letters_total{endpoint=\"c\"}", |v| v == 1.0)
+        .await;
     let run = |args: &[&str]| {
         let out = std::process::Command::new(bin())
             .args(args)

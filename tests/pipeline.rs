@@ -305,14 +305,7 @@ async fn a_hung_endpoint_times_out_while_a_healthy_one_gets_everything_first() {
         "the hung endpoint holds at most max_concurrency"
     );
     let series = "clickhook_delivery_attempts_total{endpoint=\"hung\",outcome=\"timeout\"}";
-    let mut timeouts = 0.0;
-    for _ in 0..100 {
-        timeouts = d.metric(series).await;
-        if timeouts >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let timeouts = d.metric_until(series, |v| v >= 1.0).await;
     assert!(timeouts >= 1.0, "the hung endpoint's attempts end as timeouts");
 }
 
@@ -326,13 +319,7 @@ async fn an_event_becomes_a_dead_letter_after_the_schedule() {
     d.post(&click("1", "w"), "application/json").await;
     sink.wait_for("/a", 3, WAIT).await;
     let dead = "clickhook_dead_letters_total{endpoint=\"a\"}";
-    for _ in 0..100 {
-        if d.metric(dead).await == 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(d.metric(dead).await, 1.0);
+    assert_eq!(d.metric_until(dead, |v| v == 1.0).await, 1.0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.received("/a").len(), 3, "a schedule of 2 steps means 3 attempts");
     assert_eq!(d.metric("clickhook_endpoint_pending{endpoint=\"a\"}").await, 0.0);
@@ -543,14 +530,7 @@ async fn delivered_events_are_pruned_after_retention() {
         .await;
     assert_eq!(s, 202);
     sink.wait_for("/a", 2, WAIT).await;
-    let mut events = f64::NAN;
-    for _ in 0..100 {
-        events = d.metric("clickhook_log_events").await;
-        if events == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let events = d.metric_until("clickhook_log_events", |v| v == 0.0).await;
     assert_eq!(events, 0.0, "delivered events older than retention are pruned");
 }
 
@@ -763,16 +743,12 @@ async fn endpoints_past_the_series_cap_share_one_label() {
         .collect();
     assert_eq!(labels.len(), 2, "one named endpoint and one shared label: {labels:?}");
     assert!(labels.contains("_other"));
-    let mut success = 0.0;
-    for _ in 0..50 {
-        success = d
-            .metric("clickhook_delivery_attempts_total{endpoint=\"_other\",outcome=\"success\"}")
-            .await;
-        if success == 2.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let success = d
+        .metric_until(
+            "clickhook_delivery_attempts_total{endpoint=\"_other\",outcome=\"success\"}",
+            |v| v == 2.0,
+        )
+        .await;
     assert_eq!(
         success, 2.0,
         "the two endpoints past the cap add up in the shared series"

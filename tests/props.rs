@@ -7,11 +7,14 @@
 //! makes verifies with an HMAC-SHA256 written here from RFC 2104, sharing nothing with the
 //! signer.
 
+mod common;
+
 use base64::Engine;
 use clickhook::deliver::format::{render, Format, FormatError, RenderContext};
 use clickhook::deliver::sign::{signature_header, SigningKey};
 use clickhook::enrich::Enricher;
 use clickhook::ingest::click::{parse_body, prepare, Framing};
+use common::hmac_sha256;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 use std::sync::OnceLock;
@@ -22,21 +25,6 @@ const FORMATS: [Format; 4] = [Format::Standard, Format::Linkly, Format::Rebrandl
 fn enricher() -> &'static Enricher {
     static E: OnceLock<Enricher> = OnceLock::new();
     E.get_or_init(Enricher::new)
-}
-
-/// HMAC-SHA256 from its definition (RFC 2104) on the bare SHA-256 digest.
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let ipad: Vec<u8> = block.iter().map(|b| b ^ 0x36).collect();
-    let opad: Vec<u8> = block.iter().map(|b| b ^ 0x5c).collect();
-    let inner = Sha256::new().chain_update(&ipad).chain_update(message).finalize();
-    Sha256::new().chain_update(&opad).chain_update(inner).finalize().into()
 }
 
 // ---- generators ----

@@ -171,7 +171,7 @@ pub async fn attempt(
         }
         signature.push_str(&key.sign(webhook_id, timestamp, &body));
     }
-    let mut headers = settings.headers.clone();
+    let mut headers = Vec::with_capacity(3);
     for (name, value) in [
         ("webhook-id", webhook_id),
         ("webhook-timestamp", &timestamp.to_string()),
@@ -182,7 +182,7 @@ pub async fn attempt(
             headers.push((HeaderName::from_static(name), v));
         }
     }
-    match send::build_request(&settings.url, &headers, body) {
+    match send::build_request(&settings.url, &settings.headers, &headers, body) {
         Ok(request) => client.send(request, settings.timeout).await,
         Err(e) => send::AttemptResult {
             outcome: send::Outcome::Network,

@@ -432,13 +432,16 @@ impl EndpointClient {
 }
 
 /// Builds the request; header names and values were validated with the endpoint.
+/// Builds the request from the endpoint's fixed headers and this attempt's own, without
+/// copying the fixed ones first (this runs once per attempt).
 pub fn build_request(
     url: &Uri,
-    headers: &[(HeaderName, HeaderValue)],
+    fixed: &[(HeaderName, HeaderValue)],
+    attempt: &[(HeaderName, HeaderValue)],
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
     let mut builder = Request::post(url.clone());
-    for (name, value) in headers {
+    for (name, value) in fixed.iter().chain(attempt) {
         builder = builder.header(name, value);
     }
     builder.body(Full::new(body))

@@ -375,6 +375,19 @@ impl Daemon {
         text
     }
 
+    /// Polls a metric series until `done` holds for its value (up to 10 s); returns the
+    /// last value read, for the caller's assertion.
+    pub async fn metric_until(&self, series: &str, done: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(series).await;
+            if done(v) || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The value of one metric series, e.g. `clickhook_dead_letters_total{endpoint="a"}`.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
