@@ -213,12 +213,27 @@ pub struct GuardedConnector {
 /// Open outbound connections across all endpoints at most: a connect waits for a slot
 /// (inside its attempt's deadline), and a slot is held until its connection closes. This
 /// keeps thousands of endpoints, each with its own pool, under the process's file limit.
+///
+/// Connects in progress are bounded too ([`MAX_CONNECTING`]): thousands of endpoints
+/// waking at once would otherwise send thousands of SYNs in the same millisecond, and a
+/// receiver's accept queue (1,024 by default) drops the overflow, which TCP retries only
+/// after 1 s and 3 s — past most attempt deadlines.
 #[derive(Clone, Debug)]
-pub struct ConnectionBudget(Arc<tokio::sync::Semaphore>);
+pub struct ConnectionBudget {
+    open: Arc<tokio::sync::Semaphore>,
+    connecting: Arc<tokio::sync::Semaphore>,
+}
+
+/// TCP connects in progress at most, across all endpoints. Against distant receivers
+/// (20 ms round trips) this still opens over 10,000 connections a second.
+pub const MAX_CONNECTING: usize = 256;
 
 impl ConnectionBudget {
     pub fn new(connections: usize) -> Self {
-        ConnectionBudget(Arc::new(tokio::sync::Semaphore::new(connections.max(1))))
+        ConnectionBudget {
+            open: Arc::new(tokio::sync::Semaphore::new(connections.max(1))),
+            connecting: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTING)),
+        }
     }
 
     /// Sized from the soft open-files limit, keeping 1024 descriptors for listeners,
@@ -241,7 +256,12 @@ impl ConnectionBudget {
     }
 
     pub fn available(&self) -> usize {
-        self.0.available_permits()
+        self.open.available_permits()
+    }
+
+    /// Connects that may start now.
+    pub fn connects_available(&self) -> usize {
+        self.connecting.available_permits()
     }
 }
 
@@ -310,10 +330,12 @@ impl tower_service::Service<Uri> for GuardedConnector {
             }
         }
         let mut inner = self.inner.clone();
-        let budget = self.budget.0.clone();
+        let budget = self.budget.clone();
         Box::pin(async move {
-            let slot = budget.acquire_owned().await?;
+            let slot = budget.open.acquire_owned().await?;
+            let connecting = budget.connecting.acquire().await?;
             let stream = inner.call(uri).await?;
+            drop(connecting);
             Ok(BudgetedStream {
                 inner: stream,
                 _slot: slot,
@@ -338,6 +360,10 @@ fn tls_config() -> rustls::ClientConfig {
 }
 
 type HttpsClient = Client<HttpsConnector<GuardedConnector>, Full<Bytes>>;
+
+/// Idle connections kept per origin by a shared client: enough for several endpoints'
+/// full concurrency against one receiver; more are closed when returned.
+const IDLE_PER_ORIGIN: usize = 256;
 
 /// One endpoint's connection pool. Cloning shares the pool.
 #[derive(Clone)]
@@ -370,6 +396,28 @@ impl EndpointClient {
             .pool_max_idle_per_host(max_idle)
             .build(https);
         EndpointClient { client }
+    }
+
+    /// The client every endpoint on this delivery thread shares for `connect_timeout`.
+    /// hyper pools connections by origin, so endpoints that point at the same receiver —
+    /// thousands of link-level endpoints often do — reuse each other's idle connections
+    /// instead of each opening its own; distinct receivers still get distinct connections.
+    /// Per-endpoint bounds stay with the endpoint's worker, which never waits on the pool:
+    /// without an idle connection a request opens one (within the connection budget).
+    pub fn for_this_thread(policy: &AddressPolicy, budget: &ConnectionBudget, connect_timeout: Duration) -> Self {
+        thread_local! {
+            static CLIENTS: std::cell::RefCell<std::collections::HashMap<Duration, EndpointClient>> =
+                std::cell::RefCell::new(std::collections::HashMap::new());
+        }
+        CLIENTS.with(|clients| {
+            clients
+                .borrow_mut()
+                .entry(connect_timeout)
+                .or_insert_with(|| {
+                    EndpointClient::new(policy.clone(), budget.clone(), connect_timeout, IDLE_PER_ORIGIN)
+                })
+                .clone()
+        })
     }
 
     /// Sends one request under one deadline that covers everything up to the last byte
@@ -552,6 +600,77 @@ mod tests {
         assert!(waited.is_err(), "past the budget a connect waits");
         drop(first);
         assert_eq!(budget.available(), 1, "closing the connection frees its slot");
+    }
+
+    /// A receiver that answers every request 200 on keep-alive connections and counts
+    /// the connections it accepted.
+    async fn counting_receiver() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let n = match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        seen.extend_from_slice(&buf[..n]);
+                        // Each test request is a small POST with a 2-byte body after the headers.
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            if seen.len() < end + 4 + 2 {
+                                break;
+                            }
+                            seen.drain(..end + 4 + 2);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if conn.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn endpoints_on_one_thread_share_connections_to_the_same_receiver() {
+        let (port, accepted) = counting_receiver().await;
+        let policy = AddressPolicy {
+            allow_private: true,
+            allowed: Arc::new(vec![]),
+        };
+        let budget = ConnectionBudget::new(16);
+        let first_endpoint = EndpointClient::for_this_thread(&policy, &budget, Duration::from_secs(5));
+        let second_endpoint = EndpointClient::for_this_thread(&policy, &budget, Duration::from_secs(5));
+        for (client, path) in [
+            (&first_endpoint, "/a"),
+            (&second_endpoint, "/b"),
+            (&first_endpoint, "/c"),
+        ] {
+            let url: Uri = format!("http://127.0.0.1:{port}{path}").parse().unwrap();
+            let request = build_request(&url, &[], &[], Bytes::from_static(b"{}")).unwrap();
+            let result = client.send(request, Duration::from_secs(5)).await;
+            assert_eq!(result.outcome, Outcome::Success, "{:?}", result.error);
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "three requests from two endpoints to one receiver use one connection"
+        );
+        assert_eq!(
+            budget.connects_available(),
+            MAX_CONNECTING,
+            "a finished connect frees its permit"
+        );
     }
 
     #[test]

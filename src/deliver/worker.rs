@@ -85,12 +85,7 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
     let settings = ep.settings();
-    let client = EndpointClient::new(
-        ctx.policy.addresses.clone(),
-        ctx.policy.connections.clone(),
-        settings.timeout,
-        settings.max_concurrency.max(1),
-    );
+    let client = EndpointClient::for_this_thread(&ctx.policy.addresses, &ctx.policy.connections, settings.timeout);
     let breaker = Breaker::new(ctx.policy.breaker_failures, ctx.policy.breaker_cooldown);
     let mut worker = Worker {
         ep,
