@@ -69,6 +69,12 @@ start=$(date +%s.%N)
 "$DAEMON" send --socket "$IDLE/clickhook.sock" "$IDLE/clicks.ndjson" | tee -a "$OUT/summary.txt"
 end=$(date +%s.%N)
 python3 -c "print(f'  socket ingest alone: {200000/($end-$start):.0f} clicks/s')" | tee -a "$OUT/summary.txt"
+# The same daemon at rest after that traffic: it now holds the user-agent rules and a warm cache.
+sleep 5
+t0=$(awk '{print $14+$15}' /proc/$DPID/stat)
+sleep 10
+t1=$(awk '{print $14+$15}' /proc/$DPID/stat)
+echo "  at rest after the ingest: rss $(awk '/VmRSS/{print $2}' /proc/$DPID/status) kB, cpu $(( t1 - t0 )) ticks in 10 s" | tee -a "$OUT/summary.txt"
 kill "$DPID"; wait "$DPID" || true
 
 echo "== idle daemon on the shipped config.toml (no endpoints), after 5 s, over 10 s" | tee -a "$OUT/summary.txt"
