@@ -29,6 +29,8 @@ pub struct ConfigEndpoint {
     pub secret: String,
     pub links: Vec<String>,
     pub timeout: Option<String>,
+    /// `max_concurrency` of the endpoint; `None` keeps the daemon's default.
+    pub max_concurrency: Option<usize>,
 }
 
 /// What the generated config sets; everything else keeps the daemon's defaults.
@@ -103,6 +105,9 @@ pub fn render_config(s: &DaemonSettings) -> String {
         }
         if let Some(timeout) = &e.timeout {
             let _ = writeln!(t, "timeout = {}", quote(timeout));
+        }
+        if let Some(n) = e.max_concurrency {
+            let _ = writeln!(t, "max_concurrency = {n}");
         }
     }
     t
@@ -399,6 +404,7 @@ mod tests {
                     secret: "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into(),
                     links: vec![],
                     timeout: None,
+                    max_concurrency: Some(64),
                 },
                 ConfigEndpoint {
                     id: "ep-1".into(),
@@ -406,6 +412,7 @@ mod tests {
                     secret: "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into(),
                     links: vec!["17".into()],
                     timeout: Some("1s".into()),
+                    max_concurrency: None,
                 },
             ],
         };
@@ -422,6 +429,8 @@ mod tests {
         assert!(eps[0].get("links").is_none());
         assert_eq!(eps[1]["links"][0].as_str(), Some("17"));
         assert_eq!(eps[1]["timeout"].as_str(), Some("1s"));
+        assert_eq!(eps[0]["max_concurrency"].as_integer(), Some(64));
+        assert!(eps[1].get("max_concurrency").is_none());
         assert_eq!(eps[1]["include_bots"].as_bool(), Some(true));
     }
 

@@ -92,6 +92,10 @@ struct RunArgs {
     /// Give every click its own idempotency key and check the acknowledged ids against them.
     #[arg(long)]
     client_ids: bool,
+    /// `max_concurrency` of every endpoint the run creates (the daemon's default is 32);
+    /// set it to wrk's connection count to compare like with like.
+    #[arg(long)]
+    max_concurrency: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -199,6 +203,7 @@ fn scenario(scenario: Scenario, a: RunArgs) -> anyhow::Result<bool> {
         drain_timeout: a.drain_timeout,
         fsync: a.fsync,
         client_ids: a.client_ids,
+        max_concurrency: a.max_concurrency,
         progress: !a.quiet,
         ..ScenarioOptions::default()
     };

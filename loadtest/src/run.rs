@@ -104,6 +104,8 @@ pub struct ScenarioOptions {
     pub fsync: Option<String>,
     /// Send each click with its own idempotency key (`"id"`), checked against the acknowledgement.
     pub client_ids: bool,
+    /// `max_concurrency` of every endpoint the run creates; `None` = the daemon's default.
+    pub max_concurrency: Option<usize>,
     /// A progress line on stderr every second.
     pub progress: bool,
     /// How long a started daemon may take to print its ready line.
@@ -125,6 +127,7 @@ impl Default for ScenarioOptions {
             drain_timeout: None,
             fsync: None,
             client_ids: false,
+            max_concurrency: None,
             progress: false,
             startup_timeout: Duration::from_secs(30),
         }
@@ -215,6 +218,9 @@ impl AdminEndpoints {
             if let Some(t) = &e.timeout {
                 body["timeout"] = serde_json::Value::from(t.as_str());
             }
+            if let Some(n) = e.max_concurrency {
+                body["max_concurrency"] = serde_json::Value::from(n);
+            }
             let body = Bytes::from(body.to_string());
             if let Err(why) = admin_call(&mut conn, admin, &created.token, Method::POST, "/v1/endpoints", body).await {
                 created.delete().await;
@@ -303,6 +309,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
             secret: secrets[n].clone(),
             links: e.links.iter().map(u64::to_string).collect(),
             timeout: e.timeout.map(str::to_string),
+            max_concurrency: options.max_concurrency,
         })
         .collect();
 
