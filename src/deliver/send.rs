@@ -404,9 +404,9 @@ impl EndpointClient {
     /// instead of each opening its own; distinct receivers still get distinct connections.
     /// Per-endpoint bounds stay with the endpoint's worker, which never waits on the pool:
     /// without an idle connection a request opens one (within the connection budget).
-    pub fn for_this_thread(policy: &AddressPolicy, budget: &ConnectionBudget, connect_timeout: Duration) -> Self {
+    pub fn for_this_thread(policy: &AddressPolicy, budget: &ConnectionBudget, connect_timeout: Duration) -> Arc<Self> {
         thread_local! {
-            static CLIENTS: std::cell::RefCell<std::collections::HashMap<Duration, EndpointClient>> =
+            static CLIENTS: std::cell::RefCell<std::collections::HashMap<Duration, Arc<EndpointClient>>> =
                 std::cell::RefCell::new(std::collections::HashMap::new());
         }
         CLIENTS.with(|clients| {
@@ -414,7 +414,12 @@ impl EndpointClient {
                 .borrow_mut()
                 .entry(connect_timeout)
                 .or_insert_with(|| {
-                    EndpointClient::new(policy.clone(), budget.clone(), connect_timeout, IDLE_PER_ORIGIN)
+                    Arc::new(EndpointClient::new(
+                        policy.clone(),
+                        budget.clone(),
+                        connect_timeout,
+                        IDLE_PER_ORIGIN,
+                    ))
                 })
                 .clone()
         })

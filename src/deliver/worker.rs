@@ -50,7 +50,8 @@ struct Finished {
 struct Worker {
     ep: Arc<LiveEndpoint>,
     ctx: WorkerContext,
-    client: EndpointClient,
+    /// Shared with the thread's other endpoints; one reference count per attempt.
+    client: Arc<EndpointClient>,
     cursor: Option<Seq>,
     caught_up: bool,
     ready: VecDeque<Job>,
