@@ -77,6 +77,30 @@ t1=$(awk '{print $14+$15}' /proc/$DPID/stat)
 echo "  at rest after the ingest: rss $(awk '/VmRSS/{print $2}' /proc/$DPID/status) kB, cpu $(( t1 - t0 )) ticks in 10 s" | tee -a "$OUT/summary.txt"
 kill "$DPID"; wait "$DPID" || true
 
+echo "== HTTP ingest alone (no endpoints): wrk posting 100-click arrays on 16 connections, then single clicks on 64" | tee -a "$OUT/summary.txt"
+python3 - "$IDLE" <<'PY'
+import json, sys
+ua = "Mozilla/5.0 (Linux; Android 10; SM-G973F) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36"
+def click(i):
+    return {"link": {"id": str(i % 1000), "workspace_id": "w1", "slug": "/abc123", "domain": "links.example",
+            "destination": "https://example.com/landing?x=1"}, "click": {"ip": "203.0.113.9", "user_agent": ua,
+            "referer": "https://twitter.com/", "country": "US", "region": "CA", "city": "San Francisco"},
+            "metadata": {"campaign": "spring"}}
+def lua(body):
+    return 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = ' + json.dumps(body) + '\n'
+open(sys.argv[1] + "/batch.lua", "w").write(lua(json.dumps([click(i) for i in range(100)])))
+open(sys.argv[1] + "/single.lua", "w").write(lua(json.dumps(click(1))))
+PY
+rm -rf "$IDLE/data"
+"$DAEMON" serve --config "$IDLE/config.toml" > "$IDLE/out" 2> "$IDLE/err" &
+DPID=$!
+for _ in $(seq 100); do grep -q ready "$IDLE/out" && break; sleep 0.1; done
+INGEST=$(grep -o 'ingest_http=[0-9.:]*' "$IDLE/out" | head -1 | cut -d= -f2)
+wrk -t1 -c16 -d10s -s "$IDLE/batch.lua" "http://$INGEST/v1/clicks" | tee "$IDLE/wrk-batch.txt" | tee -a "$OUT/summary.txt"
+python3 -c "import re,sys; r=float(re.search(r'Requests/sec:\s+([0-9.]+)', open(sys.argv[1]).read()).group(1)); print(f'  HTTP ingest alone, 100-click arrays: {r*100:.0f} clicks/s')" "$IDLE/wrk-batch.txt" | tee -a "$OUT/summary.txt"
+wrk -t1 -c64 -d10s -s "$IDLE/single.lua" "http://$INGEST/v1/clicks" | tee -a "$OUT/summary.txt"
+kill "$DPID"; wait "$DPID" || true
+
 echo "== idle daemon on the shipped config.toml (no endpoints), after 5 s, over 10 s" | tee -a "$OUT/summary.txt"
 rm -rf "$IDLE/data"
 "$DAEMON" serve --config "$IDLE/config.toml" > "$IDLE/out" 2> "$IDLE/err" &
