@@ -1,5 +1,5 @@
-//! Short runs of the load generator's `throughput` and `flaky` scenarios against the real
-//! daemon, so the tool cannot rot. They assert what the tool verifies (nothing lost, every
+//! Short runs of the load generator's `throughput`, `flaky` and `many-endpoints`
+//! scenarios against the real daemon, so the tool cannot rot. They assert what the tool verifies (nothing lost, every
 //! signature valid), never a speed.
 
 use clickhook_loadtest::{run_async, Scenario, ScenarioOptions, Transport};
@@ -31,4 +31,13 @@ async fn throughput_smoke_over_the_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_smoke_delivers_everything() {
     smoke(Scenario::Flaky, 1000, Transport::Http).await;
+}
+
+/// 10,000 link-level endpoints, all pointing at the one local sink: every click must
+/// reach its link's endpoint. At this size it guards the scenario, not the speed: the
+/// connection sharing that made the full-size run pass is shown by a unit test in
+/// `deliver::send`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_endpoints_smoke_delivers_every_click() {
+    smoke(Scenario::ManyEndpoints, 10_000, Transport::Http).await;
 }
