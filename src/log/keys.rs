@@ -1,6 +1,6 @@
-//! The byte layout of the sled log. Everything lives in one tree so that one batch — an
-//! event and all its pending entries — is applied atomically. Keys are big-endian so that
-//! sled's order is seq order. This file must not do I/O.
+//! The byte layout of the sled log. Everything lives in one tree, with a one-byte prefix
+//! per kind of record. Keys are big-endian so that sled's order is seq order. This file
+//! must not do I/O.
 //!
 //! | prefix | key | value |
 //! |---|---|---|

@@ -1,7 +1,9 @@
 //! sled 0.34 behind [`ClickLog`]. One writer thread, fed by a crossbeam channel, owns
-//! every write: it drains whatever is queued, applies it as one atomic batch, flushes
-//! once (group commit) and only then answers the waiting tickets. Readers go to sled
-//! directly. It must not be called for writes from anywhere but through the channel.
+//! every write: it drains whatever is queued, applies it in order, flushes once (group
+//! commit) and only then answers the waiting tickets, so nothing is acknowledged before
+//! it is durable. Within a group, writes are ordered so that a crash keeping only a
+//! prefix of them leaves nothing that hides or breaks acknowledged data. Readers go to
+//! sled directly. It must not be called for writes from anywhere but through the channel.
 
 use super::keys::{self, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT, PENDING, SETTING};
 use super::{AppendOutcome, ClickLog, DeadLetter, EndpointKey, LogError, NewEvent, Pending, Seq, StoredEvent, Ticket};
@@ -16,18 +18,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// How many queued operations one group commit takes at most, so one batch's latency
+/// How many queued operations one group commit takes at most, so one group's latency
 /// stays bounded under a flood.
 const MAX_OPS_PER_COMMIT: usize = 4096;
 /// How often writes that nobody waits for are flushed under `fsync = "always"`.
 const LAZY_FLUSH: Duration = Duration::from_millis(200);
 /// How long delivery progress nobody waits for (delivered and rescheduled entries) may
-/// wait to be applied with later writes. sled 0.34 seals and writes its log buffer at the
-/// end of every batch, on an IO thread pool that wakes all of its threads per write:
-/// applying each worker's completions as they came cost about a fifth of the daemon's
-/// CPU at 20k deliveries/s. Gathered for this long they cost one batch, or ride along
-/// with the next append. Only a crash in this window can repeat those deliveries, which
-/// at-least-once allows and [`LAZY_FLUSH`] already allows for longer.
+/// wait to be applied with later writes. Workers hand over completions many times a
+/// millisecond; gathered for this long they cost one commit of the writer, or ride along
+/// with the next append, instead of one wake-up each. Only a crash in this window can
+/// repeat those deliveries, which at-least-once allows and [`LAZY_FLUSH`] already allows
+/// for longer.
 const DEFER_PROGRESS: Duration = Duration::from_millis(10);
 
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
@@ -356,10 +357,10 @@ impl Writer {
         }
     }
 
-    /// Applies one group of operations as a single sled batch. Returns the replies to
-    /// send once durable, and whether anything in the group asked for durability.
+    /// Applies one group of operations, in order. Returns the replies to send once
+    /// durable, and whether anything in the group asked for durability.
     fn commit(&mut self, ops: Vec<WriteOp>) -> (Vec<Waiting>, bool) {
-        let mut batch = sled::Batch::default();
+        let mut batch = OrderedWrites::default();
         let mut waiting = Vec::with_capacity(ops.len());
         let mut needs_flush = false;
         let mut appended = 0u64;
@@ -388,19 +389,24 @@ impl Writer {
                                 outcomes.push(AppendOutcome::Duplicate);
                                 continue;
                             }
-                            let seq = self.next_seq;
-                            let mut v = seq.to_be_bytes().to_vec();
-                            v.extend_from_slice(&now.to_be_bytes());
-                            batch.insert(key, v);
-                            batch.insert(&keys::client_id_expiry(now, seq)[..], ev.id.as_bytes());
                             batch_ids.insert(ev.id.clone(), ());
                         }
                         let seq = self.next_seq;
                         self.next_seq += 1;
+                        // The event and its queue entries first, the client id last: a crash
+                        // that keeps only part of an (unacknowledged) group can leave an
+                        // event nobody delivers, but never a client id that would make the
+                        // client's retry a duplicate of an event that is not there.
                         batch.insert(&keys::event(seq)[..], keys::event_record(now, &ev.data));
                         let fresh = keys::pending_value(&Pending::fresh(seq));
                         for ep in &ev.endpoints {
                             batch.insert(&keys::queue(PENDING, *ep, seq)[..], &fresh[..]);
+                        }
+                        if ev.client_id {
+                            let mut v = seq.to_be_bytes().to_vec();
+                            v.extend_from_slice(&now.to_be_bytes());
+                            batch.insert(keys::prefixed(CLIENT_ID, ev.id.as_bytes()), v);
+                            batch.insert(&keys::client_id_expiry(now, seq)[..], ev.id.as_bytes());
                         }
                         appended += 1;
                         outcomes.push(AppendOutcome::Stored(seq));
@@ -433,7 +439,7 @@ impl Writer {
         }
         let result = match failed {
             Some(e) => Err(e),
-            None => self.tree.apply_batch(batch).map_err(LogError::from),
+            None => batch.apply(&self.tree),
         };
         match result {
             Ok(()) => {
@@ -445,8 +451,8 @@ impl Writer {
                 (waiting, needs_flush)
             }
             Err(e) => {
-                // Nothing of the batch was applied: give the seqs back and fail every waiter.
-                self.next_seq = seq_before;
+                // Part of the group may be stored: its seqs are not given back (a later
+                // event must not land on a stored one), and every waiter fails.
                 for w in waiting {
                     match w {
                         Waiting::Append(reply, _) => {
@@ -460,6 +466,34 @@ impl Writer {
                 (Vec::new(), false)
             }
         }
+    }
+}
+
+/// One group's writes, applied in order as single-key operations. Not a `sled::Batch`:
+/// sled 0.34 takes an exclusive lock over the whole tree for a batch, stalling every
+/// delivery thread's reads while it lasts, and seals and writes its log buffer after each
+/// one. Durability comes from the flush that follows the group, atomicity where it
+/// matters from the order of the writes.
+#[derive(Default)]
+struct OrderedWrites(Vec<(sled::IVec, Option<sled::IVec>)>);
+
+impl OrderedWrites {
+    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.0.push((key.into(), Some(value.into())));
+    }
+
+    fn remove(&mut self, key: impl Into<sled::IVec>) {
+        self.0.push((key.into(), None));
+    }
+
+    fn apply(self, tree: &sled::Tree) -> Result<(), LogError> {
+        for (key, value) in self.0 {
+            match value {
+                Some(value) => tree.insert(key, value)?,
+                None => tree.remove(key)?,
+            };
+        }
+        Ok(())
     }
 }
 
