@@ -5,18 +5,26 @@
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `e` | seq | accepted_ms, event JSON |
-//! | `p` | endpoint, seq | attempts, due_ms, batch |
+//! | `q` | endpoint, first seq | a run of queue entries: (seq, attempts, due_ms, batch) each |
 //! | `d` | endpoint, seq | dead-letter JSON length, JSON, event record |
 //! | `i` | client id | seq, accepted_ms |
 //! | `j` | accepted_ms, seq | client id (expiry index of `i`) |
 //! | `k` | endpoint id | endpoint key |
 //! | `s` | setting name | setting bytes |
 //! | `m` | name | counters (next seq, next endpoint key) |
+//! | `p` | endpoint, seq | attempts, due_ms, batch (one entry per key: the layout before runs, read only to migrate it) |
+//!
+//! An endpoint's queue is a sequence of runs. The run at key `k` holds entries with seqs in
+//! `[k, next run's key)`, sorted, so the run that may hold a seq is the one with the
+//! greatest key at or below it. One append writes one run per endpoint, and delivery
+//! progress rewrites a run once for many entries, instead of one sled write per entry.
 
 use super::{DeadLetter, EndpointKey, LogError, Pending, Seq};
 
 pub const EVENT: u8 = b'e';
-pub const PENDING: u8 = b'p';
+pub const QUEUE_RUN: u8 = b'q';
+/// Single queue entries as stored before runs; migrated to runs at open.
+pub const LEGACY_PENDING: u8 = b'p';
 pub const DEAD: u8 = b'd';
 pub const CLIENT_ID: u8 = b'i';
 pub const CLIENT_ID_EXPIRY: u8 = b'j';
@@ -89,6 +97,44 @@ pub fn pending_value(p: &Pending) -> [u8; 20] {
     v
 }
 
+/// Bytes of one entry in a run.
+pub const RUN_ENTRY: usize = 28;
+
+pub fn run_value(entries: &[Pending]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.len() * RUN_ENTRY);
+    for p in entries {
+        v.extend_from_slice(&p.seq.to_be_bytes());
+        v.extend_from_slice(&pending_value(p));
+    }
+    v
+}
+
+pub fn decode_run(value: &[u8]) -> Result<Vec<Pending>, LogError> {
+    if value.len() % RUN_ENTRY != 0 {
+        return Err(LogError::Corrupt(format!(
+            "a queue run of {} bytes is not a whole number of {RUN_ENTRY}-byte entries",
+            value.len()
+        )));
+    }
+    value
+        .chunks_exact(RUN_ENTRY)
+        .map(|e| {
+            let attempts = u32::from_be_bytes([e[8], e[9], e[10], e[11]]);
+            Ok(Pending {
+                seq: u64_at(e, 0)?,
+                attempts,
+                due_ms: u64_at(e, 12)?,
+                batch: u64_at(e, 20)?,
+            })
+        })
+        .collect()
+}
+
+/// Entries in a run, without decoding them.
+pub fn run_len(value: &[u8]) -> usize {
+    value.len() / RUN_ENTRY
+}
+
 pub fn decode_pending(key: &[u8], value: &[u8]) -> Result<Pending, LogError> {
     let seq = seq_of_queue_key(key)?;
     let attempts = value
@@ -133,8 +179,8 @@ mod tests {
 
     #[test]
     fn queue_keys_sort_by_endpoint_then_seq() {
-        assert!(queue(PENDING, 1, 255) < queue(PENDING, 1, 256));
-        assert!(queue(PENDING, 1, u64::MAX) < queue(PENDING, 2, 0));
+        assert!(queue(QUEUE_RUN, 1, 255) < queue(QUEUE_RUN, 1, 256));
+        assert!(queue(QUEUE_RUN, 1, u64::MAX) < queue(QUEUE_RUN, 2, 0));
     }
 
     #[test]
@@ -145,7 +191,15 @@ mod tests {
             due_ms: 99,
             batch: 5,
         };
-        assert_eq!(decode_pending(&queue(PENDING, 4, 7), &pending_value(&p)).unwrap(), p);
+        assert_eq!(
+            decode_pending(&queue(LEGACY_PENDING, 4, 7), &pending_value(&p)).unwrap(),
+            p
+        );
+        let run = [Pending::fresh(3), p];
+        let v = run_value(&run);
+        assert_eq!(run_len(&v), 2);
+        assert_eq!(decode_run(&v).unwrap(), run);
+        assert!(decode_run(&v[1..]).is_err(), "a torn run is refused, not misread");
     }
 
     #[test]

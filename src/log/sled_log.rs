@@ -5,12 +5,13 @@
 //! prefix of them leaves nothing that hides or breaks acknowledged data. Readers go to
 //! sled directly. It must not be called for writes from anywhere but through the channel.
 
-use super::keys::{self, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT, PENDING, SETTING};
+use super::keys::{self, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT, LEGACY_PENDING, QUEUE_RUN, SETTING};
 use super::{AppendOutcome, ClickLog, DeadLetter, EndpointKey, LogError, NewEvent, Pending, Seq, StoredEvent, Ticket};
 use crate::config::FsyncMode;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,18 +32,39 @@ const LAZY_FLUSH: Duration = Duration::from_millis(200);
 /// for longer.
 const DEFER_PROGRESS: Duration = Duration::from_millis(10);
 
+/// Entries per queue run an append writes, and half the size past which a rewritten run
+/// is split: small enough that rewriting a run for a few completions stays cheap, large
+/// enough that a batch of clicks costs one write per endpoint.
+const RUN_MAX: usize = 256;
+
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
 
 enum WriteOp {
     Append(Vec<NewEvent>, Reply<Vec<AppendOutcome>>),
-    /// Raw key writes, answered (if `reply` is set) once applied, and once flushed when
-    /// `durable`.
+    /// Writes applied in order, answered (if `reply` is set) once applied, and once
+    /// flushed when `durable`.
     Apply {
-        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        steps: Vec<Step>,
         reply: Option<Reply<()>>,
         durable: bool,
     },
     Close(Reply<()>),
+}
+
+/// One write of an [`WriteOp::Apply`].
+enum Step {
+    /// A raw key write; `None` removes the key.
+    Raw(Vec<u8>, Option<Vec<u8>>),
+    /// Adds an entry to an endpoint's queue, or replaces the entry of the same seq.
+    Put(EndpointKey, Pending),
+    /// Takes an entry out of an endpoint's queue, if it is there.
+    Remove(EndpointKey, Seq),
+}
+
+impl Step {
+    fn raw(writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Vec<Step> {
+        writes.into_iter().map(|(k, v)| Step::Raw(k, v)).collect()
+    }
 }
 
 impl WriteOp {
@@ -107,6 +129,7 @@ impl SledLog {
                 marker.saturating_sub(1)
             )));
         }
+        migrate_single_entries(&db, &tree)?;
         let count = tree.scan_prefix([EVENT]).keys().count() as u64;
         let events = Arc::new(AtomicU64::new(count));
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -146,10 +169,10 @@ impl SledLog {
         let _ = self.tx.send(op);
     }
 
-    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>, durable: bool) -> Ticket<()> {
+    fn apply(&self, steps: Vec<Step>, durable: bool) -> Ticket<()> {
         let (reply, ticket) = oneshot::channel();
         self.send(WriteOp::Apply {
-            writes,
+            steps,
             reply: Some(reply),
             durable,
         });
@@ -215,6 +238,35 @@ fn write_marker(dir: &Path, next_seq: Seq) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Moves queue entries stored one per key (the layout before runs) into runs, then
+/// removes them and flushes. A crash part way repeats it at the next open: putting an
+/// entry into a run that already holds it changes nothing.
+fn migrate_single_entries(db: &sled::Db, tree: &sled::Tree) -> Result<(), LogError> {
+    let mut changes = Vec::new();
+    let mut old_keys = Vec::new();
+    for kv in tree.scan_prefix([LEGACY_PENDING]) {
+        let (k, v) = kv?;
+        let ep = k
+            .get(1..5)
+            .and_then(|b| b.try_into().ok())
+            .map(EndpointKey::from_be_bytes)
+            .ok_or_else(|| LogError::Corrupt("short queue entry key".into()))?;
+        let p = keys::decode_pending(&k, &v)?;
+        changes.push(((ep, p.seq), Some(p)));
+        old_keys.push(k);
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(entries = changes.len(), "moving queue entries into runs");
+    apply_queue_changes(tree, changes)?;
+    for k in old_keys {
+        tree.remove(k)?;
+    }
+    db.flush()?;
+    Ok(())
 }
 
 fn recover_next_seq(tree: &sled::Tree) -> Result<Seq, LogError> {
@@ -360,73 +412,54 @@ impl Writer {
     /// Applies one group of operations, in order. Returns the replies to send once
     /// durable, and whether anything in the group asked for durability.
     fn commit(&mut self, ops: Vec<WriteOp>) -> (Vec<Waiting>, bool) {
-        let mut batch = OrderedWrites::default();
         let mut waiting = Vec::with_capacity(ops.len());
         let mut needs_flush = false;
-        let mut appended = 0u64;
-        let mut removed_events = 0u64;
-        // Client ids seen earlier in this same batch (sled does not see them yet).
-        let mut batch_ids: HashMap<String, ()> = HashMap::new();
+        let mut counts = EventCounts::default();
         let seq_before = self.next_seq;
-        let mut failed: Option<LogError> = None;
+        // Delivery progress of the whole group, gathered so that each queue run it touches
+        // is rewritten once. Appends only add new seqs in new runs, so progress (which only
+        // names seqs acknowledged earlier) may pass them; any other write is a barrier.
+        let mut progress: BTreeMap<(EndpointKey, Seq), Option<Pending>> = BTreeMap::new();
+        let mut result = Ok(());
         for op in ops {
+            if result.is_err() {
+                // The group failed: what is left only needs its waiter answered.
+                match op {
+                    WriteOp::Append(_, reply) => waiting.push(Waiting::Append(reply, Vec::new())),
+                    WriteOp::Apply { reply: Some(reply), .. } => waiting.push(Waiting::Apply(reply)),
+                    WriteOp::Apply { reply: None, .. } => {}
+                    WriteOp::Close(reply) => waiting.push(Waiting::Close(reply)),
+                }
+                continue;
+            }
             match op {
                 WriteOp::Append(events, reply) => {
                     needs_flush = true;
-                    let now = super::now_ms();
                     let mut outcomes = Vec::with_capacity(events.len());
-                    for ev in events {
-                        if ev.client_id {
-                            let key = keys::prefixed(CLIENT_ID, ev.id.as_bytes());
-                            let known = match self.tree.contains_key(&key) {
-                                Ok(k) => k,
-                                Err(e) => {
-                                    failed = Some(e.into());
-                                    false
-                                }
-                            };
-                            if known || batch_ids.contains_key(&ev.id) {
-                                outcomes.push(AppendOutcome::Duplicate);
-                                continue;
-                            }
-                            batch_ids.insert(ev.id.clone(), ());
-                        }
-                        let seq = self.next_seq;
-                        self.next_seq += 1;
-                        // The event and its queue entries first, the client id last: a crash
-                        // that keeps only part of an (unacknowledged) group can leave an
-                        // event nobody delivers, but never a client id that would make the
-                        // client's retry a duplicate of an event that is not there.
-                        batch.insert(&keys::event(seq)[..], keys::event_record(now, &ev.data));
-                        let fresh = keys::pending_value(&Pending::fresh(seq));
-                        for ep in &ev.endpoints {
-                            batch.insert(&keys::queue(PENDING, *ep, seq)[..], &fresh[..]);
-                        }
-                        if ev.client_id {
-                            let mut v = seq.to_be_bytes().to_vec();
-                            v.extend_from_slice(&now.to_be_bytes());
-                            batch.insert(keys::prefixed(CLIENT_ID, ev.id.as_bytes()), v);
-                            batch.insert(&keys::client_id_expiry(now, seq)[..], ev.id.as_bytes());
-                        }
-                        appended += 1;
-                        outcomes.push(AppendOutcome::Stored(seq));
-                    }
+                    result = self.append(events, &mut outcomes, &mut counts);
                     waiting.push(Waiting::Append(reply, outcomes));
                 }
-                WriteOp::Apply { writes, reply, durable } => {
-                    needs_flush |= durable;
-                    for (k, v) in writes {
-                        if k.first() == Some(&EVENT) {
-                            match &v {
-                                None => removed_events += 1,
-                                Some(_) => appended += 1,
-                            }
-                        }
-                        match v {
-                            Some(v) => batch.insert(k, v),
-                            None => batch.remove(k),
+                op @ WriteOp::Apply { .. } if op.is_progress() => {
+                    if let WriteOp::Apply { steps, .. } = op {
+                        for step in steps {
+                            match step {
+                                Step::Put(ep, p) => progress.insert((ep, p.seq), Some(p)),
+                                Step::Remove(ep, seq) => progress.insert((ep, seq), None),
+                                // Progress is only queue changes; a raw write here would be
+                                // a caller's mistake, applied in order all the same.
+                                Step::Raw(k, v) => {
+                                    result = apply_queue_changes(&self.tree, std::mem::take(&mut progress))
+                                        .and_then(|_| raw_write(&self.tree, k, v, &mut counts));
+                                    None
+                                }
+                            };
                         }
                     }
+                }
+                WriteOp::Apply { steps, reply, durable } => {
+                    needs_flush |= durable;
+                    result = apply_queue_changes(&self.tree, std::mem::take(&mut progress))
+                        .and_then(|_| self.apply_steps(steps, &mut counts));
                     if let Some(reply) = reply {
                         waiting.push(Waiting::Apply(reply));
                     }
@@ -434,22 +467,24 @@ impl Writer {
                 WriteOp::Close(reply) => waiting.push(Waiting::Close(reply)),
             }
         }
-        if self.next_seq != seq_before {
-            batch.insert(keys::META_NEXT_SEQ, &self.next_seq.to_be_bytes()[..]);
+        if result.is_ok() {
+            result = apply_queue_changes(&self.tree, progress);
         }
-        let result = match failed {
-            Some(e) => Err(e),
-            None => batch.apply(&self.tree),
-        };
+        if result.is_ok() && self.next_seq != seq_before {
+            result = self
+                .tree
+                .insert(keys::META_NEXT_SEQ, &self.next_seq.to_be_bytes()[..])
+                .map(|_| ())
+                .map_err(LogError::from);
+        }
+        // What was written is counted whether or not the group failed later on.
+        self.events.fetch_add(counts.appended, Ordering::Relaxed);
+        self.events.fetch_sub(
+            counts.removed.min(self.events.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         match result {
-            Ok(()) => {
-                self.events.fetch_add(appended, Ordering::Relaxed);
-                self.events.fetch_sub(
-                    removed_events.min(self.events.load(Ordering::Relaxed)),
-                    Ordering::Relaxed,
-                );
-                (waiting, needs_flush)
-            }
+            Ok(()) => (waiting, needs_flush),
             Err(e) => {
                 // Part of the group may be stored: its seqs are not given back (a later
                 // event must not land on a stored one), and every waiter fails.
@@ -467,33 +502,238 @@ impl Writer {
             }
         }
     }
-}
 
-/// One group's writes, applied in order as single-key operations. Not a `sled::Batch`:
-/// sled 0.34 takes an exclusive lock over the whole tree for a batch, stalling every
-/// delivery thread's reads while it lasts, and seals and writes its log buffer after each
-/// one. Durability comes from the flush that follows the group, atomicity where it
-/// matters from the order of the writes.
-#[derive(Default)]
-struct OrderedWrites(Vec<(sled::IVec, Option<sled::IVec>)>);
-
-impl OrderedWrites {
-    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
-        self.0.push((key.into(), Some(value.into())));
-    }
-
-    fn remove(&mut self, key: impl Into<sled::IVec>) {
-        self.0.push((key.into(), None));
-    }
-
-    fn apply(self, tree: &sled::Tree) -> Result<(), LogError> {
-        for (key, value) in self.0 {
-            match value {
-                Some(value) => tree.insert(key, value)?,
-                None => tree.remove(key)?,
-            };
+    /// Stores one append: its events, then one queue run per endpoint, then its client
+    /// ids. A crash that keeps only part of this (unacknowledged) append can leave an
+    /// event nobody delivers, but never a client id that would make the client's retry a
+    /// duplicate of an event that is not there.
+    fn append(
+        &mut self,
+        events: Vec<NewEvent>,
+        outcomes: &mut Vec<AppendOutcome>,
+        counts: &mut EventCounts,
+    ) -> Result<(), LogError> {
+        let now = super::now_ms();
+        let mut runs: BTreeMap<EndpointKey, Vec<Pending>> = BTreeMap::new();
+        let mut client_ids: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        // Client ids earlier in this same append (not in sled until its end).
+        let mut ids_here: HashMap<&str, ()> = HashMap::new();
+        for ev in &events {
+            if ev.client_id {
+                let key = keys::prefixed(CLIENT_ID, ev.id.as_bytes());
+                if self.tree.contains_key(&key)? || ids_here.contains_key(ev.id.as_str()) {
+                    outcomes.push(AppendOutcome::Duplicate);
+                    continue;
+                }
+                ids_here.insert(&ev.id, ());
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.tree
+                .insert(&keys::event(seq)[..], keys::event_record(now, &ev.data))?;
+            counts.appended += 1;
+            for ep in &ev.endpoints {
+                let run = runs.entry(*ep).or_default();
+                // An endpoint named twice still gets one entry.
+                if run.last().is_none_or(|p| p.seq != seq) {
+                    run.push(Pending::fresh(seq));
+                }
+            }
+            if ev.client_id {
+                let mut v = seq.to_be_bytes().to_vec();
+                v.extend_from_slice(&now.to_be_bytes());
+                client_ids.push((keys::prefixed(CLIENT_ID, ev.id.as_bytes()), v));
+                client_ids.push((keys::client_id_expiry(now, seq).to_vec(), ev.id.as_bytes().to_vec()));
+            }
+            outcomes.push(AppendOutcome::Stored(seq));
+        }
+        // The seqs are new and the largest yet, so each run starts past every existing
+        // run of its endpoint: no run needs reading.
+        for (ep, entries) in runs {
+            for chunk in entries.chunks(RUN_MAX) {
+                self.tree
+                    .insert(&keys::queue(QUEUE_RUN, ep, chunk[0].seq)[..], keys::run_value(chunk))?;
+            }
+        }
+        for (k, v) in client_ids {
+            self.tree.insert(k, v)?;
         }
         Ok(())
+    }
+
+    fn apply_steps(&self, steps: Vec<Step>, counts: &mut EventCounts) -> Result<(), LogError> {
+        for step in steps {
+            match step {
+                Step::Raw(k, v) => raw_write(&self.tree, k, v, counts)?,
+                Step::Put(ep, p) => apply_queue_changes(&self.tree, [((ep, p.seq), Some(p))])?,
+                Step::Remove(ep, seq) => apply_queue_changes(&self.tree, [((ep, seq), None)])?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Events stored and removed by a group, for the event gauge.
+#[derive(Default)]
+struct EventCounts {
+    appended: u64,
+    removed: u64,
+}
+
+fn raw_write(
+    tree: &sled::Tree,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    counts: &mut EventCounts,
+) -> Result<(), LogError> {
+    let is_event = key.first() == Some(&EVENT);
+    match value {
+        Some(v) => {
+            if tree.insert(key, v)?.is_none() && is_event {
+                counts.appended += 1;
+            }
+        }
+        None => {
+            if tree.remove(key)?.is_some() && is_event {
+                counts.removed += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies queue changes, in endpoint and seq order, to the runs that hold (or are to
+/// hold) their seqs, rewriting each touched run once. Single-key writes, so a crash keeps
+/// every run whole: at worst a prefix of the changes.
+fn apply_queue_changes(
+    tree: &sled::Tree,
+    changes: impl IntoIterator<Item = ((EndpointKey, Seq), Option<Pending>)>,
+) -> Result<(), LogError> {
+    let mut open: Option<OpenRun> = None;
+    for ((ep, seq), change) in changes {
+        if !open.as_ref().is_some_and(|run| run.covers(ep, seq)) {
+            if let Some(run) = open.take() {
+                run.write(tree)?;
+            }
+            open = match OpenRun::find(tree, ep, seq)? {
+                Some(run) => Some(run),
+                // Nothing to take out of a run that is not there.
+                None if change.is_none() => continue,
+                None => Some(OpenRun::start(tree, ep, seq)?),
+            };
+        }
+        if let Some(run) = open.as_mut() {
+            run.change(seq, change);
+        }
+    }
+    match open {
+        Some(run) => run.write(tree),
+        None => Ok(()),
+    }
+}
+
+/// A queue run read for rewriting, with the key range it covers.
+struct OpenRun {
+    ep: EndpointKey,
+    key: Seq,
+    /// The key of the endpoint's next run, which bounds this one's seqs.
+    next: Option<Seq>,
+    entries: Vec<Pending>,
+    dirty: bool,
+}
+
+impl OpenRun {
+    /// The run whose range holds `seq`: the one with the greatest key at or below it.
+    fn find(tree: &sled::Tree, ep: EndpointKey, seq: Seq) -> Result<Option<OpenRun>, LogError> {
+        let lo = keys::queue(QUEUE_RUN, ep, 0);
+        let hi = keys::queue(QUEUE_RUN, ep, seq);
+        let Some(kv) = tree.range(&lo[..]..=&hi[..]).next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = kv?;
+        let key = keys::seq_of_queue_key(&k)?;
+        Ok(Some(OpenRun {
+            ep,
+            key,
+            next: next_run_key(tree, ep, key)?,
+            entries: keys::decode_run(&v)?,
+            dirty: false,
+        }))
+    }
+
+    /// A new run at `seq`, which no run's range holds yet.
+    fn start(tree: &sled::Tree, ep: EndpointKey, seq: Seq) -> Result<OpenRun, LogError> {
+        Ok(OpenRun {
+            ep,
+            key: seq,
+            next: next_run_key(tree, ep, seq)?,
+            entries: Vec::new(),
+            dirty: true,
+        })
+    }
+
+    fn covers(&self, ep: EndpointKey, seq: Seq) -> bool {
+        ep == self.ep && seq >= self.key && self.next.is_none_or(|next| seq < next)
+    }
+
+    fn change(&mut self, seq: Seq, change: Option<Pending>) {
+        match (self.entries.binary_search_by_key(&seq, |p| p.seq), change) {
+            (Ok(at), Some(p)) => {
+                if self.entries[at] != p {
+                    self.entries[at] = p;
+                    self.dirty = true;
+                }
+            }
+            (Err(at), Some(p)) => {
+                self.entries.insert(at, p);
+                self.dirty = true;
+            }
+            (Ok(at), None) => {
+                self.entries.remove(at);
+                self.dirty = true;
+            }
+            (Err(_), None) => {}
+        }
+    }
+
+    /// Writes the run back: removed when empty, split when it grew past twice [`RUN_MAX`].
+    fn write(self, tree: &sled::Tree) -> Result<(), LogError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if self.entries.is_empty() {
+            tree.remove(&keys::queue(QUEUE_RUN, self.ep, self.key)[..])?;
+            return Ok(());
+        }
+        if self.entries.len() <= 2 * RUN_MAX {
+            tree.insert(
+                &keys::queue(QUEUE_RUN, self.ep, self.key)[..],
+                keys::run_value(&self.entries),
+            )?;
+            return Ok(());
+        }
+        for (i, chunk) in self.entries.chunks(RUN_MAX).enumerate() {
+            // The first part keeps the run's key; the others start at their first seq.
+            let key = if i == 0 { self.key } else { chunk[0].seq };
+            tree.insert(&keys::queue(QUEUE_RUN, self.ep, key)[..], keys::run_value(chunk))?;
+        }
+        Ok(())
+    }
+}
+
+fn next_run_key(tree: &sled::Tree, ep: EndpointKey, after: Seq) -> Result<Option<Seq>, LogError> {
+    let from = Bound::Excluded(keys::queue(QUEUE_RUN, ep, after).to_vec());
+    match tree.range((from, run_range_end(ep))).next() {
+        Some(kv) => Ok(Some(keys::seq_of_queue_key(&kv?.0)?)),
+        None => Ok(None),
+    }
+}
+
+/// The bound just past an endpoint's runs.
+fn run_range_end(ep: EndpointKey) -> Bound<Vec<u8>> {
+    match ep.checked_add(1) {
+        Some(next) => Bound::Excluded(keys::queue_prefix(QUEUE_RUN, next).to_vec()),
+        None => Bound::Excluded(vec![QUEUE_RUN + 1]),
     }
 }
 
@@ -517,65 +757,61 @@ impl ClickLog for SledLog {
     }
 
     fn pending_after(&self, endpoint: EndpointKey, after: Option<Seq>, limit: usize) -> Result<Vec<Pending>, LogError> {
-        let start = match after {
-            Some(s) if s == Seq::MAX => return Ok(Vec::new()),
-            Some(s) => keys::queue(PENDING, endpoint, s + 1),
-            None => keys::queue(PENDING, endpoint, 0),
+        let from = match after {
+            Some(Seq::MAX) => return Ok(Vec::new()),
+            Some(s) => s + 1,
+            None => 0,
         };
-        let end = keys::queue_prefix(PENDING, endpoint + 1);
-        let range = if endpoint == EndpointKey::MAX {
-            self.tree.range(start.to_vec()..vec![PENDING + 1])
-        } else {
-            self.tree.range(start.to_vec()..end.to_vec())
-        };
-        range
-            .take(limit)
-            .map(|kv| {
-                kv.map_err(LogError::from)
-                    .and_then(|(k, v)| keys::decode_pending(&k, &v))
-            })
-            .collect()
+        let mut out = Vec::new();
+        // The run that starts at or before `from` may still hold seqs from it on.
+        let first = self
+            .tree
+            .range(&keys::queue(QUEUE_RUN, endpoint, 0)[..]..=&keys::queue(QUEUE_RUN, endpoint, from)[..])
+            .next_back();
+        let later = self.tree.range((
+            Bound::Excluded(keys::queue(QUEUE_RUN, endpoint, from).to_vec()),
+            run_range_end(endpoint),
+        ));
+        for kv in first.into_iter().chain(later) {
+            let (_, v) = kv?;
+            for p in keys::decode_run(&v)? {
+                if p.seq >= from {
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn count_pending(&self, endpoint: EndpointKey) -> Result<u64, LogError> {
-        Ok(self
-            .tree
-            .scan_prefix(keys::queue_prefix(PENDING, endpoint))
-            .keys()
-            .count() as u64)
+        let mut n = 0;
+        for v in self.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, endpoint)).values() {
+            n += keys::run_len(&v?) as u64;
+        }
+        Ok(n)
     }
 
     fn delivered(&self, endpoint: EndpointKey, seqs: &[Seq]) {
-        let writes = seqs
-            .iter()
-            .map(|s| (keys::queue(PENDING, endpoint, *s).to_vec(), None))
-            .collect();
         self.send(WriteOp::Apply {
-            writes,
+            steps: seqs.iter().map(|s| Step::Remove(endpoint, *s)).collect(),
             reply: None,
             durable: false,
         });
     }
 
     fn reschedule(&self, endpoint: EndpointKey, entries: &[Pending]) {
-        let writes = entries
-            .iter()
-            .map(|p| {
-                (
-                    keys::queue(PENDING, endpoint, p.seq).to_vec(),
-                    Some(keys::pending_value(p).to_vec()),
-                )
-            })
-            .collect();
         self.send(WriteOp::Apply {
-            writes,
+            steps: entries.iter().map(|p| Step::Put(endpoint, *p)).collect(),
             reply: None,
             durable: false,
         });
     }
 
     fn bury(&self, endpoint: EndpointKey, letters: Vec<DeadLetter>) {
-        let mut writes = Vec::with_capacity(letters.len() * 2);
+        let mut steps = Vec::with_capacity(letters.len() * 2);
         for letter in letters {
             let record = match self.tree.get(keys::event(letter.seq)) {
                 Ok(Some(r)) => r.to_vec(),
@@ -583,8 +819,8 @@ impl ClickLog for SledLog {
             };
             match keys::dead_value(&letter, &record) {
                 Ok(v) => {
-                    writes.push((keys::queue(DEAD, endpoint, letter.seq).to_vec(), Some(v)));
-                    writes.push((keys::queue(PENDING, endpoint, letter.seq).to_vec(), None));
+                    steps.push(Step::Raw(keys::queue(DEAD, endpoint, letter.seq).to_vec(), Some(v)));
+                    steps.push(Step::Remove(endpoint, letter.seq));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, seq = letter.seq, "cannot encode a dead letter; it stays pending")
@@ -594,7 +830,7 @@ impl ClickLog for SledLog {
         // Dead letters are few and what an operator looks at next: applied (and flushed)
         // at once rather than held back with delivery progress.
         self.send(WriteOp::Apply {
-            writes,
+            steps,
             reply: None,
             durable: true,
         });
@@ -618,7 +854,7 @@ impl ClickLog for SledLog {
 
     fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
-        let mut writes = Vec::new();
+        let mut steps = Vec::new();
         let mut n = 0;
         for kv in self.tree.scan_prefix(keys::queue_prefix(DEAD, endpoint)) {
             let (k, v) = match kv {
@@ -637,22 +873,20 @@ impl ClickLog for SledLog {
             };
             // The event may have been pruned meanwhile: restore it from the copy.
             if !self.tree.contains_key(keys::event(letter.seq)).unwrap_or(false) {
-                writes.push((keys::event(letter.seq).to_vec(), Some(record.to_vec())));
+                steps.push(Step::Raw(keys::event(letter.seq).to_vec(), Some(record.to_vec())));
             }
-            writes.push((
-                keys::queue(PENDING, endpoint, letter.seq).to_vec(),
-                Some(fresh_value(letter.seq)),
-            ));
-            writes.push((k.to_vec(), None));
+            // Queued again before the dead letter goes, so a crash between keeps it somewhere.
+            steps.push(Step::Put(endpoint, Pending::fresh(letter.seq)));
+            steps.push(Step::Raw(k.to_vec(), None));
             n += 1;
         }
-        forward(self.apply(writes, true), reply, n);
+        forward(self.apply(steps, true), reply, n);
         ticket
     }
 
     fn replay_window(&self, endpoint: EndpointKey, since_ms: u64, until_ms: u64) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
-        let mut writes = Vec::new();
+        let mut steps = Vec::new();
         for kv in self.tree.scan_prefix([EVENT]) {
             let (k, v) = match kv {
                 Ok(kv) => kv,
@@ -665,11 +899,11 @@ impl ClickLog for SledLog {
                 continue;
             };
             if accepted >= since_ms && accepted < until_ms {
-                writes.push((keys::queue(PENDING, endpoint, seq).to_vec(), Some(fresh_value(seq))));
+                steps.push(Step::Put(endpoint, Pending::fresh(seq)));
             }
         }
-        let n = writes.len();
-        forward(self.apply(writes, true), reply, n);
+        let n = steps.len();
+        forward(self.apply(steps, true), reply, n);
         ticket
     }
 
@@ -708,7 +942,7 @@ impl ClickLog for SledLog {
 
     fn forget_endpoint(&self, endpoint: EndpointKey) -> Ticket<()> {
         let mut writes = Vec::new();
-        for prefix in [PENDING, DEAD] {
+        for prefix in [QUEUE_RUN, DEAD] {
             for k in self
                 .tree
                 .scan_prefix(keys::queue_prefix(prefix, endpoint))
@@ -718,7 +952,7 @@ impl ClickLog for SledLog {
                 writes.push((k.to_vec(), None));
             }
         }
-        self.apply(writes, true)
+        self.apply(Step::raw(writes), true)
     }
 
     fn get_setting(&self, name: &str) -> Result<Option<Vec<u8>>, LogError> {
@@ -729,7 +963,7 @@ impl ClickLog for SledLog {
     }
 
     fn put_setting(&self, name: &str, value: Option<Vec<u8>>) -> Ticket<()> {
-        self.apply(vec![(keys::prefixed(SETTING, name.as_bytes()), value)], true)
+        self.apply(vec![Step::Raw(keys::prefixed(SETTING, name.as_bytes()), value)], true)
     }
 
     fn settings_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, LogError> {
@@ -755,9 +989,9 @@ impl ClickLog for SledLog {
             }
         }
         for ep in endpoint_firsts {
-            if let Some(Ok((k, _))) = self.tree.scan_prefix(keys::queue_prefix(PENDING, ep)).next() {
-                if let Ok(seq) = keys::seq_of_queue_key(&k) {
-                    low_water = low_water.min(seq);
+            if let Some(Ok((_, v))) = self.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
+                if let Some(first) = keys::decode_run(&v).ok().and_then(|run| run.first().copied()) {
+                    low_water = low_water.min(first.seq);
                 }
             }
         }
@@ -783,7 +1017,7 @@ impl ClickLog for SledLog {
             writes.push((keys::prefixed(CLIENT_ID, &id), None));
             writes.push((k.to_vec(), None));
         }
-        forward(self.apply(writes, false), reply, pruned);
+        forward(self.apply(Step::raw(writes), false), reply, pruned);
         ticket
     }
 
@@ -796,10 +1030,6 @@ impl ClickLog for SledLog {
         self.send(WriteOp::Close(reply));
         ticket
     }
-}
-
-fn fresh_value(seq: Seq) -> Vec<u8> {
-    keys::pending_value(&Pending::fresh(seq)).to_vec()
 }
 
 /// Resolves `reply` with `value` once `inner` (a raw apply) has.
@@ -991,6 +1221,221 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "progress still not applied: {pending:?}");
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn run_keys(log: &SledLog, ep: EndpointKey) -> Vec<Seq> {
+        log.tree
+            .scan_prefix(keys::queue_prefix(QUEUE_RUN, ep))
+            .keys()
+            .map(|k| keys::seq_of_queue_key(&k.unwrap()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_append_writes_one_run_per_endpoint_and_progress_rewrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let events = (0..600).map(|i| event(&format!("e{i}"), false, vec![1, 2])).collect();
+        log.append(events).await.unwrap().unwrap();
+        // 600 entries per endpoint in runs of RUN_MAX, not 600 keys.
+        assert_eq!(run_keys(&log, 1), vec![1, 257, 513]);
+        assert_eq!(log.count_pending(2).unwrap(), 600);
+        // Pages start inside a run and cross into the next.
+        let page = log.pending_after(1, Some(250), 10).unwrap();
+        assert_eq!(
+            page.iter().map(|p| p.seq).collect::<Vec<_>>(),
+            (251..261).collect::<Vec<_>>()
+        );
+        log.delivered(1, &(1..=300).collect::<Vec<_>>());
+        log.reschedule(
+            1,
+            &[Pending {
+                seq: 400,
+                attempts: 1,
+                due_ms: 9,
+                batch: 3,
+            }],
+        );
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        // The emptied first run is gone; the second keeps its key though its head went.
+        assert_eq!(run_keys(&log, 1), vec![257, 513]);
+        assert_eq!(log.pending_after(1, None, 1).unwrap(), vec![Pending::fresh(301)]);
+        assert_eq!(log.pending_after(1, Some(399), 1).unwrap()[0].attempts, 1);
+        assert_eq!(log.count_pending(1).unwrap(), 300);
+        assert_eq!(
+            log.count_pending(2).unwrap(),
+            600,
+            "other endpoints' runs are untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn entries_stored_one_per_key_move_into_runs_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            log.append(vec![
+                event("a", false, vec![]),
+                event("b", false, vec![]),
+                event("c", false, vec![]),
+            ])
+            .await
+            .unwrap()
+            .unwrap();
+            // Queue entries as the layout before runs stored them.
+            for (ep, p) in [
+                (4, Pending::fresh(1)),
+                (
+                    4,
+                    Pending {
+                        seq: 3,
+                        attempts: 2,
+                        due_ms: 5,
+                        batch: 6,
+                    },
+                ),
+                (5, Pending::fresh(2)),
+            ] {
+                log.tree
+                    .insert(
+                        &keys::queue(LEGACY_PENDING, ep, p.seq)[..],
+                        &keys::pending_value(&p)[..],
+                    )
+                    .unwrap();
+            }
+            log.db.flush().unwrap();
+        }
+        let log = open(dir.path());
+        assert_eq!(
+            log.pending_after(4, None, 10).unwrap(),
+            vec![
+                Pending::fresh(1),
+                Pending {
+                    seq: 3,
+                    attempts: 2,
+                    due_ms: 5,
+                    batch: 6
+                }
+            ]
+        );
+        assert_eq!(log.pending_after(5, None, 10).unwrap(), vec![Pending::fresh(2)]);
+        assert_eq!(log.tree.scan_prefix([LEGACY_PENDING]).count(), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum QueueOp {
+        Append {
+            n: usize,
+            to: Vec<EndpointKey>,
+        },
+        Deliver {
+            ep: EndpointKey,
+            pick: Vec<usize>,
+        },
+        Retry {
+            ep: EndpointKey,
+            pick: usize,
+            attempts: u32,
+        },
+        Replay {
+            ep: EndpointKey,
+        },
+    }
+
+    fn queue_op() -> impl proptest::strategy::Strategy<Value = QueueOp> {
+        use proptest::prelude::*;
+        let ep = 1u32..4;
+        prop_oneof![
+            (1usize..700, proptest::collection::vec(1u32..4, 0..3)).prop_map(|(n, to)| QueueOp::Append { n, to }),
+            (ep.clone(), proptest::collection::vec(0usize..1000, 0..400))
+                .prop_map(|(ep, pick)| QueueOp::Deliver { ep, pick }),
+            (ep.clone(), 0usize..1000, 1u32..9).prop_map(|(ep, pick, attempts)| QueueOp::Retry { ep, pick, attempts }),
+            ep.prop_map(|ep| QueueOp::Replay { ep }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Whatever appends, completions, retries and replays do to the runs, each
+        /// endpoint's queue reads back as the plain set of entries it should be, page by
+        /// page, and every run stays within its key range.
+        #[test]
+        fn queue_runs_read_back_as_their_model(ops in proptest::collection::vec(queue_op(), 1..12)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let log = open(dir.path());
+                let mut model: BTreeMap<EndpointKey, BTreeMap<Seq, Pending>> = BTreeMap::new();
+                let mut next = 1u64;
+                for op in ops {
+                    match op {
+                        QueueOp::Append { n, to } => {
+                            let events = (0..n).map(|i| event(&format!("e{i}"), false, to.clone())).collect();
+                            log.append(events).await.unwrap().unwrap();
+                            for seq in next..next + n as u64 {
+                                for ep in &to {
+                                    model.entry(*ep).or_default().insert(seq, Pending::fresh(seq));
+                                }
+                            }
+                            next += n as u64;
+                        }
+                        QueueOp::Deliver { ep, pick } => {
+                            let queue = model.entry(ep).or_default();
+                            let seqs: Vec<Seq> = queue.keys().copied().collect();
+                            let mut done: Vec<Seq> = pick.iter().filter_map(|i| seqs.get(*i).copied()).collect();
+                            done.sort_unstable();
+                            done.dedup();
+                            for s in &done {
+                                queue.remove(s);
+                            }
+                            log.delivered(ep, &done);
+                        }
+                        QueueOp::Retry { ep, pick, attempts } => {
+                            let queue = model.entry(ep).or_default();
+                            if let Some(seq) = queue.keys().nth(pick).copied() {
+                                let p = Pending { seq, attempts, due_ms: 7, batch: 0 };
+                                queue.insert(seq, p);
+                                log.reschedule(ep, &[p]);
+                            }
+                        }
+                        QueueOp::Replay { ep } => {
+                            log.replay_window(ep, 0, u64::MAX).await.unwrap().unwrap();
+                            let queue = model.entry(ep).or_default();
+                            for seq in 1..next {
+                                queue.insert(seq, Pending::fresh(seq));
+                            }
+                        }
+                    }
+                }
+                log.put_setting("sync", None).await.unwrap().unwrap();
+                for ep in 1..4 {
+                    let want: Vec<Pending> = model.get(&ep).map(|q| q.values().copied().collect()).unwrap_or_default();
+                    let mut got = Vec::new();
+                    let mut cursor = None;
+                    loop {
+                        let page = log.pending_after(ep, cursor, 97).unwrap();
+                        cursor = page.last().map(|p| p.seq).or(cursor);
+                        let last = page.len() < 97;
+                        got.extend(page);
+                        if last {
+                            break;
+                        }
+                    }
+                    assert_eq!(got, want, "endpoint {ep}");
+                    assert_eq!(log.count_pending(ep).unwrap(), want.len() as u64);
+                    let keys = run_keys(&log, ep);
+                    for (i, kv) in log.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).enumerate() {
+                        let run = keys::decode_run(&kv.unwrap().1).unwrap();
+                        assert!(!run.is_empty(), "empty runs are removed");
+                        assert!(run.len() <= 2 * RUN_MAX);
+                        assert!(run[0].seq >= keys[i]);
+                        if let Some(next_key) = keys.get(i + 1) {
+                            assert!(run.last().unwrap().seq < *next_key, "run {} spills into the next", keys[i]);
+                        }
+                    }
+                }
+            });
         }
     }
 
