@@ -4,7 +4,7 @@
 //!
 //! | prefix | key | value |
 //! |---|---|---|
-//! | `e` | seq | accepted_ms, event JSON |
+//! | `b` | first seq | a batch of events: accepted_ms, count, end offsets, event JSONs |
 //! | `q` | endpoint, first seq | a run of queue entries: (seq, attempts, due_ms, batch) each |
 //! | `d` | endpoint, seq | dead-letter JSON length, JSON, event record |
 //! | `i` | client id | seq, accepted_ms |
@@ -13,6 +13,12 @@
 //! | `s` | setting name | setting bytes |
 //! | `m` | name | counters (next seq, next endpoint key) |
 //! | `p` | endpoint, seq | attempts, due_ms, batch (one entry per key: the layout before runs, read only to migrate it) |
+//! | `e` | seq | accepted_ms, event JSON (one event per key: the layout before batches, read only to migrate it) |
+//!
+//! Events are stored in batches, one per append (split past [`BATCH_MAX_EVENTS`] or
+//! [`BATCH_MAX_BYTES`]): the batch at key `k` holds seqs `k .. k + count`, so the batch
+//! that may hold a seq is the one with the greatest key at or below it. sled's cost is per
+//! key, not per byte, so a hundred clicks cost one insert instead of a hundred.
 //!
 //! An endpoint's queue is a sequence of runs. The run at key `k` holds entries with seqs in
 //! `[k, next run's key)`, sorted, so the run that may hold a seq is the one with the
@@ -21,7 +27,14 @@
 
 use super::{DeadLetter, EndpointKey, LogError, Pending, Seq};
 
-pub const EVENT: u8 = b'e';
+pub const EVENT_BATCH: u8 = b'b';
+/// Single events as stored before batches; migrated to batches at open.
+pub const LEGACY_EVENT: u8 = b'e';
+/// Events per batch at most.
+pub const BATCH_MAX_EVENTS: usize = 256;
+/// Event bytes per batch at most: well under the size at which sled 0.34 moves a value
+/// into a file of its own (a quarter of its 512 KiB segment).
+pub const BATCH_MAX_BYTES: usize = 48 * 1024;
 pub const QUEUE_RUN: u8 = b'q';
 /// Single queue entries as stored before runs; migrated to runs at open.
 pub const LEGACY_PENDING: u8 = b'p';
@@ -33,11 +46,95 @@ pub const SETTING: u8 = b's';
 pub const META_NEXT_SEQ: &[u8] = b"mseq";
 pub const META_NEXT_ENDPOINT: &[u8] = b"mendpoint";
 
-pub fn event(seq: Seq) -> [u8; 9] {
+#[cfg(test)]
+pub fn legacy_event(seq: Seq) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = EVENT;
+    k[0] = LEGACY_EVENT;
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+pub fn event_batch(first: Seq) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = EVENT_BATCH;
+    k[1..].copy_from_slice(&first.to_be_bytes());
+    k
+}
+
+/// A batch value: accepted_ms, count, then each event's end offset (u32, from the start
+/// of the event bytes), then the event bytes one after another.
+pub fn batch_value<'a>(accepted_ms: u64, events: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let count = events.len();
+    let bytes: usize = events.clone().map(<[u8]>::len).sum();
+    let mut v = Vec::with_capacity(12 + 4 * count + bytes);
+    v.extend_from_slice(&accepted_ms.to_be_bytes());
+    v.extend_from_slice(&(count as u32).to_be_bytes());
+    let mut end = 0u32;
+    for e in events.clone() {
+        end += e.len() as u32;
+        v.extend_from_slice(&end.to_be_bytes());
+    }
+    for e in events {
+        v.extend_from_slice(e);
+    }
+    v
+}
+
+/// A decoded view of a batch value.
+pub struct BatchView<'a> {
+    pub accepted_ms: u64,
+    ends: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    pub fn decode(value: &'a [u8]) -> Result<Self, LogError> {
+        let accepted_ms = u64_at(value, 0)?;
+        let count = value
+            .get(8..12)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| LogError::Corrupt("short event batch".into()))? as usize;
+        let ends = value
+            .get(12..12 + 4 * count)
+            .ok_or_else(|| LogError::Corrupt(format!("event batch too short for its {count} offsets")))?;
+        let data = &value[12 + 4 * count..];
+        let view = BatchView {
+            accepted_ms,
+            ends,
+            data,
+        };
+        // Offsets must rise and stay inside the value, or the batch is not ours.
+        let mut last = 0;
+        for i in 0..count {
+            let end = view.end(i);
+            if end < last || end > data.len() {
+                return Err(LogError::Corrupt(format!(
+                    "event batch offset {i} out of order or range"
+                )));
+            }
+            last = end;
+        }
+        Ok(view)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len() / 4
+    }
+
+    fn end(&self, i: usize) -> usize {
+        let b = &self.ends[4 * i..4 * i + 4];
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+    }
+
+    /// The `i`th event's bytes; `None` past the end.
+    pub fn get(&self, i: usize) -> Option<&'a [u8]> {
+        if i >= self.len() {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.end(i - 1) };
+        self.data.get(start..self.end(i))
+    }
 }
 
 pub fn queue(prefix: u8, ep: EndpointKey, seq: Seq) -> [u8; 13] {
@@ -200,6 +297,21 @@ mod tests {
         assert_eq!(run_len(&v), 2);
         assert_eq!(decode_run(&v).unwrap(), run);
         assert!(decode_run(&v[1..]).is_err(), "a torn run is refused, not misread");
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_bad_offsets() {
+        let events: [&[u8]; 3] = [b"{\"a\":1}", b"", b"{}"];
+        let v = batch_value(42, events.iter().copied());
+        let view = BatchView::decode(&v).unwrap();
+        assert_eq!(view.accepted_ms, 42);
+        assert_eq!(view.len(), 3);
+        assert_eq!(view.get(0), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(view.get(1), Some(&b""[..]));
+        assert_eq!(view.get(2), Some(&b"{}"[..]));
+        assert_eq!(view.get(3), None);
+        assert!(BatchView::decode(&v[..v.len() - 1]).is_err(), "a torn batch is refused");
+        assert!(BatchView::decode(&v[..10]).is_err());
     }
 
     #[test]

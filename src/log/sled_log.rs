@@ -5,7 +5,9 @@
 //! prefix of them leaves nothing that hides or breaks acknowledged data. Readers go to
 //! sled directly. It must not be called for writes from anywhere but through the channel.
 
-use super::keys::{self, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT, LEGACY_PENDING, QUEUE_RUN, SETTING};
+use super::keys::{
+    self, BatchView, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT_BATCH, LEGACY_EVENT, LEGACY_PENDING, QUEUE_RUN, SETTING,
+};
 use super::{AppendOutcome, ClickLog, DeadLetter, EndpointKey, LogError, NewEvent, Pending, Seq, StoredEvent, Ticket};
 use crate::config::FsyncMode;
 use bytes::Bytes;
@@ -171,8 +173,12 @@ impl SledLog {
                 marker.saturating_sub(1)
             )));
         }
+        migrate_single_events(&db, &tree)?;
         migrate_single_entries(&db, &tree)?;
-        let count = tree.scan_prefix([EVENT]).keys().count() as u64;
+        let mut count = 0u64;
+        for v in tree.scan_prefix([EVENT_BATCH]).values() {
+            count += BatchView::decode(&v?)?.len() as u64;
+        }
         let events = Arc::new(AtomicU64::new(count));
         let recent = Arc::new(RecentEvents::new());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -320,11 +326,60 @@ fn recover_next_seq(tree: &sled::Tree) -> Result<Seq, LogError> {
         .map(|v| keys::u64_at(&v, 0))
         .transpose()?
         .unwrap_or(1);
-    let last_event = match tree.scan_prefix([EVENT]).keys().next_back() {
+    let last_batch = match tree.scan_prefix([EVENT_BATCH]).next_back() {
+        Some(kv) => {
+            let (k, v) = kv?;
+            keys::u64_at(&k, 1)? + BatchView::decode(&v)?.len() as u64
+        }
+        None => 1,
+    };
+    // Events of a log not yet moved into batches count too (they move after this check).
+    let last_single = match tree.scan_prefix([LEGACY_EVENT]).keys().next_back() {
         Some(k) => keys::u64_at(&k?, 1)? + 1,
         None => 1,
     };
-    Ok(stored.max(last_event))
+    Ok(stored.max(last_batch).max(last_single))
+}
+
+/// Moves events stored one per key (the layout before batches) into batches of one, at
+/// the same seq, then removes them and flushes. Batches of one never overlap another
+/// batch, so a crash part way and a second run are harmless.
+fn migrate_single_events(db: &sled::Db, tree: &sled::Tree) -> Result<(), LogError> {
+    let mut moved = 0u64;
+    for kv in tree.scan_prefix([LEGACY_EVENT]) {
+        let (k, v) = kv?;
+        let seq = keys::u64_at(&k, 1)?;
+        let accepted_ms = keys::u64_at(&v, 0)?;
+        tree.insert(
+            &keys::event_batch(seq)[..],
+            keys::batch_value(accepted_ms, [&v[8..]].into_iter()),
+        )?;
+        tree.remove(k)?;
+        moved += 1;
+    }
+    if moved > 0 {
+        tracing::info!(events = moved, "moved events into batches");
+        db.flush()?;
+    }
+    Ok(())
+}
+
+/// The event at `seq`, read from the batch with the greatest key at or below it.
+fn find_event(tree: &sled::Tree, seq: Seq) -> Result<Option<StoredEvent>, LogError> {
+    let Some(kv) = tree
+        .range(&keys::event_batch(0)[..]..=&keys::event_batch(seq)[..])
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    let (k, v) = kv?;
+    let first = keys::u64_at(&k, 1)?;
+    let view = BatchView::decode(&v)?;
+    Ok(view.get((seq - first) as usize).map(|data| StoredEvent {
+        seq,
+        accepted_ms: view.accepted_ms,
+        data: Bytes::copy_from_slice(data),
+    }))
 }
 
 struct Writer {
@@ -561,6 +616,7 @@ impl Writer {
     ) -> Result<(), LogError> {
         let now = super::now_ms();
         let mut runs: BTreeMap<EndpointKey, Vec<Pending>> = BTreeMap::new();
+        let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
         let mut client_ids: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         // Client ids earlier in this same append (not in sled until its end).
         let mut ids_here: HashMap<String, ()> = HashMap::new();
@@ -575,8 +631,6 @@ impl Writer {
             }
             let seq = self.next_seq;
             self.next_seq += 1;
-            self.tree
-                .insert(&keys::event(seq)[..], keys::event_record(now, &ev.data))?;
             counts.appended += 1;
             for ep in &ev.endpoints {
                 let run = runs.entry(*ep).or_default();
@@ -591,12 +645,34 @@ impl Writer {
                 client_ids.push((keys::prefixed(CLIENT_ID, ev.id.as_bytes()), v));
                 client_ids.push((keys::client_id_expiry(now, seq).to_vec(), ev.id.as_bytes().to_vec()));
             }
-            self.recent.put(StoredEvent {
+            stored.push(StoredEvent {
                 seq,
                 accepted_ms: now,
                 data: Bytes::from(ev.data),
             });
             outcomes.push(AppendOutcome::Stored(seq));
+        }
+        // The events first, in batches of consecutive seqs.
+        let mut rest = &stored[..];
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut bytes = 0;
+            while n < rest.len()
+                && n < keys::BATCH_MAX_EVENTS
+                && (n == 0 || bytes + rest[n].data.len() <= keys::BATCH_MAX_BYTES)
+            {
+                bytes += rest[n].data.len();
+                n += 1;
+            }
+            let (batch, later) = rest.split_at(n);
+            self.tree.insert(
+                &keys::event_batch(batch[0].seq)[..],
+                keys::batch_value(now, batch.iter().map(|e| &e.data[..])),
+            )?;
+            rest = later;
+        }
+        for ev in stored {
+            self.recent.put(ev);
         }
         // The seqs are new and the largest yet, so each run starts past every existing
         // run of its endpoint: no run needs reading.
@@ -638,22 +714,29 @@ fn raw_write(
     value: Option<Vec<u8>>,
     counts: &mut EventCounts,
 ) -> Result<(), LogError> {
-    let is_event = key.first() == Some(&EVENT);
+    if key.first() != Some(&EVENT_BATCH) {
+        match value {
+            Some(v) => tree.insert(key, v)?,
+            None => tree.remove(key)?,
+        };
+        return Ok(());
+    }
+    let first = keys::u64_at(&key, 1)?;
     match value {
         Some(v) => {
-            if tree.insert(key, v)?.is_none() && is_event {
-                counts.appended += 1;
+            let n = BatchView::decode(&v)?.len() as u64;
+            if tree.insert(key, v)?.is_none() {
+                counts.appended += n;
             }
         }
         None => {
-            if is_event {
-                // A removed event must not be read back from the ring either.
-                if let Ok(seq) = keys::u64_at(&key, 1) {
+            if let Some(old) = tree.remove(key)? {
+                let n = BatchView::decode(&old)?.len() as u64;
+                // Removed events must not be read back from the ring either.
+                for seq in first..first + n {
                     recent.forget(seq);
                 }
-            }
-            if tree.remove(key)?.is_some() && is_event {
-                counts.removed += 1;
+                counts.removed += n;
             }
         }
     }
@@ -779,6 +862,50 @@ impl OpenRun {
     }
 }
 
+/// An endpoint's queue entries after `after`, in seq order. `between_reads` runs between
+/// its two reads of the tree, where the writer may add a run; tests use it to do so.
+fn read_pending(
+    tree: &sled::Tree,
+    endpoint: EndpointKey,
+    after: Option<Seq>,
+    limit: usize,
+    between_reads: impl FnOnce(),
+) -> Result<Vec<Pending>, LogError> {
+    let from = match after {
+        Some(Seq::MAX) => return Ok(Vec::new()),
+        Some(s) => s + 1,
+        None => 0,
+    };
+    let mut out = Vec::new();
+    // The run that starts at or before `from` may still hold seqs from it on.
+    let first = tree
+        .range(&keys::queue(QUEUE_RUN, endpoint, 0)[..]..=&keys::queue(QUEUE_RUN, endpoint, from)[..])
+        .next_back()
+        .transpose()?;
+    between_reads();
+    // Unless the first read returned the run at `from`, the second starts at `from`
+    // itself: a run the writer adds there between the reads would otherwise be passed
+    // over, and the worker's cursor moved beyond it.
+    let from_key = keys::queue(QUEUE_RUN, endpoint, from).to_vec();
+    let later_start = match &first {
+        Some((k, _)) if k.as_ref() == &from_key[..] => Bound::Excluded(from_key),
+        _ => Bound::Included(from_key),
+    };
+    let later = tree.range((later_start, run_range_end(endpoint)));
+    for kv in first.map(Ok).into_iter().chain(later) {
+        let (_, v) = kv?;
+        for p in keys::decode_run(&v)? {
+            if p.seq >= from {
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn next_run_key(tree: &sled::Tree, ep: EndpointKey, after: Seq) -> Result<Option<Seq>, LogError> {
     let from = Bound::Excluded(keys::queue(QUEUE_RUN, ep, after).to_vec());
     match tree.range((from, run_range_end(ep))).next() {
@@ -806,45 +933,11 @@ impl ClickLog for SledLog {
         if let Some(ev) = self.recent.get(seq) {
             return Ok(Some(ev));
         }
-        let Some(rec) = self.tree.get(keys::event(seq))? else {
-            return Ok(None);
-        };
-        let accepted_ms = keys::u64_at(&rec, 0)?;
-        Ok(Some(StoredEvent {
-            seq,
-            accepted_ms,
-            data: Bytes::copy_from_slice(&rec[8..]),
-        }))
+        find_event(&self.tree, seq)
     }
 
     fn pending_after(&self, endpoint: EndpointKey, after: Option<Seq>, limit: usize) -> Result<Vec<Pending>, LogError> {
-        let from = match after {
-            Some(Seq::MAX) => return Ok(Vec::new()),
-            Some(s) => s + 1,
-            None => 0,
-        };
-        let mut out = Vec::new();
-        // The run that starts at or before `from` may still hold seqs from it on.
-        let first = self
-            .tree
-            .range(&keys::queue(QUEUE_RUN, endpoint, 0)[..]..=&keys::queue(QUEUE_RUN, endpoint, from)[..])
-            .next_back();
-        let later = self.tree.range((
-            Bound::Excluded(keys::queue(QUEUE_RUN, endpoint, from).to_vec()),
-            run_range_end(endpoint),
-        ));
-        for kv in first.into_iter().chain(later) {
-            let (_, v) = kv?;
-            for p in keys::decode_run(&v)? {
-                if p.seq >= from {
-                    if out.len() == limit {
-                        return Ok(out);
-                    }
-                    out.push(p);
-                }
-            }
-        }
-        Ok(out)
+        read_pending(&self.tree, endpoint, after, limit, || {})
     }
 
     fn count_pending(&self, endpoint: EndpointKey) -> Result<u64, LogError> {
@@ -874,8 +967,8 @@ impl ClickLog for SledLog {
     fn bury(&self, endpoint: EndpointKey, letters: Vec<DeadLetter>) {
         let mut steps = Vec::with_capacity(letters.len() * 2);
         for letter in letters {
-            let record = match self.tree.get(keys::event(letter.seq)) {
-                Ok(Some(r)) => r.to_vec(),
+            let record = match self.event(letter.seq) {
+                Ok(Some(ev)) => keys::event_record(ev.accepted_ms, &ev.data),
                 _ => keys::event_record(letter.accepted_ms, b"null"),
             };
             match keys::dead_value(&letter, &record) {
@@ -933,8 +1026,13 @@ impl ClickLog for SledLog {
                 }
             };
             // The event may have been pruned meanwhile: restore it from the copy.
-            if !self.tree.contains_key(keys::event(letter.seq)).unwrap_or(false) {
-                steps.push(Step::Raw(keys::event(letter.seq).to_vec(), Some(record.to_vec())));
+            if matches!(find_event(&self.tree, letter.seq), Ok(None)) {
+                let accepted_ms = keys::u64_at(record, 0).unwrap_or(letter.accepted_ms);
+                let json = record.get(8..).unwrap_or(b"null");
+                steps.push(Step::Raw(
+                    keys::event_batch(letter.seq).to_vec(),
+                    Some(keys::batch_value(accepted_ms, [json].into_iter())),
+                ));
             }
             // Queued again before the dead letter goes, so a crash between keeps it somewhere.
             steps.push(Step::Put(endpoint, Pending::fresh(letter.seq)));
@@ -948,7 +1046,7 @@ impl ClickLog for SledLog {
     fn replay_window(&self, endpoint: EndpointKey, since_ms: u64, until_ms: u64) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
         let mut steps = Vec::new();
-        for kv in self.tree.scan_prefix([EVENT]) {
+        for kv in self.tree.scan_prefix([EVENT_BATCH]) {
             let (k, v) = match kv {
                 Ok(kv) => kv,
                 Err(e) => {
@@ -956,11 +1054,13 @@ impl ClickLog for SledLog {
                     return ticket;
                 }
             };
-            let (Ok(seq), Ok(accepted)) = (keys::u64_at(&k, 1), keys::u64_at(&v, 0)) else {
+            let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchView::decode(&v)) else {
                 continue;
             };
-            if accepted >= since_ms && accepted < until_ms {
-                steps.push(Step::Put(endpoint, Pending::fresh(seq)));
+            if batch.accepted_ms >= since_ms && batch.accepted_ms < until_ms {
+                for seq in first..first + batch.len() as u64 {
+                    steps.push(Step::Put(endpoint, Pending::fresh(seq)));
+                }
             }
         }
         let n = steps.len();
@@ -1058,16 +1158,18 @@ impl ClickLog for SledLog {
         }
         let mut writes = Vec::new();
         let mut pruned = 0u64;
-        for kv in self.tree.scan_prefix([EVENT]) {
+        // Whole batches go, once their last event may.
+        for kv in self.tree.scan_prefix([EVENT_BATCH]) {
             let Ok((k, v)) = kv else { break };
-            let (Ok(seq), Ok(accepted)) = (keys::u64_at(&k, 1), keys::u64_at(&v, 0)) else {
+            let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchView::decode(&v)) else {
                 continue;
             };
-            if seq >= low_water || accepted >= cutoff {
+            let last = first + (batch.len() as u64).saturating_sub(1);
+            if last >= low_water || batch.accepted_ms >= cutoff {
                 break;
             }
             writes.push((k.to_vec(), None));
-            pruned += 1;
+            pruned += batch.len() as u64;
         }
         for kv in self.tree.scan_prefix([keys::CLIENT_ID_EXPIRY]) {
             let Ok((k, id)) = kv else { break };
@@ -1228,16 +1330,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
         let k = log.endpoint_key("ep").unwrap();
-        log.append(vec![
-            event("a", true, vec![]),
-            event("b", false, vec![k]),
-            event("c", false, vec![]),
-        ])
-        .await
-        .unwrap()
-        .unwrap();
+        log.append(vec![event("a", true, vec![])]).await.unwrap().unwrap();
+        log.append(vec![event("b", false, vec![k]), event("c", false, vec![])])
+            .await
+            .unwrap()
+            .unwrap();
         let later = super::super::now_ms() + 10_000;
-        // Only "a" is older than the pending "b"; "c" is newer and stays too.
+        // Only "a" is older than the pending "b"; "c" is in b's batch and stays too.
         assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 1);
         assert!(log.event(1).unwrap().is_none());
         assert!(log.event(2).unwrap().is_some());
@@ -1340,16 +1439,98 @@ mod tests {
             .collect();
         log.append(events).await.unwrap().unwrap();
         let last = (RECENT_EVENTS + 10) as Seq;
-        // Taken out of sled behind the log's back, the latest event is still served ...
-        log.tree.remove(keys::event(last)).unwrap();
+        // The first ones, long out of the ring, come from sled ...
+        assert_eq!(
+            &log.event(1).unwrap().unwrap().data[..],
+            br#"{"id":"e0","timestamp":"2025-01-01T00:00:00Z"}"#
+        );
+        assert_eq!(
+            &log.event(300).unwrap().unwrap().data[..],
+            br#"{"id":"e299","timestamp":"2025-01-01T00:00:00Z"}"#
+        );
+        // ... and with sled's batches taken away behind the log's back, the latest is
+        // still served while the first is not.
+        for k in log.tree.scan_prefix([EVENT_BATCH]).keys() {
+            log.tree.remove(k.unwrap()).unwrap();
+        }
         assert_eq!(
             &log.event(last).unwrap().unwrap().data[..],
             br#"{"id":"e8201","timestamp":"2025-01-01T00:00:00Z"}"#
         );
-        // ... while the first ones, long out of the ring, come from sled.
-        assert_eq!(&log.event(1).unwrap().unwrap().data[..8], br#"{"id":"e"#);
-        log.tree.remove(keys::event(1)).unwrap();
         assert!(log.event(1).unwrap().is_none());
+        assert!(log.event(last + 1).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_run_added_between_the_two_reads_of_a_page_is_not_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.append(vec![event("a", false, vec![1])]).await.unwrap().unwrap();
+        // The worker has seen seq 1. While it reads the next page, the writer stores
+        // seqs 2 and 3 as runs of their own.
+        let page = read_pending(&log.tree, 1, Some(1), 10, || {
+            for seq in [2, 3] {
+                log.tree
+                    .insert(
+                        &keys::queue(QUEUE_RUN, 1, seq)[..],
+                        keys::run_value(&[Pending::fresh(seq)]),
+                    )
+                    .unwrap();
+            }
+        })
+        .unwrap();
+        assert_eq!(page.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn an_append_stores_its_events_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            let events = (0..600).map(|i| event(&format!("e{i}"), false, vec![])).collect();
+            log.append(events).await.unwrap().unwrap();
+            log.append(vec![event("late", false, vec![])]).await.unwrap().unwrap();
+            let firsts: Vec<Seq> = log
+                .tree
+                .scan_prefix([EVENT_BATCH])
+                .keys()
+                .map(|k| keys::u64_at(&k.unwrap(), 1).unwrap())
+                .collect();
+            assert_eq!(firsts, vec![1, 257, 513, 601], "600 events in three batches, then one");
+        }
+        // Reopened, the log counts events, continues seqs and reads from sled alone.
+        let log = open(dir.path());
+        assert_eq!(log.event_count(), 601);
+        assert_eq!(&log.event(600).unwrap().unwrap().data[..10], br#"{"id":"e59"#);
+        assert_eq!(&log.event(601).unwrap().unwrap().data[..11], br#"{"id":"late"#);
+        assert!(log.event(602).unwrap().is_none());
+        let out = log.append(vec![event("next", false, vec![])]).await.unwrap().unwrap();
+        assert_eq!(out, vec![AppendOutcome::Stored(602)]);
+    }
+
+    #[tokio::test]
+    async fn events_stored_one_per_key_move_into_batches_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path());
+            for seq in [1u64, 2, 5] {
+                let record = keys::event_record(1_000 + seq, format!("{{\"id\":\"old{seq}\"}}").as_bytes());
+                log.tree.insert(&keys::legacy_event(seq)[..], record).unwrap();
+            }
+            log.db.flush().unwrap();
+        }
+        let log = open(dir.path());
+        assert_eq!(log.event_count(), 3);
+        let ev = log.event(5).unwrap().unwrap();
+        assert_eq!((&ev.data[..], ev.accepted_ms), (&br#"{"id":"old5"}"#[..], 1_005));
+        assert!(log.event(3).unwrap().is_none());
+        assert_eq!(log.tree.scan_prefix([LEGACY_EVENT]).count(), 0);
+        let out = log.append(vec![event("new", false, vec![])]).await.unwrap().unwrap();
+        assert_eq!(
+            out,
+            vec![AppendOutcome::Stored(6)],
+            "seqs continue after the moved events"
+        );
     }
 
     #[tokio::test]
