@@ -366,6 +366,16 @@ fn migrate_single_events(db: &sled::Db, tree: &sled::Tree) -> Result<(), LogErro
 
 /// The event at `seq`, read from the batch with the greatest key at or below it.
 fn find_event(tree: &sled::Tree, seq: Seq) -> Result<Option<StoredEvent>, LogError> {
+    // The first event of a batch (every event, when clicks come one per request) is a
+    // point read away.
+    if let Some(v) = tree.get(keys::event_batch(seq))? {
+        let view = BatchView::decode(&v)?;
+        return Ok(view.get(0).map(|data| StoredEvent {
+            seq,
+            accepted_ms: view.accepted_ms,
+            data: Bytes::copy_from_slice(data),
+        }));
+    }
     let Some(kv) = tree
         .range(&keys::event_batch(0)[..]..=&keys::event_batch(seq)[..])
         .next_back()
@@ -752,7 +762,11 @@ fn apply_queue_changes(
 ) -> Result<(), LogError> {
     let mut open: Option<OpenRun> = None;
     for ((ep, seq), change) in changes {
-        if !open.as_ref().is_some_and(|run| run.covers(ep, seq)) {
+        let covered = match open.as_mut() {
+            Some(run) => run.covers(tree, ep, seq, change.is_some())?,
+            None => false,
+        };
+        if !covered {
             if let Some(run) = open.take() {
                 run.write(tree)?;
             }
@@ -777,8 +791,9 @@ fn apply_queue_changes(
 struct OpenRun {
     ep: EndpointKey,
     key: Seq,
-    /// The key of the endpoint's next run, which bounds this one's seqs.
-    next: Option<Seq>,
+    /// The key of the endpoint's next run, which bounds this one's seqs (`Some(None)`:
+    /// there is none), once looked up.
+    next: Option<Option<Seq>>,
     entries: Vec<Pending>,
     dirty: bool,
 }
@@ -786,17 +801,27 @@ struct OpenRun {
 impl OpenRun {
     /// The run whose range holds `seq`: the one with the greatest key at or below it.
     fn find(tree: &sled::Tree, ep: EndpointKey, seq: Seq) -> Result<Option<OpenRun>, LogError> {
+        // A run keyed at the seq itself is the common case (the head of an append's run,
+        // or a single click's), and a point read is cheaper than a reverse scan.
+        if let Some(v) = tree.get(keys::queue(QUEUE_RUN, ep, seq))? {
+            return Ok(Some(OpenRun {
+                ep,
+                key: seq,
+                next: None,
+                entries: keys::decode_run(&v)?,
+                dirty: false,
+            }));
+        }
         let lo = keys::queue(QUEUE_RUN, ep, 0);
         let hi = keys::queue(QUEUE_RUN, ep, seq);
         let Some(kv) = tree.range(&lo[..]..=&hi[..]).next_back() else {
             return Ok(None);
         };
         let (k, v) = kv?;
-        let key = keys::seq_of_queue_key(&k)?;
         Ok(Some(OpenRun {
             ep,
-            key,
-            next: next_run_key(tree, ep, key)?,
+            key: keys::seq_of_queue_key(&k)?,
+            next: None,
             entries: keys::decode_run(&v)?,
             dirty: false,
         }))
@@ -807,14 +832,30 @@ impl OpenRun {
         Ok(OpenRun {
             ep,
             key: seq,
-            next: next_run_key(tree, ep, seq)?,
+            next: Some(next_run_key(tree, ep, seq)?),
             entries: Vec::new(),
             dirty: true,
         })
     }
 
-    fn covers(&self, ep: EndpointKey, seq: Seq) -> bool {
-        ep == self.ep && seq >= self.key && self.next.is_none_or(|next| seq < next)
+    /// Whether `seq` (at or after every seq this run was asked about) falls in its range.
+    /// Past the run's last entry only a put can land here, so only then is the next
+    /// run's key looked up; a removal there belongs to a later run or to none.
+    fn covers(&mut self, tree: &sled::Tree, ep: EndpointKey, seq: Seq, put: bool) -> Result<bool, LogError> {
+        if ep != self.ep || seq < self.key {
+            return Ok(false);
+        }
+        if self.entries.last().is_some_and(|last| seq <= last.seq) {
+            return Ok(true);
+        }
+        if !put {
+            return Ok(false);
+        }
+        let next = match self.next {
+            Some(next) => next,
+            None => *self.next.insert(next_run_key(tree, ep, self.key)?),
+        };
+        Ok(next.is_none_or(|next| seq < next))
     }
 
     fn change(&mut self, seq: Seq, change: Option<Pending>) {
@@ -1496,7 +1537,9 @@ mod tests {
                 .keys()
                 .map(|k| keys::u64_at(&k.unwrap(), 1).unwrap())
                 .collect();
-            assert_eq!(firsts, vec![1, 257, 513, 601], "600 events in three batches, then one");
+            // Test events are 46-48 bytes: about 170 fit in BATCH_MAX_BYTES, so 600 take
+            // four batches, and the next append starts a batch of its own.
+            assert_eq!(firsts, vec![1, 173, 343, 513, 601]);
         }
         // Reopened, the log counts events, continues seqs and reads from sled alone.
         let log = open(dir.path());
