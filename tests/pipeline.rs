@@ -125,6 +125,52 @@ async fn socket_pipelines_500_lines_and_one_bad_line_disturbs_nothing() {
     assert_eq!(got, want);
 }
 
+/// A connection's reads are parsed on several threads at once; replies and appends must
+/// still follow the order of the lines, across many 64 KiB reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_replies_follow_line_order_across_many_reads() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    const LINES: usize = 6_000;
+    let writer = tokio::spawn(async move {
+        let mut text = String::new();
+        for i in 0..LINES {
+            if i % 97 == 0 {
+                text.push_str("{\"link\": {}}\n");
+            } else {
+                // A padded metadata field varies line lengths so reads split lines anywhere.
+                text.push_str(&format!(
+                    r#"{{"id":"line-{i}","link":{{"id":"{i}"}},"metadata":{{"pad":"{}"}}}}"#,
+                    "x".repeat(i % 300)
+                ));
+                text.push('\n');
+            }
+        }
+        write.write_all(text.as_bytes()).await.unwrap();
+        write.shutdown().await.unwrap();
+    });
+    let mut lines = BufReader::new(read).lines();
+    let mut replies = Vec::new();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        replies.push(l);
+    }
+    writer.await.unwrap();
+    assert_eq!(replies.len(), LINES);
+    for (i, r) in replies.iter().enumerate() {
+        if i % 97 == 0 {
+            assert!(r.starts_with("err link.id"), "line {i}: {r}");
+        } else {
+            assert_eq!(r, &format!("ok line-{i}"), "line {i}");
+        }
+    }
+    let good = LINES - LINES.div_ceil(97);
+    sink.wait_for("/a", good, WAIT).await;
+    assert_eq!(sink.event_ids("/a").len(), good);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_route_by_link_and_workspace_and_both_fire() {
     let sink = Sink::start().await;

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// Groups of lines read but not yet answered, per connection.
 const REPLY_QUEUE: usize = 8;
 const READ_CHUNK: usize = 64 * 1024;
+/// Chunks of a connection being parsed at once, ahead of their append.
+const PARSE_AHEAD: usize = 4;
 
 /// The answer owed to one line.
 enum LineResult {
@@ -70,10 +72,11 @@ pub async fn serve(
 
 async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize, mut shutdown: watch::Receiver<bool>) {
     let (mut read, write) = stream.into_split();
+    let (parsed_tx, parsed_rx) = mpsc::channel::<JoinHandle<Parsed>>(PARSE_AHEAD);
     let (tx, rx) = mpsc::channel::<Group>(REPLY_QUEUE);
     let writer = tokio::spawn(write_replies(write, rx, ingestor.clone()));
+    let submitter = tokio::spawn(submit_in_order(parsed_rx, tx, ingestor.clone()));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // Inside an overlong line: its bytes are dropped until its newline.
     let mut skipping = false;
     loop {
         let start = buf.len();
@@ -82,40 +85,53 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
             r = read.read(&mut buf[start..]) => r,
             _ = shutdown.changed() => Ok(0),
         };
-        // A read error ends the connection like an end of stream: answer what was read.
         let n = n.unwrap_or_default();
         buf.truncate(start + n);
-        if n == 0 {
-            // A last line without its newline is still a line.
-            if !buf.is_empty() && !skipping {
-                buf.push(b'\n');
-                let group = make_group(&ingestor, &mut buf, max_line, &mut skipping).await;
-                let _ = tx.send(group).await;
+        let closing = n == 0;
+        if closing && !buf.is_empty() && !skipping {
+            // The last line needs no newline.
+            buf.push(b'\n');
+        }
+        // Whole lines go to a parse task of their own, so one connection's clicks are
+        // parsed on every ingest thread; what follows the last newline waits for more.
+        let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |last| last + 1);
+        if whole > 0 {
+            let chunk: Vec<u8> = buf.drain(..whole).collect();
+            let first_line_skipped = std::mem::replace(&mut skipping, false);
+            let ingestor = ingestor.clone();
+            let task = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
+            if parsed_tx.send(task).await.is_err() {
+                break;
             }
-            break;
         }
-        let group = make_group(&ingestor, &mut buf, max_line, &mut skipping).await;
-        if group.lines.is_empty() {
-            continue;
+        if buf.len() > max_line {
+            skipping = true;
+            buf.clear();
         }
-        if tx.send(group).await.is_err() {
+        if closing {
             break;
         }
     }
-    drop(tx);
+    drop(parsed_tx);
+    let _ = submitter.await;
     let _ = writer.await;
 }
 
-/// Takes every complete line out of `buf` and submits the good ones as one append.
-async fn make_group(ingestor: &Ingestor, buf: &mut Vec<u8>, max_line: usize, skipping: &mut bool) -> Group {
+/// One chunk's lines, parsed, before their append.
+struct Parsed {
+    lines: Vec<LineResult>,
+    good: Vec<PreparedClick>,
+}
+
+/// Parses and validates the whole lines of `chunk`. `first_line_skipped`: the chunk
+/// starts with the tail of an over-long line, answered as such.
+fn parse_chunk(ingestor: &Ingestor, mut chunk: Vec<u8>, max_line: usize, first_line_skipped: bool) -> Parsed {
     let mut lines = Vec::new();
     let mut good: Vec<PreparedClick> = Vec::new();
-    let mut consumed = 0;
     let received = click::received_now();
-    while let Some(pos) = buf[consumed..].iter().position(|b| *b == b'\n') {
-        let end = consumed + pos;
-        let line = &mut buf[consumed..end];
-        let was_skipping = std::mem::replace(skipping, false);
+    let mut skipping = first_line_skipped;
+    for line in chunk.split_mut(|b| *b == b'\n') {
+        let was_skipping = std::mem::replace(&mut skipping, false);
         if was_skipping || line.len() > max_line {
             lines.push(LineResult::Rejected(format!(
                 "line longer than ingest.http.max_body ({max_line} bytes)"
@@ -131,19 +147,39 @@ async fn make_group(ingestor: &Ingestor, buf: &mut Vec<u8>, max_line: usize, ski
                 Err(m) => LineResult::Rejected(m),
             });
         }
-        consumed = end + 1;
     }
-    buf.drain(..consumed);
-    if buf.len() > max_line {
-        *skipping = true;
-        buf.clear();
+    Parsed { lines, good }
+}
+
+/// Takes parsed chunks in the order they were read and appends them in that order, so
+/// seqs and replies follow the connection's order whichever parse finished first.
+async fn submit_in_order(
+    mut parsed: mpsc::Receiver<JoinHandle<Parsed>>,
+    tx: mpsc::Sender<Group>,
+    ingestor: Arc<Ingestor>,
+) {
+    while let Some(task) = parsed.recv().await {
+        let Parsed { lines, good } = match task.await {
+            Ok(p) => p,
+            Err(e) => {
+                // A parse task cannot panic on input (every error is a rejected line);
+                // should one fail anyway, the connection ends rather than misanswer.
+                tracing::error!(error = %e, "a socket parse task failed; closing the connection");
+                return;
+            }
+        };
+        if lines.is_empty() {
+            continue;
+        }
+        let submitted = if good.is_empty() {
+            None
+        } else {
+            Some(ingestor.submit(good, Source::Unix).await)
+        };
+        if tx.send(Group { lines, submitted }).await.is_err() {
+            return;
+        }
     }
-    let submitted = if good.is_empty() {
-        None
-    } else {
-        Some(ingestor.submit(good, Source::Unix).await)
-    };
-    Group { lines, submitted }
 }
 
 async fn write_replies(
