@@ -91,6 +91,8 @@ pub struct SledLog {
     writer: Mutex<Option<JoinHandle<()>>>,
     events: Arc<AtomicU64>,
     recent: Arc<RecentEvents>,
+    /// This log's number in [`LAST_BATCH`].
+    id: u64,
     endpoint_keys: Mutex<()>,
 }
 
@@ -102,12 +104,15 @@ const RECENT_EVENTS: usize = 8192;
 /// An event's bytes never change, so a slot only has to be right about which seq it holds.
 struct RecentEvents {
     slots: Box<[Mutex<Option<StoredEvent>>]>,
+    /// Event batches removed so far; readers' cached batches are void once it moves.
+    removals: AtomicU64,
 }
 
 impl RecentEvents {
     fn new() -> Self {
         RecentEvents {
             slots: (0..RECENT_EVENTS).map(|_| Mutex::new(None)).collect(),
+            removals: AtomicU64::new(0),
         }
     }
 
@@ -205,6 +210,7 @@ impl SledLog {
             writer: Mutex::new(Some(handle)),
             events,
             recent,
+            id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             endpoint_keys: Mutex::new(()),
         }))
     }
@@ -366,15 +372,18 @@ fn migrate_single_events(db: &sled::Db, tree: &sled::Tree) -> Result<(), LogErro
 
 /// The event at `seq`, read from the batch with the greatest key at or below it.
 fn find_event(tree: &sled::Tree, seq: Seq) -> Result<Option<StoredEvent>, LogError> {
+    match find_batch(tree, seq)? {
+        Some((first, value)) => event_in_batch(first, &value, seq),
+        None => Ok(None),
+    }
+}
+
+/// The batch that would hold `seq`, with its first seq.
+fn find_batch(tree: &sled::Tree, seq: Seq) -> Result<Option<(Seq, sled::IVec)>, LogError> {
     // The first event of a batch (every event, when clicks come one per request) is a
     // point read away.
     if let Some(v) = tree.get(keys::event_batch(seq))? {
-        let view = BatchView::decode(&v)?;
-        return Ok(view.get(0).map(|data| StoredEvent {
-            seq,
-            accepted_ms: view.accepted_ms,
-            data: Bytes::copy_from_slice(data),
-        }));
+        return Ok(Some((seq, v)));
     }
     let Some(kv) = tree
         .range(&keys::event_batch(0)[..]..=&keys::event_batch(seq)[..])
@@ -383,14 +392,37 @@ fn find_event(tree: &sled::Tree, seq: Seq) -> Result<Option<StoredEvent>, LogErr
         return Ok(None);
     };
     let (k, v) = kv?;
-    let first = keys::u64_at(&k, 1)?;
-    let view = BatchView::decode(&v)?;
-    Ok(view.get((seq - first) as usize).map(|data| StoredEvent {
+    Ok(Some((keys::u64_at(&k, 1)?, v)))
+}
+
+fn event_in_batch(first: Seq, value: &[u8], seq: Seq) -> Result<Option<StoredEvent>, LogError> {
+    let view = BatchView::decode(value)?;
+    let Some(at) = seq.checked_sub(first) else {
+        return Ok(None);
+    };
+    Ok(view.get(at as usize).map(|data| StoredEvent {
         seq,
         accepted_ms: view.accepted_ms,
         data: Bytes::copy_from_slice(data),
     }))
 }
+
+/// The event batch a thread read last. A worker reads a batch's events one after another,
+/// and the endpoints of a shard read the same events, so the next read is usually in it.
+struct LastBatch {
+    log: u64,
+    /// [`RecentEvents::removals`] when it was read: any removal since voids it.
+    removals: u64,
+    first: Seq,
+    value: sled::IVec,
+}
+
+thread_local! {
+    static LAST_BATCH: std::cell::RefCell<Option<LastBatch>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Tells logs apart in [`LAST_BATCH`], which outlives any one of them.
+static NEXT_LOG_ID: AtomicU64 = AtomicU64::new(1);
 
 struct Writer {
     db: sled::Db,
@@ -742,7 +774,9 @@ fn raw_write(
         None => {
             if let Some(old) = tree.remove(key)? {
                 let n = BatchView::decode(&old)?.len() as u64;
-                // Removed events must not be read back from the ring either.
+                // Removed events must not be read back from the ring or a reader's
+                // cached batch either.
+                recent.removals.fetch_add(1, Ordering::Release);
                 for seq in first..first + n {
                     recent.forget(seq);
                 }
@@ -974,7 +1008,29 @@ impl ClickLog for SledLog {
         if let Some(ev) = self.recent.get(seq) {
             return Ok(Some(ev));
         }
-        find_event(&self.tree, seq)
+        let removals = self.recent.removals.load(Ordering::Acquire);
+        let cached = LAST_BATCH.with(|last| match &*last.borrow() {
+            Some(b) if b.log == self.id && b.removals == removals && seq >= b.first => {
+                event_in_batch(b.first, &b.value, seq).transpose()
+            }
+            _ => None,
+        });
+        if let Some(ev) = cached {
+            return ev.map(Some);
+        }
+        let Some((first, value)) = find_batch(&self.tree, seq)? else {
+            return Ok(None);
+        };
+        let ev = event_in_batch(first, &value, seq)?;
+        LAST_BATCH.with(|last| {
+            *last.borrow_mut() = Some(LastBatch {
+                log: self.id,
+                removals,
+                first,
+                value,
+            })
+        });
+        Ok(ev)
     }
 
     fn pending_after(&self, endpoint: EndpointKey, after: Option<Seq>, limit: usize) -> Result<Vec<Pending>, LogError> {
@@ -1490,7 +1546,7 @@ mod tests {
             br#"{"id":"e299","timestamp":"2025-01-01T00:00:00Z"}"#
         );
         // ... and with sled's batches taken away behind the log's back, the latest is
-        // still served while the first is not.
+        // still served from the ring.
         for k in log.tree.scan_prefix([EVENT_BATCH]).keys() {
             log.tree.remove(k.unwrap()).unwrap();
         }
@@ -1498,7 +1554,6 @@ mod tests {
             &log.event(last).unwrap().unwrap().data[..],
             br#"{"id":"e8201","timestamp":"2025-01-01T00:00:00Z"}"#
         );
-        assert!(log.event(1).unwrap().is_none());
         assert!(log.event(last + 1).unwrap().is_none());
     }
 
@@ -1521,6 +1576,37 @@ mod tests {
         })
         .unwrap();
         assert_eq!(page.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_threads_cached_batch_serves_neighbours_until_a_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let events = (0..RECENT_EVENTS + 100)
+            .map(|i| event(&format!("e{i}"), false, vec![]))
+            .collect();
+        log.append(events).await.unwrap().unwrap();
+        // Seqs 1 and 2 are out of the ring and in one batch: the second read comes from
+        // the batch the first one left with this thread.
+        assert_eq!(&log.event(1).unwrap().unwrap().data[..9], br#"{"id":"e0"#);
+        for k in log.tree.scan_prefix([EVENT_BATCH]).keys() {
+            log.tree.remove(k.unwrap()).unwrap();
+        }
+        assert_eq!(&log.event(2).unwrap().unwrap().data[..9], br#"{"id":"e1"#);
+        // A prune through the log voids it.
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let events = (0..RECENT_EVENTS + 100)
+            .map(|i| event(&format!("e{i}"), false, vec![]))
+            .collect();
+        log.append(events).await.unwrap().unwrap();
+        assert!(log.event(1).unwrap().is_some());
+        let later = super::super::now_ms() + 10_000;
+        assert!(log.prune(later, 1_000).await.unwrap().unwrap() > 0);
+        assert!(
+            log.event(2).unwrap().is_none(),
+            "a pruned event is not served from a cached batch"
+        );
     }
 
     #[tokio::test]
