@@ -199,7 +199,7 @@ pub async fn run(
     ));
     let admin_state = Arc::new(AdminState {
         registry: registry.clone(),
-        metrics,
+        metrics: metrics.clone(),
         ready: false.into(),
         token: config.admin.token.clone(),
         connections,
@@ -230,6 +230,7 @@ pub async fn run(
 
     let housekeeping = tokio::spawn(housekeeping(
         sled_log.clone(),
+        metrics.clone(),
         data_dir.clone(),
         config.storage.max_bytes.0,
         config.storage.retention.0,
@@ -378,6 +379,7 @@ fn start_watchdog(mut shutdown: watch::Receiver<bool>) -> Option<tokio::task::Jo
 /// half retention when that is shorter.
 async fn housekeeping(
     log: Arc<SledLog>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
     dir: PathBuf,
     max_bytes: u64,
     retention: Duration,
@@ -407,6 +409,10 @@ async fn housekeeping(
             }
         }
         crate::metrics::log_gauges(log.event_count(), bytes);
+        // Histogram samples pile up in the recorder until an upkeep folds them into their
+        // buckets, and a scrape is not guaranteed: without this, an unscraped daemon grew
+        // by some 50 MiB over a million deliveries.
+        metrics.run_upkeep();
         n += 1;
         if n % prune_every == 0 {
             match log.prune(now_ms(), retention.as_millis() as u64).await {
