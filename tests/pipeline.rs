@@ -80,23 +80,13 @@ async fn accepts_arrays_and_ndjson_with_ids_in_input_order() {
     assert_eq!(want, got);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn socket_pipelines_500_lines_and_one_bad_line_disturbs_nothing() {
+/// Writes `text` to the daemon's socket while reading every reply line, until the daemon
+/// closes its side.
+async fn socket_exchange(socket: &std::path::Path, text: String) -> Vec<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let sink = Sink::start().await;
-    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
-    let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
     let (read, mut write) = stream.into_split();
     let writer = tokio::spawn(async move {
-        let mut text = String::new();
-        for i in 0..500 {
-            if i == 250 {
-                text.push_str("{\"link\": {\"id\": [\"not\", \"valid\"]}}\n");
-            } else {
-                text.push_str(&click(&i.to_string(), "w"));
-                text.push('\n');
-            }
-        }
         write.write_all(text.as_bytes()).await.unwrap();
         write.shutdown().await.unwrap();
     });
@@ -106,6 +96,23 @@ async fn socket_pipelines_500_lines_and_one_bad_line_disturbs_nothing() {
         replies.push(l);
     }
     writer.await.unwrap();
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_pipelines_500_lines_and_one_bad_line_disturbs_nothing() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let mut text = String::new();
+    for i in 0..500 {
+        if i == 250 {
+            text.push_str("{\"link\": {\"id\": [\"not\", \"valid\"]}}\n");
+        } else {
+            text.push_str(&click(&i.to_string(), "w"));
+            text.push('\n');
+        }
+    }
+    let replies = socket_exchange(&d.socket, text).await;
     assert_eq!(replies.len(), 500);
     for (i, r) in replies.iter().enumerate() {
         if i == 250 {
@@ -129,35 +136,23 @@ async fn socket_pipelines_500_lines_and_one_bad_line_disturbs_nothing() {
 /// still follow the order of the lines, across many 64 KiB reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_replies_follow_line_order_across_many_reads() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let sink = Sink::start().await;
     let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
-    let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
-    let (read, mut write) = stream.into_split();
     const LINES: usize = 6_000;
-    let writer = tokio::spawn(async move {
-        let mut text = String::new();
-        for i in 0..LINES {
-            if i % 97 == 0 {
-                text.push_str("{\"link\": {}}\n");
-            } else {
-                // A padded metadata field varies line lengths so reads split lines anywhere.
-                text.push_str(&format!(
-                    r#"{{"id":"line-{i}","link":{{"id":"{i}"}},"metadata":{{"pad":"{}"}}}}"#,
-                    "x".repeat(i % 300)
-                ));
-                text.push('\n');
-            }
+    let mut text = String::new();
+    for i in 0..LINES {
+        if i % 97 == 0 {
+            text.push_str("{\"link\": {}}\n");
+        } else {
+            // A padded metadata field varies line lengths so reads split lines anywhere.
+            text.push_str(&format!(
+                r#"{{"id":"line-{i}","link":{{"id":"{i}"}},"metadata":{{"pad":"{}"}}}}"#,
+                "x".repeat(i % 300)
+            ));
+            text.push('\n');
         }
-        write.write_all(text.as_bytes()).await.unwrap();
-        write.shutdown().await.unwrap();
-    });
-    let mut lines = BufReader::new(read).lines();
-    let mut replies = Vec::new();
-    while let Some(l) = lines.next_line().await.unwrap() {
-        replies.push(l);
     }
-    writer.await.unwrap();
+    let replies = socket_exchange(&d.socket, text).await;
     assert_eq!(replies.len(), LINES);
     for (i, r) in replies.iter().enumerate() {
         if i % 97 == 0 {

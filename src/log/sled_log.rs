@@ -1481,6 +1481,15 @@ mod tests {
         }
     }
 
+    /// A fresh log holding `n` events (`e0`, `e1`, …) routed nowhere.
+    async fn log_with_events(n: usize) -> (tempfile::TempDir, Arc<SledLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let events = (0..n).map(|i| event(&format!("e{i}"), false, vec![])).collect();
+        log.append(events).await.unwrap().unwrap();
+        (dir, log)
+    }
+
     fn run_keys(log: &SledLog, ep: EndpointKey) -> Vec<Seq> {
         log.tree
             .scan_prefix(keys::queue_prefix(QUEUE_RUN, ep))
@@ -1529,12 +1538,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_latest_events_are_read_from_memory_and_older_ones_from_sled() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path());
-        let events = (0..RECENT_EVENTS + 10)
-            .map(|i| event(&format!("e{i}"), false, vec![]))
-            .collect();
-        log.append(events).await.unwrap().unwrap();
+        let (_dir, log) = log_with_events(RECENT_EVENTS + 10).await;
         let last = (RECENT_EVENTS + 10) as Seq;
         // The first ones, long out of the ring, come from sled ...
         assert_eq!(
@@ -1580,12 +1584,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_threads_cached_batch_serves_neighbours_until_a_prune() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path());
-        let events = (0..RECENT_EVENTS + 100)
-            .map(|i| event(&format!("e{i}"), false, vec![]))
-            .collect();
-        log.append(events).await.unwrap().unwrap();
+        let (_dir, log) = log_with_events(RECENT_EVENTS + 100).await;
         // Seqs 1 and 2 are out of the ring and in one batch: the second read comes from
         // the batch the first one left with this thread.
         assert_eq!(&log.event(1).unwrap().unwrap().data[..9], br#"{"id":"e0"#);
@@ -1594,12 +1593,7 @@ mod tests {
         }
         assert_eq!(&log.event(2).unwrap().unwrap().data[..9], br#"{"id":"e1"#);
         // A prune through the log voids it.
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path());
-        let events = (0..RECENT_EVENTS + 100)
-            .map(|i| event(&format!("e{i}"), false, vec![]))
-            .collect();
-        log.append(events).await.unwrap().unwrap();
+        let (_dir, log) = log_with_events(RECENT_EVENTS + 100).await;
         assert!(log.event(1).unwrap().is_some());
         let later = super::super::now_ms() + 10_000;
         assert!(log.prune(later, 1_000).await.unwrap().unwrap() > 0);
