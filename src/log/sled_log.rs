@@ -3,7 +3,8 @@
 //! commit) and only then answers the waiting tickets, so nothing is acknowledged before
 //! it is durable. Within a group, writes are ordered so that a crash keeping only a
 //! prefix of them leaves nothing that hides or breaks acknowledged data. Readers go to
-//! sled directly. It must not be called for writes from anywhere but through the channel.
+//! sled directly, after a ring of the latest events and the event batch their thread
+//! read last. It must not be called for writes from anywhere but through the channel.
 
 use super::keys::{
     self, BatchView, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT_BATCH, LEGACY_EVENT, LEGACY_PENDING, QUEUE_RUN, SETTING,
@@ -12,7 +13,7 @@ use super::{AppendOutcome, ClickLog, DeadLetter, EndpointKey, LogError, NewEvent
 use crate::config::FsyncMode;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,13 @@ enum WriteOp {
         reply: Option<Reply<()>>,
         durable: bool,
     },
+    /// Delivery progress of one endpoint (delivered entries leave, retried ones get new
+    /// state): nobody waits for it and it needs no flush of its own, so the writer may
+    /// hold it back and rewrite each run it touches once.
+    Progress {
+        endpoint: EndpointKey,
+        changes: Vec<(Seq, Option<Pending>)>,
+    },
     Close(Reply<()>),
 }
 
@@ -70,16 +78,8 @@ impl Step {
 }
 
 impl WriteOp {
-    /// Delivery progress: writes nobody waits for and that need no flush of their own.
     fn is_progress(&self) -> bool {
-        matches!(
-            self,
-            WriteOp::Apply {
-                reply: None,
-                durable: false,
-                ..
-            }
-        )
+        matches!(self, WriteOp::Progress { .. })
     }
 }
 
@@ -400,7 +400,7 @@ fn event_in_batch(first: Seq, value: &[u8], seq: Seq) -> Result<Option<StoredEve
     let Some(at) = seq.checked_sub(first) else {
         return Ok(None);
     };
-    Ok(view.get(at as usize).map(|data| StoredEvent {
+    Ok(view.get(at as usize)?.map(|data| StoredEvent {
         seq,
         accepted_ms: view.accepted_ms,
         data: Bytes::copy_from_slice(data),
@@ -570,7 +570,7 @@ impl Writer {
                 match op {
                     WriteOp::Append(_, reply) => waiting.push(Waiting::Append(reply, Vec::new())),
                     WriteOp::Apply { reply: Some(reply), .. } => waiting.push(Waiting::Apply(reply)),
-                    WriteOp::Apply { reply: None, .. } => {}
+                    WriteOp::Apply { reply: None, .. } | WriteOp::Progress { .. } => {}
                     WriteOp::Close(reply) => waiting.push(Waiting::Close(reply)),
                 }
                 continue;
@@ -582,21 +582,9 @@ impl Writer {
                     result = self.append(events, &mut outcomes, &mut counts);
                     waiting.push(Waiting::Append(reply, outcomes));
                 }
-                op @ WriteOp::Apply { .. } if op.is_progress() => {
-                    if let WriteOp::Apply { steps, .. } = op {
-                        for step in steps {
-                            match step {
-                                Step::Put(ep, p) => progress.insert((ep, p.seq), Some(p)),
-                                Step::Remove(ep, seq) => progress.insert((ep, seq), None),
-                                // Progress is only queue changes; a raw write here would be
-                                // a caller's mistake, applied in order all the same.
-                                Step::Raw(k, v) => {
-                                    result = apply_queue_changes(&self.tree, std::mem::take(&mut progress))
-                                        .and_then(|_| raw_write(&self.tree, &self.recent, k, v, &mut counts));
-                                    None
-                                }
-                            };
-                        }
+                WriteOp::Progress { endpoint, changes } => {
+                    for (seq, change) in changes {
+                        progress.insert((endpoint, seq), change);
                     }
                 }
                 WriteOp::Apply { steps, reply, durable } => {
@@ -661,15 +649,15 @@ impl Writer {
         let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
         let mut client_ids: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         // Client ids earlier in this same append (not in sled until its end).
-        let mut ids_here: HashMap<String, ()> = HashMap::new();
+        let mut ids_here: HashSet<String> = HashSet::new();
         for ev in events {
             if ev.client_id {
                 let key = keys::prefixed(CLIENT_ID, ev.id.as_bytes());
-                if self.tree.contains_key(&key)? || ids_here.contains_key(&ev.id) {
+                if self.tree.contains_key(&key)? || ids_here.contains(&ev.id) {
                     outcomes.push(AppendOutcome::Duplicate);
                     continue;
                 }
-                ids_here.insert(ev.id.clone(), ());
+                ids_here.insert(ev.id.clone());
             }
             let seq = self.next_seq;
             self.next_seq += 1;
@@ -730,15 +718,25 @@ impl Writer {
         Ok(())
     }
 
+    /// Applies steps in order. Queue changes in a row go to their runs together, so a
+    /// replay or revival rewrites each run once rather than once per entry.
     fn apply_steps(&self, steps: Vec<Step>, counts: &mut EventCounts) -> Result<(), LogError> {
+        let mut queued: BTreeMap<(EndpointKey, Seq), Option<Pending>> = BTreeMap::new();
         for step in steps {
             match step {
-                Step::Raw(k, v) => raw_write(&self.tree, &self.recent, k, v, counts)?,
-                Step::Put(ep, p) => apply_queue_changes(&self.tree, [((ep, p.seq), Some(p))])?,
-                Step::Remove(ep, seq) => apply_queue_changes(&self.tree, [((ep, seq), None)])?,
+                Step::Put(ep, p) => {
+                    queued.insert((ep, p.seq), Some(p));
+                }
+                Step::Remove(ep, seq) => {
+                    queued.insert((ep, seq), None);
+                }
+                Step::Raw(k, v) => {
+                    apply_queue_changes(&self.tree, std::mem::take(&mut queued))?;
+                    raw_write(&self.tree, &self.recent, k, v, counts)?;
+                }
             }
         }
-        Ok(())
+        apply_queue_changes(&self.tree, queued)
     }
 }
 
@@ -837,26 +835,23 @@ impl OpenRun {
     fn find(tree: &sled::Tree, ep: EndpointKey, seq: Seq) -> Result<Option<OpenRun>, LogError> {
         // A run keyed at the seq itself is the common case (the head of an append's run,
         // or a single click's), and a point read is cheaper than a reverse scan.
-        if let Some(v) = tree.get(keys::queue(QUEUE_RUN, ep, seq))? {
-            return Ok(Some(OpenRun {
-                ep,
-                key: seq,
-                next: None,
-                entries: keys::decode_run(&v)?,
-                dirty: false,
-            }));
-        }
-        let lo = keys::queue(QUEUE_RUN, ep, 0);
-        let hi = keys::queue(QUEUE_RUN, ep, seq);
-        let Some(kv) = tree.range(&lo[..]..=&hi[..]).next_back() else {
-            return Ok(None);
+        let (key, value) = match tree.get(keys::queue(QUEUE_RUN, ep, seq))? {
+            Some(v) => (seq, v),
+            None => {
+                let lo = keys::queue(QUEUE_RUN, ep, 0);
+                let hi = keys::queue(QUEUE_RUN, ep, seq);
+                let Some(kv) = tree.range(&lo[..]..=&hi[..]).next_back() else {
+                    return Ok(None);
+                };
+                let (k, v) = kv?;
+                (keys::seq_of_queue_key(&k)?, v)
+            }
         };
-        let (k, v) = kv?;
         Ok(Some(OpenRun {
             ep,
-            key: keys::seq_of_queue_key(&k)?,
+            key,
             next: None,
-            entries: keys::decode_run(&v)?,
+            entries: keys::decode_run(&value)?,
             dirty: false,
         }))
     }
@@ -1046,23 +1041,22 @@ impl ClickLog for SledLog {
     }
 
     fn delivered(&self, endpoint: EndpointKey, seqs: &[Seq]) {
-        self.send(WriteOp::Apply {
-            steps: seqs.iter().map(|s| Step::Remove(endpoint, *s)).collect(),
-            reply: None,
-            durable: false,
+        self.send(WriteOp::Progress {
+            endpoint,
+            changes: seqs.iter().map(|s| (*s, None)).collect(),
         });
     }
 
     fn reschedule(&self, endpoint: EndpointKey, entries: &[Pending]) {
-        self.send(WriteOp::Apply {
-            steps: entries.iter().map(|p| Step::Put(endpoint, *p)).collect(),
-            reply: None,
-            durable: false,
+        self.send(WriteOp::Progress {
+            endpoint,
+            changes: entries.iter().map(|p| (p.seq, Some(*p))).collect(),
         });
     }
 
     fn bury(&self, endpoint: EndpointKey, letters: Vec<DeadLetter>) {
         let mut steps = Vec::with_capacity(letters.len() * 2);
+        let mut leave = Vec::with_capacity(letters.len());
         for letter in letters {
             let record = match self.event(letter.seq) {
                 Ok(Some(ev)) => keys::event_record(ev.accepted_ms, &ev.data),
@@ -1071,13 +1065,16 @@ impl ClickLog for SledLog {
             match keys::dead_value(&letter, &record) {
                 Ok(v) => {
                     steps.push(Step::Raw(keys::queue(DEAD, endpoint, letter.seq).to_vec(), Some(v)));
-                    steps.push(Step::Remove(endpoint, letter.seq));
+                    leave.push(Step::Remove(endpoint, letter.seq));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, seq = letter.seq, "cannot encode a dead letter; it stays pending")
                 }
             }
         }
+        // Every dead letter is written before any entry leaves the queue, so a crash
+        // between keeps each event somewhere.
+        steps.extend(leave);
         // Dead letters are few and what an operator looks at next: applied (and flushed)
         // at once rather than held back with delivery progress.
         self.send(WriteOp::Apply {
@@ -1106,7 +1103,8 @@ impl ClickLog for SledLog {
     fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
         let mut steps = Vec::new();
-        let mut n = 0;
+        let mut requeue = Vec::new();
+        let mut buried = Vec::new();
         for kv in self.tree.scan_prefix(keys::queue_prefix(DEAD, endpoint)) {
             let (k, v) = match kv {
                 Ok(kv) => kv,
@@ -1131,11 +1129,14 @@ impl ClickLog for SledLog {
                     Some(keys::batch_value(accepted_ms, [json].into_iter())),
                 ));
             }
-            // Queued again before the dead letter goes, so a crash between keeps it somewhere.
-            steps.push(Step::Put(endpoint, Pending::fresh(letter.seq)));
-            steps.push(Step::Raw(k.to_vec(), None));
-            n += 1;
+            requeue.push(Step::Put(endpoint, Pending::fresh(letter.seq)));
+            buried.push(Step::Raw(k.to_vec(), None));
         }
+        let n = requeue.len();
+        // Events restored, then queued again, and only then the dead letters go, so a crash
+        // anywhere between keeps each event somewhere.
+        steps.extend(requeue);
+        steps.extend(buried);
         forward(self.apply(steps, true), reply, n);
         ticket
     }
