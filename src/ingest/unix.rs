@@ -77,6 +77,7 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
     let writer = tokio::spawn(write_replies(write, rx, ingestor.clone()));
     let submitter = tokio::spawn(submit_in_order(parsed_rx, tx, ingestor.clone()));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    // Inside an overlong line: its bytes are dropped until its newline.
     let mut skipping = false;
     loop {
         let start = buf.len();
@@ -85,11 +86,12 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
             r = read.read(&mut buf[start..]) => r,
             _ = shutdown.changed() => Ok(0),
         };
+        // A read error ends the connection like an end of stream: answer what was read.
         let n = n.unwrap_or_default();
         buf.truncate(start + n);
         let closing = n == 0;
         if closing && !buf.is_empty() && !skipping {
-            // The last line needs no newline.
+            // A last line without its newline is still a line.
             buf.push(b'\n');
         }
         // Whole lines go to a parse task of their own, so one connection's clicks are
