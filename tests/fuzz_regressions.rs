@@ -7,7 +7,7 @@ use clickhook::config::Config;
 use clickhook::deliver::format::{render, Format, RenderContext};
 use clickhook::enrich::Enricher;
 use clickhook::ingest::adapters::adapt;
-use clickhook::ingest::click::{parse_body, prepare, Framing};
+use clickhook::ingest::click::{parse_body, parse_one, prepare, prepare_raw, split_body, ClickError, Framing};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -16,20 +16,49 @@ fn enricher() -> &'static Enricher {
     E.get_or_init(Enricher::new)
 }
 
-/// `fuzz_targets/click_parse.rs`: both framings, `prepare`, and every format's rendering.
+/// `fuzz_targets/click_parse.rs`: both framings, `prepare_raw` against `prepare`, and every
+/// format's rendering.
 fn click_parse(data: &[u8]) {
     for framing in [Framing::Json, Framing::Ndjson] {
-        let mut body = data.to_vec();
-        let Ok(values) = parse_body(&mut body, framing) else {
+        let Ok(items) = split_body(data, framing) else {
             continue;
         };
-        for (i, v) in values.into_iter().enumerate() {
-            let Ok(click) = prepare(v, i, enricher(), "2025-01-01T00:00:00.000Z") else {
-                continue;
+        for (i, raw) in items.into_iter().enumerate() {
+            let text = raw.get().as_bytes();
+            let from_text = prepare_raw(text, i, enricher(), "2025-01-01T00:00:00.000Z");
+            // The adapters' way in (a value, encoded again) must reach the same verdict
+            // and the same stored click.
+            let from_value = parse_one(text)
+                .map_err(|m| ClickError { index: i, message: m })
+                .and_then(|v| prepare(v, i, enricher(), "2025-01-01T00:00:00.000Z"));
+            let click = match (from_text, from_value) {
+                (Ok(a), Ok(b)) => {
+                    let mut va: serde_json::Value =
+                        serde_json::from_slice(&a.data).expect("a prepared click is stored as JSON");
+                    let mut vb: serde_json::Value =
+                        serde_json::from_slice(&b.data).expect("a prepared click is stored as JSON");
+                    if !a.client_id {
+                        va["id"] = serde_json::Value::Null;
+                        vb["id"] = serde_json::Value::Null;
+                    }
+                    assert_eq!(va, vb, "text and value give different stored clicks");
+                    assert_eq!(
+                        (&a.link_id, &a.workspace_id, a.is_bot),
+                        (&b.link_id, &b.workspace_id, b.is_bot)
+                    );
+                    a
+                }
+                (Err(_), Err(_)) => continue,
+                (a, b) => panic!(
+                    "text and value disagree: {:?} against {:?}",
+                    a.map(|c| c.id),
+                    b.map(|c| c.id)
+                ),
             };
             let stored: serde_json::Value =
                 serde_json::from_slice(&click.data).expect("a prepared click is stored as JSON");
             assert_eq!(stored["id"], click.id.as_str());
+            assert!(!click.data.contains(&b'\n'), "a stored click is one line");
             for format in [Format::Standard, Format::Linkly, Format::Rebrandly, Format::Masiv] {
                 for batch in [false, true] {
                     if batch && !format.supports_batch() {
@@ -55,8 +84,8 @@ fn ndjson_framing(data: &[u8]) {
         .split(|b| *b == b'\n')
         .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
         .count();
-    let mut body = data.to_vec();
-    match parse_body(&mut body, Framing::Ndjson) {
+    let body = data.to_vec();
+    match parse_body(&body, Framing::Ndjson) {
         Ok(values) => assert_eq!(values.len(), lines, "one value per non-blank line"),
         Err(e) => assert!(e.index < lines, "error index {} of {} non-blank lines", e.index, lines),
     }

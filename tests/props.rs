@@ -313,18 +313,18 @@ proptest! {
     #[test]
     fn framing_hands_prepare_the_clicks_as_sent(values in prop::collection::vec(click(false), 1..4)) {
         // JSON array, single object and NDJSON all yield the objects that were sent.
-        let mut array = serde_json::to_vec(&Value::Array(values.clone())).unwrap();
-        let parsed = parse_body(&mut array, Framing::Json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let array = serde_json::to_vec(&Value::Array(values.clone())).unwrap();
+        let parsed = parse_body(&array, Framing::Json).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&parsed, &values);
-        let mut one = serde_json::to_vec(&values[0]).unwrap();
-        let parsed = parse_body(&mut one, Framing::Json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let one = serde_json::to_vec(&values[0]).unwrap();
+        let parsed = parse_body(&one, Framing::Json).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&parsed, &values[..1]);
         let mut nd = Vec::new();
         for v in &values {
             nd.extend(serde_json::to_vec(v).unwrap());
             nd.extend_from_slice(b"\n\n");
         }
-        let parsed = parse_body(&mut nd, Framing::Ndjson).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let parsed = parse_body(&nd, Framing::Ndjson).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&parsed, &values);
         for (i, v) in parsed.into_iter().enumerate() {
             accepted_or_rejected(v, i)?;

@@ -4,9 +4,9 @@
 //! or a combined file), never overwrites a value the click brought, and must not fail a
 //! click: an address the database does not know simply adds nothing.
 
-use super::EnrichError;
+use super::{ClickObject, EnrichError};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -65,16 +65,12 @@ impl GeoIp {
     }
 
     /// Adds what the database knows about `click.ip` to the fields the click lacks.
-    pub fn fill(&self, click: &mut Map<String, Value>) {
+    pub fn fill<C: ClickObject + ?Sized>(&self, click: &mut C) {
         let wanted = ["country", "region", "city", "isp", "organization"];
-        if wanted.iter().all(|k| present(click, k)) {
+        if wanted.iter().all(|k| click.present(k)) {
             return;
         }
-        let Some(ip) = click
-            .get("ip")
-            .and_then(Value::as_str)
-            .and_then(|s| s.trim().parse::<IpAddr>().ok())
-        else {
+        let Some(ip) = click.string("ip").and_then(|s| s.trim().parse::<IpAddr>().ok()) else {
             return;
         };
         // "::ffff:a.b.c.d" (as proxies often report IPv4 visitors) must find the IPv4 record,
@@ -105,16 +101,12 @@ impl GeoIp {
         ];
         for (key, value) in values {
             if let Some(v) = value {
-                if !present(click, key) {
-                    click.insert(key.to_string(), Value::from(v));
+                if !click.present(key) {
+                    click.set(key, Value::from(v));
                 }
             }
         }
     }
-}
-
-fn present(click: &Map<String, Value>, key: &str) -> bool {
-    matches!(click.get(key), Some(v) if !v.is_null())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod ua;
 
 pub use country::{country_code, country_name};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::path::Path;
 use ua::{Device, UaInfo, UaParser};
 
@@ -46,46 +47,87 @@ impl Enricher {
 
     /// Adds `browser`, `os`, `device`, `device_vendor`, `bot_name` and `is_eu_country` to
     /// `click` (the click's `click` object) and returns whether the click is a bot's.
-    pub fn enrich(&self, click: &mut Map<String, Value>) -> bool {
+    pub fn enrich<C: ClickObject + ?Sized>(&self, click: &mut C) -> bool {
         if let Some(geo) = &self.geoip {
             geo.fill(click);
         }
-        let parsed = click
-            .get("user_agent")
-            .and_then(Value::as_str)
-            .map(|ua| self.ua.parse(ua));
+        let parsed = click.string("user_agent").map(|ua| self.ua.parse(&ua));
         let info: &UaInfo = parsed.as_deref().unwrap_or(&UNKNOWN);
 
         keep_or_insert_pair(click, "browser", &info.browser, &info.browser_version);
         keep_or_insert_pair(click, "os", &info.os, &info.os_version);
 
-        let bot_name = match click.get("bot_name") {
-            Some(Value::String(s)) => Some(s.clone()),
-            _ => info.bot.clone(),
+        let bot_name = match click.string("bot_name") {
+            Some(s) => Some(s.into_owned()),
+            None => info.bot.clone(),
         };
-        let device = match click.get("device").and_then(Value::as_str).and_then(Device::from_name) {
+        let device = match click.string("device").as_deref().and_then(Device::from_name) {
             Some(given) => given,
             // A bot the shortener named is a bot whatever its user agent claims.
             None if bot_name.is_some() => Device::Bot,
             None => info.device,
         };
-        let vendor = match click.get("device_vendor") {
-            Some(Value::String(s)) => Some(s.clone()),
-            _ => info.vendor.clone(),
+        let vendor = match click.string("device_vendor") {
+            Some(s) => Some(s.into_owned()),
+            None => info.vendor.clone(),
         };
-        let is_eu = match click.get("is_eu_country") {
-            Some(Value::Bool(b)) => Value::Bool(*b),
-            _ => click
-                .get("country")
-                .and_then(Value::as_str)
-                .map_or(Value::Null, |c| Value::Bool(is_eu_country(c))),
+        let is_eu = match click.boolean("is_eu_country") {
+            Some(b) => Value::Bool(b),
+            None => click
+                .string("country")
+                .map_or(Value::Null, |c| Value::Bool(is_eu_country(&c))),
         };
         let is_bot = device == Device::Bot || bot_name.is_some();
-        click.insert("device".into(), Value::from(device.as_str()));
-        click.insert("device_vendor".into(), vendor.map_or(Value::Null, Value::String));
-        click.insert("bot_name".into(), bot_name.map_or(Value::Null, Value::String));
-        click.insert("is_eu_country".into(), is_eu);
+        click.set("device", Value::from(device.as_str()));
+        click.set("device_vendor", vendor.map_or(Value::Null, Value::String));
+        click.set("bot_name", bot_name.map_or(Value::Null, Value::String));
+        click.set("is_eu_country", is_eu);
         is_bot
+    }
+}
+
+/// A click's `click` object as enrichment reads and writes it. Ingest implements it over
+/// the click's text, so that members enrichment does not touch are never decoded; a
+/// `serde_json` map implements it for everything else.
+pub trait ClickObject {
+    /// The member's value if it is a string.
+    fn string(&self, name: &str) -> Option<Cow<'_, str>>;
+    /// The member's value if it is a boolean.
+    fn boolean(&self, name: &str) -> Option<bool>;
+    /// Whether the member is there and not null.
+    fn present(&self, name: &str) -> bool;
+    /// Whether the member is an object with a string `name`; such an object is kept, and
+    /// given `"version": null` if it has no version.
+    fn keep_named_pair(&mut self, name: &str) -> bool;
+    /// Sets the member: in its place if it is there, else last.
+    fn set(&mut self, name: &str, value: Value);
+}
+
+impl ClickObject for Map<String, Value> {
+    fn string(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.get(name).and_then(Value::as_str).map(Cow::Borrowed)
+    }
+
+    fn boolean(&self, name: &str) -> Option<bool> {
+        self.get(name).and_then(Value::as_bool)
+    }
+
+    fn present(&self, name: &str) -> bool {
+        matches!(self.get(name), Some(v) if !v.is_null())
+    }
+
+    fn keep_named_pair(&mut self, name: &str) -> bool {
+        match self.get_mut(name) {
+            Some(Value::Object(given)) if matches!(given.get("name"), Some(Value::String(_))) => {
+                given.entry("version").or_insert(Value::Null);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn set(&mut self, name: &str, value: Value) {
+        self.insert(name.to_owned(), value);
     }
 }
 
@@ -101,17 +143,19 @@ static UNKNOWN: UaInfo = UaInfo {
 
 /// Keeps a `{name, version}` object the click brought with a name, completing its keys;
 /// otherwise writes the parsed one.
-fn keep_or_insert_pair(click: &mut Map<String, Value>, key: &str, name: &Option<String>, version: &Option<String>) {
-    if let Some(Value::Object(given)) = click.get_mut(key) {
-        if matches!(given.get("name"), Some(Value::String(_))) {
-            given.entry("version").or_insert(Value::Null);
-            return;
-        }
+fn keep_or_insert_pair<C: ClickObject + ?Sized>(
+    click: &mut C,
+    key: &str,
+    name: &Option<String>,
+    version: &Option<String>,
+) {
+    if click.keep_named_pair(key) {
+        return;
     }
     let mut pair = Map::with_capacity(2);
     pair.insert("name".into(), name.clone().map_or(Value::Null, Value::String));
     pair.insert("version".into(), version.clone().map_or(Value::Null, Value::String));
-    click.insert(key.into(), Value::Object(pair));
+    click.set(key, Value::Object(pair));
 }
 
 /// Whether an ISO 3166-1 alpha-2 code names a member state of the European Union.

@@ -232,9 +232,23 @@ fn user_agent_table() {
     assert!(TABLE.iter().filter(|r| r.5.is_some()).count() >= 10);
 }
 
+/// Enriches `click` as a map, and as ingest does, over the click's text; both must agree.
 fn enrich(click: Value) -> (Value, bool) {
+    enrich_both(&Enricher::new(), click)
+}
+
+fn enrich_both(enricher: &Enricher, click: Value) -> (Value, bool) {
     let mut map = click.as_object().cloned().unwrap_or_default();
-    let is_bot = Enricher::new().enrich(&mut map);
+    let is_bot = enricher.enrich(&mut map);
+    let text = json!({"link": {"id": 1}, "click": click}).to_string();
+    let prepared = crate::ingest::click::prepare_raw(text.as_bytes(), 0, enricher, "2025-01-01T00:00:00.000Z").unwrap();
+    let stored: Value = serde_json::from_slice(&prepared.data).unwrap();
+    assert_eq!(
+        stored["click"],
+        Value::Object(map.clone()),
+        "over text and over a map differ"
+    );
+    assert_eq!(prepared.is_bot, is_bot);
     (Value::Object(map), is_bot)
 }
 
@@ -335,13 +349,17 @@ fn geoip_fills_geography_before_eu_membership_is_decided() {
     std::fs::write(&path, writer.to_bytes().unwrap()).unwrap();
 
     let enricher = Enricher::with_geoip(&path).unwrap();
-    let mut click = json!({"ip": "198.51.7.7"}).as_object().cloned().unwrap();
-    enricher.enrich(&mut click);
+    let (click, _) = enrich_both(&enricher, json!({"ip": "198.51.7.7"}));
     assert_eq!(click["country"], "DE");
     assert_eq!(click["region"], "BE");
     assert_eq!(click["city"], "Berlin");
     assert_eq!(click["is_eu_country"], true);
     assert!(click.get("isp").is_none());
+    let (kept, _) = enrich_both(&enricher, json!({"ip": "198.51.7.7", "country": "AT", "city": null}));
+    assert_eq!(
+        (&kept["country"], &kept["city"], &kept["is_eu_country"]),
+        (&json!("AT"), &json!("Berlin"), &json!(true))
+    );
 }
 
 #[test]

@@ -1,10 +1,15 @@
-//! The click model at the door: parses request bodies (one object, an array, or NDJSON)
-//! with simd-json, checks the fields of SPEC §3.1 with errors that name the field and
-//! the object's index, and turns each click into the stored event JSON. It must not
-//! store, route or deliver anything.
+//! The click model at the door: splits request bodies (one object, an array, or NDJSON)
+//! into clicks, checks the fields of SPEC §3.1 with errors that name the field and the
+//! object's index, and turns each click into the stored event JSON. A click is read from
+//! its text and only the objects the checks and enrichment need are taken apart; the
+//! rest is copied (serde_json's raw values; simd-json and whole `Value` trees measured
+//! slower, see BENCHMARKS.md). It must not store, route or deliver anything.
 
-use crate::enrich::Enricher;
+use crate::enrich::{ClickObject, Enricher};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
@@ -44,39 +49,57 @@ pub enum Framing {
     Ndjson,
 }
 
-/// Parses a body into click objects (not yet validated). The buffer is parsed in place.
-pub fn parse_body(body: &mut [u8], framing: Framing) -> Result<Vec<Value>, ClickError> {
+/// Splits a body into its click objects (not yet validated), each as the JSON text it
+/// was sent as. Nothing is built from them yet: [`prepare_raw`] reads what it needs.
+pub fn split_body(body: &[u8], framing: Framing) -> Result<Vec<&RawValue>, ClickError> {
     match framing {
         Framing::Ndjson => {
             let mut out = Vec::new();
-            for line in body.split_mut(|b| *b == b'\n') {
+            for line in body.split(|b| *b == b'\n') {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 let index = out.len();
-                out.push(parse_one(line).map_err(|m| ClickError::at(index, m))?);
+                let raw = serde_json::from_slice::<&RawValue>(line)
+                    .map_err(|e| ClickError::at(index, format!("malformed JSON: {e}")))?;
+                out.push(raw);
             }
             Ok(out)
         }
         Framing::Json => {
-            let copy = body.to_vec();
-            match parse_one(body) {
-                Ok(Value::Array(items)) => Ok(items),
-                Ok(v) => Ok(vec![v]),
-                Err(m) => Err(ClickError::at(locate_array_error(&copy), m)),
+            let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+            let malformed = |e: serde_json::Error| {
+                let index = if is_array { locate_array_error(body) } else { 0 };
+                ClickError::at(index, format!("malformed JSON: {e}"))
+            };
+            if is_array {
+                serde_json::from_slice::<Vec<&RawValue>>(body).map_err(malformed)
+            } else {
+                serde_json::from_slice::<&RawValue>(body)
+                    .map(|raw| vec![raw])
+                    .map_err(malformed)
             }
         }
     }
 }
 
-/// Deepest nesting of arrays and objects a click may have. Parsing recurses per level,
-/// so without a bound a body of nested brackets could exhaust the stack.
+/// Parses a body into click values (not yet validated), for the input adapters, which
+/// rearrange a product's payload as a whole.
+pub fn parse_body(body: &[u8], framing: Framing) -> Result<Vec<Value>, ClickError> {
+    split_body(body, framing)?
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| parse_one(raw.get().as_bytes()).map_err(|m| ClickError::at(index, m)))
+        .collect()
+}
+
+/// Deepest nesting of arrays and objects a click may have.
 pub const MAX_DEPTH: usize = 64;
 
-/// Parses one JSON value with simd-json.
-pub fn parse_one(bytes: &mut [u8]) -> Result<Value, String> {
+/// Parses one JSON value into a `serde_json::Value`.
+pub fn parse_one(bytes: &[u8]) -> Result<Value, String> {
     check_depth(bytes)?;
-    simd_json::serde::from_slice::<Value>(bytes).map_err(|e| format!("malformed JSON: {e}"))
+    serde_json::from_slice::<Value>(bytes).map_err(|e| format!("malformed JSON: {e}"))
 }
 
 /// Refuses JSON nested deeper than [`MAX_DEPTH`], looking at brackets outside strings.
@@ -176,88 +199,154 @@ const CLICK_STRINGS: &[&str] = &[
     "destination",
 ];
 
-/// Validates one click object and renders its stored JSON.
+/// Validates one click value and renders its stored JSON (the input adapters' way in;
+/// the value is encoded once and takes the same path as a click sent as text).
 pub fn prepare(value: Value, index: usize, enricher: &Enricher, received: &str) -> Result<PreparedClick, ClickError> {
+    let text = serde_json::to_vec(&value).map_err(|e| ClickError::at(index, format!("cannot encode: {e}")))?;
+    prepare_raw(&text, index, enricher, received)
+}
+
+/// Validates one click sent as JSON text and renders its stored JSON.
+///
+/// Only the objects a click's checks and enrichment read are taken apart: the top level
+/// and `link` into their members, `click` into a map for the enricher. Everything else
+/// (`metadata`, `link.utm`, `click.params`, unknown fields) is copied as sent, minus
+/// whitespace, which is most of a click's bytes and all of its nesting.
+pub fn prepare_raw(
+    text: &[u8],
+    index: usize,
+    enricher: &Enricher,
+    received: &str,
+) -> Result<PreparedClick, ClickError> {
     let err = |m: String| ClickError::at(index, m);
-    let Value::Object(mut obj) = value else {
-        return Err(err(format!("a click must be a JSON object, not {}", kind(&value))));
+    check_depth(text).map_err(err)?;
+    let top = match object_members(text) {
+        Ok(Some(members)) => members,
+        Ok(None) => {
+            let raw = serde_json::from_slice::<&RawValue>(text).map_err(|e| err(format!("malformed JSON: {e}")))?;
+            return Err(err(format!("a click must be a JSON object, not {}", raw_kind(raw))));
+        }
+        Err(e) => return Err(err(format!("malformed JSON: {e}"))),
     };
-    let (id, client_id) = match obj.shift_remove("id") {
-        None | Some(Value::Null) => (new_event_id(), false),
-        Some(Value::String(s)) => {
-            if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(err(format!("id: must be 1-{MAX_ID_LEN} visible ASCII characters")));
+    if has_unicode_escape(text) {
+        // Skipping a value, as raw members are, does not decode `\u` escapes; a lone
+        // surrogate would pass and make the stored event unreadable. Decode it all once.
+        serde_json::from_slice::<Value>(text).map_err(|e| err(format!("malformed JSON: {e}")))?;
+    }
+    let (id, client_id) = match member(&top, "id") {
+        None => (new_event_id(), false),
+        Some(raw) => match raw_kind(raw) {
+            "null" => (new_event_id(), false),
+            "a string" => {
+                let s = raw_str(raw).map_err(|e| err(format!("id: {e}")))?.into_owned();
+                if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(err(format!("id: must be 1-{MAX_ID_LEN} visible ASCII characters")));
+                }
+                (s, true)
             }
-            (s, true)
-        }
-        Some(Value::Number(n)) => (n.to_string(), true),
-        Some(other) => return Err(err(format!("id: must be a string, not {}", kind(&other)))),
+            "a number" => (raw_number(raw).map_err(|e| err(format!("id: {e}")))?.to_string(), true),
+            other => return Err(err(format!("id: must be a string, not {other}"))),
+        },
     };
-    let timestamp = match obj.shift_remove("timestamp") {
-        None | Some(Value::Null) => received.to_string(),
-        Some(Value::String(s)) => {
-            chrono::DateTime::parse_from_rfc3339(&s)
-                .map_err(|e| err(format!("timestamp: {s:?} is not RFC 3339: {e}")))?;
-            s
-        }
-        Some(other) => {
-            return Err(err(format!(
-                "timestamp: must be an RFC 3339 string, not {}",
-                kind(&other)
-            )))
-        }
+    let timestamp = match member(&top, "timestamp") {
+        None => received.to_string(),
+        Some(raw) => match raw_kind(raw) {
+            "null" => received.to_string(),
+            "a string" => {
+                let s = raw_str(raw).map_err(|e| err(format!("timestamp: {e}")))?;
+                chrono::DateTime::parse_from_rfc3339(&s)
+                    .map_err(|e| err(format!("timestamp: {s:?} is not RFC 3339: {e}")))?;
+                s.into_owned()
+            }
+            other => return Err(err(format!("timestamp: must be an RFC 3339 string, not {other}"))),
+        },
     };
-    let link = match obj.get_mut("link") {
-        Some(Value::Object(link)) => link,
-        None | Some(Value::Null) => return Err(err("link: required".into())),
-        Some(other) => return Err(err(format!("link: must be an object, not {}", kind(other)))),
+    let link = match member(&top, "link") {
+        None => return Err(err("link: required".into())),
+        Some(raw) => match raw_kind(raw) {
+            "an object" => object_members(raw.get().as_bytes())
+                .map_err(|e| err(format!("link: {e}")))?
+                .unwrap_or_default(),
+            "null" => return Err(err("link: required".into())),
+            other => return Err(err(format!("link: must be an object, not {other}"))),
+        },
     };
-    let link_id = id_text(link.get("id"))
+    let link_id = id_text(member(&link, "id"))
         .map_err(|m| err(format!("link.id: {m}")))?
         .ok_or_else(|| err("link.id: required".into()))?;
-    let workspace_id = id_text(link.get("workspace_id")).map_err(|m| err(format!("link.workspace_id: {m}")))?;
-    check_fields(link, "link", LINK_STRINGS, LINK_BOOLS).map_err(err)?;
-    for sub in ["utm", "og"] {
-        match link.get(sub) {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(m)) => check_fields(m, &format!("link.{sub}"), &[], &[]).map_err(err)?,
-            Some(other) => return Err(err(format!("link.{sub}: must be an object, not {}", kind(other)))),
-        }
-    }
-    for list in ["rules", "tags"] {
-        if let Some(v) = link.get(list) {
-            if !matches!(v, Value::Array(_) | Value::Null) {
-                return Err(err(format!("link.{list}: must be an array, not {}", kind(v))));
+    let workspace_id = id_text(member(&link, "workspace_id")).map_err(|m| err(format!("link.workspace_id: {m}")))?;
+    check_raw_fields(&link, "link", LINK_STRINGS, LINK_BOOLS).map_err(err)?;
+    for (sub, want) in [
+        ("utm", "an object"),
+        ("og", "an object"),
+        ("rules", "an array"),
+        ("tags", "an array"),
+    ] {
+        if let Some(raw) = member(&link, sub) {
+            let got = raw_kind(raw);
+            if got != want && got != "null" {
+                return Err(err(format!("link.{sub}: must be {want}, not {got}")));
             }
         }
     }
-    if matches!(obj.get("click"), None | Some(Value::Null)) {
-        obj.insert("click".into(), Value::Object(Map::new()));
-    }
-    let click = match obj.get_mut("click") {
-        Some(Value::Object(c)) => c,
-        Some(other) => return Err(err(format!("click: must be an object, not {}", kind(other)))),
-        None => return Err(err("click: missing".into())),
+    let mut click = match member(&top, "click") {
+        None => ClickMembers::default(),
+        Some(raw) => match raw_kind(raw) {
+            "null" => ClickMembers::default(),
+            "an object" => {
+                let members = object_members(raw.get().as_bytes())
+                    .map_err(|e| err(format!("click: {e}")))?
+                    .unwrap_or_default();
+                check_raw_fields(&members, "click", CLICK_STRINGS, &[]).map_err(err)?;
+                if let Some(p) = member(&members, "params") {
+                    if !matches!(raw_kind(p), "an object" | "null") {
+                        return Err(err(format!("click.params: must be an object, not {}", raw_kind(p))));
+                    }
+                }
+                ClickMembers::from(members)
+            }
+            other => return Err(err(format!("click: must be an object, not {other}"))),
+        },
     };
-    check_fields(click, "click", CLICK_STRINGS, &[]).map_err(err)?;
-    if let Some(p) = click.get("params") {
-        if !matches!(p, Value::Object(_) | Value::Null) {
-            return Err(err(format!("click.params: must be an object, not {}", kind(p))));
+    let is_bot = enricher.enrich(&mut click);
+    if let Some(raw) = member(&top, "metadata") {
+        if !matches!(raw_kind(raw), "an object" | "null") {
+            return Err(err(format!("metadata: must be an object, not {}", raw_kind(raw))));
         }
     }
-    let is_bot = enricher.enrich(click);
-    match obj.get("metadata") {
-        None => {
-            obj.insert("metadata".into(), Value::Null);
+
+    let mut data = Vec::with_capacity(text.len() + 256);
+    data.extend_from_slice(b"{\"id\":");
+    write_json(&mut data, &id).map_err(err)?;
+    data.extend_from_slice(b",\"timestamp\":");
+    write_json(&mut data, &timestamp).map_err(err)?;
+    let mut click_written = false;
+    for (key, raw) in &top {
+        match key.as_ref() {
+            "id" | "timestamp" => continue,
+            "link" => {
+                write_key(&mut data, key).map_err(err)?;
+                write_object(&mut data, &link).map_err(err)?;
+            }
+            "click" => {
+                write_key(&mut data, key).map_err(err)?;
+                click.write(&mut data).map_err(err)?;
+                click_written = true;
+            }
+            _ => {
+                write_key(&mut data, key).map_err(err)?;
+                push_compact(&mut data, raw.get());
+            }
         }
-        Some(Value::Object(_)) | Some(Value::Null) => {}
-        Some(other) => return Err(err(format!("metadata: must be an object, not {}", kind(other)))),
     }
-    let mut stored = Map::with_capacity(obj.len() + 2);
-    stored.insert("id".into(), Value::String(id.clone()));
-    stored.insert("timestamp".into(), Value::String(timestamp));
-    stored.extend(obj);
-    let data = serde_json::to_vec(&Value::Object(stored)).map_err(|e| err(format!("cannot encode: {e}")))?;
+    if !click_written {
+        data.extend_from_slice(b",\"click\":");
+        click.write(&mut data).map_err(err)?;
+    }
+    if member(&top, "metadata").is_none() {
+        data.extend_from_slice(b",\"metadata\":null");
+    }
+    data.push(b'}');
     Ok(PreparedClick {
         id,
         client_id,
@@ -268,33 +357,334 @@ pub fn prepare(value: Value, index: usize, enricher: &Enricher, received: &str) 
     })
 }
 
-/// A link or workspace id as text: ids compare as text (SPEC §9).
-fn id_text(v: Option<&Value>) -> Result<Option<String>, String> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Err("must not be empty".into()),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
-        Some(other) => Err(format!("must be a string or an integer, not {}", kind(other))),
+/// The `click` object of a click being prepared, as enrichment sees it: what enrichment
+/// sets is held as a value, every other member stays as its text.
+#[derive(Default)]
+struct ClickMembers<'a> {
+    members: Vec<(Cow<'a, str>, Member<'a>)>,
+}
+
+enum Member<'a> {
+    Text(&'a RawValue),
+    Set(Value),
+}
+
+impl<'a> From<Members<'a>> for ClickMembers<'a> {
+    fn from(members: Members<'a>) -> Self {
+        ClickMembers {
+            members: members.into_iter().map(|(n, raw)| (n, Member::Text(raw))).collect(),
+        }
     }
 }
 
-fn check_fields(obj: &Map<String, Value>, at: &str, strings: &[&str], bools: &[&str]) -> Result<(), String> {
-    for name in strings {
-        if let Some(v) = obj.get(*name) {
-            if !matches!(v, Value::String(_) | Value::Null) {
-                return Err(format!("{at}.{name}: must be a string, not {}", kind(v)));
+impl ClickMembers<'_> {
+    fn get(&self, name: &str) -> Option<&Member<'_>> {
+        self.members.iter().find(|(n, _)| n == name).map(|(_, m)| m)
+    }
+
+    fn write(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        out.push(b'{');
+        for (i, (name, m)) in self.members.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json(out, name.as_ref())?;
+            out.push(b':');
+            match m {
+                Member::Text(raw) => push_compact(out, raw.get()),
+                Member::Set(value) => write_json(out, value)?,
+            }
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+impl ClickObject for ClickMembers<'_> {
+    fn string(&self, name: &str) -> Option<Cow<'_, str>> {
+        match self.get(name)? {
+            Member::Text(raw) if raw_kind(raw) == "a string" => raw_str(raw).ok(),
+            Member::Set(Value::String(s)) => Some(Cow::Borrowed(s)),
+            _ => None,
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Option<bool> {
+        match self.get(name)? {
+            Member::Text(raw) => match raw.get() {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            },
+            Member::Set(v) => v.as_bool(),
+        }
+    }
+
+    fn present(&self, name: &str) -> bool {
+        match self.get(name) {
+            None => false,
+            Some(Member::Text(raw)) => raw_kind(raw) != "null",
+            Some(Member::Set(v)) => !v.is_null(),
+        }
+    }
+
+    fn keep_named_pair(&mut self, name: &str) -> bool {
+        let Some((_, slot)) = self.members.iter_mut().find(|(n, _)| n == name) else {
+            return false;
+        };
+        match slot {
+            Member::Text(raw) => {
+                let raw: &RawValue = raw;
+                if raw_kind(raw) != "an object" {
+                    return false;
+                }
+                let Ok(mut given) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
+                    return false;
+                };
+                if !matches!(given.get("name"), Some(Value::String(_))) {
+                    return false;
+                }
+                // A complete pair stays as it was sent; only a missing version rewrites it.
+                if !given.contains_key("version") {
+                    given.insert("version".into(), Value::Null);
+                    *slot = Member::Set(Value::Object(given));
+                }
+                true
+            }
+            Member::Set(Value::Object(given)) if matches!(given.get("name"), Some(Value::String(_))) => {
+                given.entry("version").or_insert(Value::Null);
+                true
+            }
+            Member::Set(_) => false,
+        }
+    }
+
+    fn set(&mut self, name: &str, value: Value) {
+        match self.members.iter_mut().find(|(n, _)| n == name) {
+            Some((_, slot)) => *slot = Member::Set(value),
+            None => self.members.push((Cow::Owned(name.to_owned()), Member::Set(value))),
+        }
+    }
+}
+
+/// An object's members in the order written, each name once with its last value (as a
+/// JSON object decoded into a map would have it), values left as their JSON text.
+type Members<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
+
+/// The members of `text` if it is a JSON object, `None` if it is valid JSON of another
+/// kind... or not JSON at all (the caller tells those apart).
+fn object_members(text: &[u8]) -> Result<Option<Members<'_>>, serde_json::Error> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct MembersVisitor;
+    impl<'de> Visitor<'de> for MembersVisitor {
+        type Value = Members<'de>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+            let mut members: Members<'de> = Vec::with_capacity(map.size_hint().unwrap_or(8));
+            while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+                let value = map.next_value::<&'de RawValue>()?;
+                members.push((name, value));
+            }
+            Ok(keep_last(members))
+        }
+    }
+    let starts_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !starts_object {
+        return Ok(None);
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let members = (&mut de).deserialize_map(MembersVisitor)?;
+    de.end()?;
+    Ok(Some(members))
+}
+
+/// A member name, borrowed from the text unless it had escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> serde::de::Visitor<'de> for NameVisitor {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(NameVisitor)
+    }
+}
+
+/// Collapses repeated names to one member, at the first name's place with the last
+/// value. Objects are small, so a scan beats hashing until they are not.
+fn keep_last(members: Members<'_>) -> Members<'_> {
+    const SCAN_UP_TO: usize = 16;
+    let mut out: Members<'_> = Vec::with_capacity(members.len());
+    if members.len() <= SCAN_UP_TO {
+        for (name, value) in members {
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 = value,
+                None => out.push((name, value)),
+            }
+        }
+        return out;
+    }
+    let mut at: HashMap<Cow<'_, str>, usize> = HashMap::with_capacity(members.len());
+    for (name, value) in members {
+        match at.get(&name) {
+            Some(&i) => out[i].1 = value,
+            None => {
+                at.insert(name.clone(), out.len());
+                out.push((name, value));
             }
         }
     }
-    for name in bools {
-        if let Some(v) = obj.get(*name) {
-            if !matches!(v, Value::Bool(_) | Value::Null) {
-                return Err(format!("{at}.{name}: must be true or false, not {}", kind(v)));
-            }
+    out
+}
+
+fn member<'a>(members: &Members<'a>, name: &str) -> Option<&'a RawValue> {
+    members.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+}
+
+/// How a raw JSON value is named in error messages; its first byte decides.
+fn raw_kind(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// A raw JSON string's text, borrowed unless it has escapes.
+fn raw_str(raw: &RawValue) -> Result<Cow<'_, str>, String> {
+    let text = raw.get();
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Ok(Cow::Borrowed(inner)),
+        _ => serde_json::from_str::<String>(text)
+            .map(Cow::Owned)
+            .map_err(|e| format!("malformed string: {e}")),
+    }
+}
+
+fn raw_number(raw: &RawValue) -> Result<serde_json::Number, String> {
+    serde_json::from_str::<serde_json::Number>(raw.get()).map_err(|e| format!("malformed number: {e}"))
+}
+
+/// Whether `text` may hold a `\u` escape (an escaped backslash before a `u` counts too;
+/// that only costs a second look).
+fn has_unicode_escape(text: &[u8]) -> bool {
+    text.contains(&b'\\') && text.windows(2).any(|w| w == b"\\u")
+}
+
+/// Checks that the named members, where present, are strings (or booleans) or null.
+fn check_raw_fields(members: &Members<'_>, at: &str, strings: &[&str], bools: &[&str]) -> Result<(), String> {
+    for (name, raw) in members {
+        let want = if strings.contains(&name.as_ref()) {
+            "a string"
+        } else if bools.contains(&name.as_ref()) {
+            "a boolean"
+        } else {
+            continue;
+        };
+        let got = raw_kind(raw);
+        if got != want && got != "null" {
+            let want = if want == "a boolean" { "true or false" } else { want };
+            return Err(format!("{at}.{name}: must be {want}, not {got}"));
         }
     }
     Ok(())
+}
+
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), String> {
+    serde_json::to_writer(out, value).map_err(|e| format!("cannot encode: {e}"))
+}
+
+fn write_key(out: &mut Vec<u8>, name: &str) -> Result<(), String> {
+    out.push(b',');
+    write_json(out, name)?;
+    out.push(b':');
+    Ok(())
+}
+
+fn write_object(out: &mut Vec<u8>, members: &Members<'_>) -> Result<(), String> {
+    out.push(b'{');
+    for (i, (name, raw)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json(out, name.as_ref())?;
+        out.push(b':');
+        push_compact(out, raw.get());
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// Appends valid JSON text without the whitespace between its tokens, so a stored event
+/// is one line whatever layout it was sent in.
+fn push_compact(out: &mut Vec<u8>, json: &str) {
+    let bytes = json.as_bytes();
+    // Control characters cannot appear raw inside JSON strings, so without tabs or line
+    // breaks the only whitespace to look for is a space outside a string.
+    if !bytes.iter().any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            out.push(b);
+            continue;
+        }
+        match b {
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            b'"' => {
+                in_string = true;
+                out.push(b);
+            }
+            _ => out.push(b),
+        }
+    }
+}
+
+/// A link or workspace id as text: ids compare as text (SPEC §9).
+fn id_text(v: Option<&RawValue>) -> Result<Option<String>, String> {
+    let Some(raw) = v else { return Ok(None) };
+    match raw_kind(raw) {
+        "null" => Ok(None),
+        "a string" => {
+            let s = raw_str(raw)?;
+            if s.is_empty() {
+                return Err("must not be empty".into());
+            }
+            Ok(Some(s.into_owned()))
+        }
+        "a number" => {
+            let n = raw_number(raw)?;
+            if n.is_i64() || n.is_u64() {
+                Ok(Some(n.to_string()))
+            } else {
+                Err("must be a string or an integer, not a number".into())
+            }
+        }
+        other => Err(format!("must be a string or an integer, not {other}")),
+    }
 }
 
 /// How a JSON value is named in error messages ("a string", "an array", …).
@@ -377,29 +767,113 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_refused_before_parsing() {
-        let mut deep = "[".repeat(100_000).into_bytes();
-        assert!(parse_one(&mut deep).unwrap_err().contains("nested deeper"));
-        let mut ok = format!(
+        let deep = "[".repeat(100_000).into_bytes();
+        assert!(parse_one(&deep).unwrap_err().contains("nested deeper"));
+        let ok = format!(
             r#"{{"link":{{"id":1}},"metadata":{}{}}}"#,
             "[".repeat(60),
             "]".repeat(60)
         )
         .into_bytes();
-        assert!(parse_one(&mut ok).is_ok());
+        assert!(parse_one(&ok).is_ok());
         // Past the quick count of brackets, the exact scan decides: brackets inside
         // strings do not nest, real ones past the limit do.
-        let mut in_strings = format!(r#"{{"link":{{"id":1}},"metadata":{{"x":"{}"}}}}"#, "[{".repeat(100)).into_bytes();
-        assert!(parse_one(&mut in_strings).is_ok());
-        let mut just_over = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1)).into_bytes();
-        assert!(parse_one(&mut just_over).unwrap_err().contains("nested deeper"));
-        let mut in_string = format!(r#"{{"link":{{"id":"{}"}}}}"#, "[".repeat(1000)).into_bytes();
-        assert!(
-            parse_one(&mut in_string).is_ok(),
-            "brackets inside strings do not count"
-        );
-        let mut escaped = br#"{"link":{"id":"a\"[[["}}"#.to_vec();
-        let parsed = parse_one(&mut escaped);
+        let in_strings = format!(r#"{{"link":{{"id":1}},"metadata":{{"x":"{}"}}}}"#, "[{".repeat(100)).into_bytes();
+        assert!(parse_one(&in_strings).is_ok());
+        let just_over = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1)).into_bytes();
+        assert!(parse_one(&just_over).unwrap_err().contains("nested deeper"));
+        let in_string = format!(r#"{{"link":{{"id":"{}"}}}}"#, "[".repeat(1000)).into_bytes();
+        assert!(parse_one(&in_string).is_ok(), "brackets inside strings do not count");
+        let escaped = br#"{"link":{"id":"a\"[[["}}"#.to_vec();
+        let parsed = parse_one(&escaped);
         assert!(parsed.is_ok(), "{parsed:?}");
+    }
+
+    fn prep_text(text: &str) -> Result<PreparedClick, ClickError> {
+        prepare_raw(text.as_bytes(), 0, &Enricher::new(), "2025-01-01T00:00:00.000Z")
+    }
+
+    #[test]
+    fn any_layout_is_stored_as_one_compact_line() {
+        let compact = r#"{"id":"e1","link":{"id":7,"name":"a b","utm":{"source":"x y"}},"click":{"user_agent":"curl/8.0"},"metadata":{"k":[1,2,{"n":" spaced "}]}}"#;
+        let pretty = serde_json::to_string_pretty(&serde_json::from_str::<Value>(compact).unwrap()).unwrap();
+        assert!(pretty.contains('\n'));
+        let a = prep_text(compact).unwrap();
+        let b = prep_text(&pretty).unwrap();
+        assert_eq!(a.data, b.data);
+        assert!(!a.data.contains(&b'\n'));
+        let text = String::from_utf8(a.data).unwrap();
+        assert!(text.contains(r#""metadata":{"k":[1,2,{"n":" spaced "}]}"#), "{text}");
+        assert!(text.contains(r#""name":"a b","utm":{"source":"x y"}"#), "{text}");
+    }
+
+    #[test]
+    fn a_repeated_name_keeps_its_first_place_and_last_value() {
+        let c = prep_text(r#"{"link":{"id":1,"slug":"s","id":2},"x":1,"link":{"id":3,"id":4},"x":2}"#).unwrap();
+        assert_eq!(c.link_id, "4");
+        let text = String::from_utf8(c.data).unwrap();
+        assert!(text.contains(r#","link":{"id":4},"x":2,"click":"#), "{text}");
+        assert_eq!(text.matches("\"link\"").count(), 1);
+        // Past the size where names are scanned, they are hashed; same answer.
+        let mut many = String::from(r#"{"link":{"id":1"#);
+        for i in 0..40 {
+            many.push_str(&format!(r#","k{i}":{i}"#));
+        }
+        many.push_str(r#","k3":"last","id":"z"}}"#);
+        let c = prep_text(&many).unwrap();
+        assert_eq!(c.link_id, "z");
+        let v: Value = serde_json::from_slice(&c.data).unwrap();
+        assert_eq!(v["link"]["k3"], "last");
+        assert_eq!(v["link"].as_object().unwrap().len(), 41);
+    }
+
+    #[test]
+    fn escapes_are_decoded_where_read_and_checked_everywhere() {
+        let c = prep_text(r#"{"li\u006ek":{"id":"a\"b"},"id":"\u0065vt"}"#).unwrap();
+        assert_eq!((c.link_id.as_str(), c.id.as_str()), ("a\"b", "evt"));
+        let v: Value = serde_json::from_slice(&c.data).unwrap();
+        assert_eq!(v["link"]["id"], "a\"b");
+        // A lone surrogate deep in a member that is only copied is still refused: the
+        // stored event must stay readable.
+        let lone = prep_text(r#"{"link":{"id":1},"metadata":{"a":["\ud800"]}}"#).unwrap_err();
+        assert!(lone.message.starts_with("malformed JSON"), "{}", lone.message);
+        assert!(prep_text(r#"{"link":{"id":1},"metadata":{"a":"\ud83d\ude00"}}"#).is_ok());
+        assert!(prep_text(r#"{"link":{"id":1},"metadata":{"a":"\\u"}}"#).is_ok());
+    }
+
+    #[test]
+    fn pairs_the_click_brings_are_kept_or_completed() {
+        let c = prep_text(
+            r#"{"link":{"id":1},"click":{"os":{"version":"14","name":"iOS","x":[1]},"browser":{"name":"Safari"},"device":"tablet"}}"#,
+        )
+        .unwrap();
+        let text = String::from_utf8(c.data).unwrap();
+        assert!(
+            text.contains(r#""click":{"os":{"version":"14","name":"iOS","x":[1]},"browser":{"name":"Safari","version":null},"device":"tablet","#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_one_object_is_refused() {
+        let trailing = prep_text(r#"{"link":{"id":1}} {}"#).unwrap_err();
+        assert!(trailing.message.starts_with("malformed JSON"), "{}", trailing.message);
+        assert_eq!(
+            prep_text("[1]").unwrap_err().message,
+            "a click must be a JSON object, not an array"
+        );
+        assert!(prep_text(r#"{"link":{"id":1}"#)
+            .unwrap_err()
+            .message
+            .starts_with("malformed JSON"));
+        assert_eq!(
+            prep_text(r#"{"link":{"id":1,"tags":"x"}}"#).unwrap_err().message,
+            "link.tags: must be an array, not a string"
+        );
+        assert_eq!(
+            prep_text(r#"{"link":{"id":1.5}}"#).unwrap_err().message,
+            "link.id: must be a string or an integer, not a number"
+        );
     }
 
     #[test]
@@ -412,15 +886,15 @@ mod tests {
 
     #[test]
     fn bodies_frame_as_object_array_and_ndjson() {
-        let mut one = br#"{"link":{"id":1}}"#.to_vec();
-        assert_eq!(parse_body(&mut one, Framing::Json).unwrap().len(), 1);
-        let mut arr = br#"[{"link":{"id":1}},{"link":{"id":2}}]"#.to_vec();
-        assert_eq!(parse_body(&mut arr, Framing::Json).unwrap().len(), 2);
-        let mut nd = b"{\"link\":{\"id\":1}}\n\n{\"link\":{\"id\":2}}\n".to_vec();
-        assert_eq!(parse_body(&mut nd, Framing::Ndjson).unwrap().len(), 2);
-        let mut bad = b"{\"link\":{\"id\":1}}\n\n{\"link\":\n".to_vec();
-        assert_eq!(parse_body(&mut bad, Framing::Ndjson).unwrap_err().index, 1);
-        let mut bad_arr = br#"[{"link":{"id":1}},{"link":{"id":2}},{"link":]"#.to_vec();
-        assert_eq!(parse_body(&mut bad_arr, Framing::Json).unwrap_err().index, 2);
+        let one = br#"{"link":{"id":1}}"#.to_vec();
+        assert_eq!(parse_body(&one, Framing::Json).unwrap().len(), 1);
+        let arr = br#"[{"link":{"id":1}},{"link":{"id":2}}]"#.to_vec();
+        assert_eq!(parse_body(&arr, Framing::Json).unwrap().len(), 2);
+        let nd = b"{\"link\":{\"id\":1}}\n\n{\"link\":{\"id\":2}}\n".to_vec();
+        assert_eq!(parse_body(&nd, Framing::Ndjson).unwrap().len(), 2);
+        let bad = b"{\"link\":{\"id\":1}}\n\n{\"link\":\n".to_vec();
+        assert_eq!(parse_body(&bad, Framing::Ndjson).unwrap_err().index, 1);
+        let bad_arr = br#"[{"link":{"id":1}},{"link":{"id":2}},{"link":]"#.to_vec();
+        assert_eq!(parse_body(&bad_arr, Framing::Json).unwrap_err().index, 2);
     }
 }

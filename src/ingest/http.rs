@@ -138,15 +138,15 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
         Ok(f) => f,
         Err(msg) => return json_error(StatusCode::BAD_REQUEST, &msg, None),
     };
-    let mut body = match Limited::new(req.into_body(), settings.max_body).collect().await {
-        Ok(b) => b.to_bytes().to_vec(),
+    let body = match Limited::new(req.into_body(), settings.max_body).collect().await {
+        Ok(b) => b.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             metrics::ingest_rejected(Source::Http, "too_large", 1);
             return too_large(settings.max_body);
         }
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}"), None),
     };
-    let clicks = match prepare_body(ingestor, &mut body, framing, format) {
+    let clicks = match prepare_body(ingestor, &body, framing, format) {
         Ok(c) => c,
         Err(e) => {
             metrics::ingest_rejected(Source::Http, "invalid", 1);
@@ -178,19 +178,29 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
 /// Parses, adapts and validates a whole body; the first bad object rejects it all.
 pub fn prepare_body(
     ingestor: &Ingestor,
-    body: &mut [u8],
+    body: &[u8],
     framing: Framing,
     format: Format,
 ) -> Result<Vec<PreparedClick>, click::ClickError> {
-    let values = click::parse_body(body, framing)?;
+    let items = click::split_body(body, framing)?;
     let received = click::received_now();
-    let mut out = Vec::with_capacity(values.len());
+    let mut out = Vec::with_capacity(items.len());
     let mut index = 0;
-    for (i, value) in values.into_iter().enumerate() {
-        let clicks = adapters::adapt(format, value).map_err(|e| click::ClickError {
-            index: i,
-            message: e.to_string(),
-        })?;
+    for (i, raw) in items.into_iter().enumerate() {
+        if matches!(format, Format::Standard) {
+            // Clicks already in the model go straight from their text to the stored form.
+            out.push(click::prepare_raw(
+                raw.get().as_bytes(),
+                index,
+                &ingestor.enricher,
+                &received,
+            )?);
+            index += 1;
+            continue;
+        }
+        let at = |message: String| click::ClickError { index: i, message };
+        let value = click::parse_one(raw.get().as_bytes()).map_err(at)?;
+        let clicks = adapters::adapt(format, value).map_err(|e| at(e.to_string()))?;
         for c in clicks {
             out.push(click::prepare(c, index, &ingestor.enricher, &received)?);
             index += 1;

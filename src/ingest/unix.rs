@@ -127,20 +127,19 @@ struct Parsed {
 
 /// Parses and validates the whole lines of `chunk`. `first_line_skipped`: the chunk
 /// starts with the tail of an over-long line, answered as such.
-fn parse_chunk(ingestor: &Ingestor, mut chunk: Vec<u8>, max_line: usize, first_line_skipped: bool) -> Parsed {
+fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_skipped: bool) -> Parsed {
     let mut lines = Vec::new();
     let mut good: Vec<PreparedClick> = Vec::new();
     let received = click::received_now();
     let mut skipping = first_line_skipped;
-    for line in chunk.split_mut(|b| *b == b'\n') {
+    for line in chunk.split(|b| *b == b'\n') {
         let was_skipping = std::mem::replace(&mut skipping, false);
         if was_skipping || line.len() > max_line {
             lines.push(LineResult::Rejected(format!(
                 "line longer than ingest.http.max_body ({max_line} bytes)"
             )));
         } else if !line.iter().all(u8::is_ascii_whitespace) {
-            let result = click::parse_one(line)
-                .and_then(|v| click::prepare(v, 0, &ingestor.enricher, &received).map_err(|e| e.message));
+            let result = click::prepare_raw(line, 0, &ingestor.enricher, &received).map_err(|e| e.message);
             lines.push(match result {
                 Ok(c) => {
                     good.push(c);
