@@ -49,7 +49,7 @@ run slow-endpoint slow-endpoint --clicks 20000 --batch 100
 run many-endpoints many-endpoints --clicks 50000 --batch 100
 run flaky flaky --clicks 10000 --batch 100
 run backlog backlog --clicks 1000000 --batch 100 --transport unix
-echo "== ingest only: clickhook send over the socket, 200,000 clicks, no endpoints" | tee -a "$OUT/summary.txt"
+echo "== ingest only: clickhook send over the socket, 200,000 compact JSON clicks, no endpoints" | tee -a "$OUT/summary.txt"
 IDLE=$(mktemp -d)
 python3 - "$IDLE/clicks.ndjson" <<'PY'
 import json, sys
@@ -59,7 +59,7 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"link": {"id": str(i % 1000), "workspace_id": "w1", "slug": "/abc123", "domain": "links.example",
                 "destination": "https://example.com/landing?x=1"}, "click": {"ip": "203.0.113.9", "user_agent": ua,
                 "referer": "https://twitter.com/", "country": "US", "region": "CA", "city": "San Francisco"},
-                "metadata": {"campaign": "spring"}}) + "\n")
+                "metadata": {"campaign": "spring"}}, separators=(",", ":")) + "\n")
 PY
 sed -e 's/^listen = "127.0.0.1:8080"/listen = "127.0.0.1:0"/' -e 's/^listen = "127.0.0.1:9090"/listen = "127.0.0.1:0"/' config.toml > "$IDLE/config.toml"
 "$DAEMON" serve --config "$IDLE/config.toml" > "$IDLE/out" 2> "$IDLE/err" &
