@@ -114,19 +114,12 @@ fn check_depth(bytes: &[u8]) -> Result<(), String> {
     if openers <= MAX_DEPTH {
         return Ok(());
     }
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let (mut depth, mut strings) = (0usize, StringTracker::default());
     for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
+        if strings.feed(b) {
             continue;
         }
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
@@ -634,32 +627,41 @@ fn write_object(out: &mut Vec<u8>, members: &Members<'_>) -> Result<(), String> 
 /// is one line whatever layout it was sent in.
 fn push_compact(out: &mut Vec<u8>, json: &str) {
     let bytes = json.as_bytes();
-    // Control characters cannot appear raw inside JSON strings, so without tabs or line
-    // breaks the only whitespace to look for is a space outside a string.
+    // Most values hold no whitespace at all, not even inside strings: copy them whole.
     if !bytes.iter().any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
         out.extend_from_slice(bytes);
         return;
     }
-    let (mut in_string, mut escaped) = (false, false);
+    let mut strings = StringTracker::default();
     for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+        if strings.feed(b) || !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            out.push(b);
+        }
+    }
+}
+
+/// Follows JSON text byte by byte to tell which bytes belong to strings (quotes
+/// included), where brackets and whitespace mean nothing.
+#[derive(Default)]
+struct StringTracker {
+    open: bool,
+    escaped: bool,
+}
+
+impl StringTracker {
+    /// Takes the next byte; true if it is part of a string.
+    fn feed(&mut self, b: u8) -> bool {
+        if self.open {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.open = false,
                 _ => {}
             }
-            out.push(b);
-            continue;
+            return true;
         }
-        match b {
-            b' ' | b'\t' | b'\n' | b'\r' => {}
-            b'"' => {
-                in_string = true;
-                out.push(b);
-            }
-            _ => out.push(b),
-        }
+        self.open = b == b'"';
+        self.open
     }
 }
 
