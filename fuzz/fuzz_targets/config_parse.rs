@@ -1,11 +1,10 @@
 //! Config parsing: any text is either a valid config or a `ConfigError`, never a panic.
+//! The checks live in `tests/fuzz_bodies`, shared with `tests/fuzz_regressions.rs`.
 #![no_main]
 
-use clickhook::config::Config;
-use libfuzzer_sys::fuzz_target;
-use std::path::Path;
+// Each target uses one of the shared bodies.
+#[allow(dead_code)]
+#[path = "../../tests/fuzz_bodies/mod.rs"]
+mod fuzz_bodies;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let _ = Config::parse(text, Path::new("/fuzz/config.toml"));
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_bodies::config_parse(data));

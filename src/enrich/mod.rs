@@ -96,9 +96,8 @@ pub trait ClickObject {
     fn boolean(&self, name: &str) -> Option<bool>;
     /// Whether the member is there and not null.
     fn present(&self, name: &str) -> bool;
-    /// Whether the member is an object with a string `name`; such an object is kept, and
-    /// given `"version": null` if it has no version.
-    fn keep_named_pair(&mut self, name: &str) -> bool;
+    /// The member's value, decoded, if it is an object.
+    fn object(&self, name: &str) -> Option<Map<String, Value>>;
     /// Sets the member: in its place if it is there, else last.
     fn set(&mut self, name: &str, value: Value);
 }
@@ -116,14 +115,8 @@ impl ClickObject for Map<String, Value> {
         matches!(self.get(name), Some(v) if !v.is_null())
     }
 
-    fn keep_named_pair(&mut self, name: &str) -> bool {
-        match self.get_mut(name) {
-            Some(Value::Object(given)) if matches!(given.get("name"), Some(Value::String(_))) => {
-                given.entry("version").or_insert(Value::Null);
-                true
-            }
-            _ => false,
-        }
+    fn object(&self, name: &str) -> Option<Map<String, Value>> {
+        self.get(name).and_then(Value::as_object).cloned()
     }
 
     fn set(&mut self, name: &str, value: Value) {
@@ -149,8 +142,16 @@ fn keep_or_insert_pair<C: ClickObject + ?Sized>(
     name: &Option<String>,
     version: &Option<String>,
 ) {
-    if click.keep_named_pair(key) {
-        return;
+    if let Some(mut given) = click.object(key) {
+        if matches!(given.get("name"), Some(Value::String(_))) {
+            // Only a pair without its version is written again, so one the click brought
+            // whole stays exactly as it came.
+            if !given.contains_key("version") {
+                given.insert("version".into(), Value::Null);
+                click.set(key, Value::Object(given));
+            }
+            return;
+        }
     }
     let mut pair = Map::with_capacity(2);
     pair.insert("name".into(), name.clone().map_or(Value::Null, Value::String));

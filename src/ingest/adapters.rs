@@ -109,7 +109,7 @@ impl Fields {
 }
 
 fn must_be(what: &str, got: &Value) -> String {
-    format!("must be {what}, not {}", super::click::kind(got))
+    format!("must be {what}, not {}", super::click::Kind::of(got))
 }
 
 /// `{"name": …, "version": …}` as the click model spells browser and OS.

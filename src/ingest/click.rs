@@ -83,16 +83,6 @@ pub fn split_body(body: &[u8], framing: Framing) -> Result<Vec<&RawValue>, Click
     }
 }
 
-/// Parses a body into click values (not yet validated), for the input adapters, which
-/// rearrange a product's payload as a whole.
-pub fn parse_body(body: &[u8], framing: Framing) -> Result<Vec<Value>, ClickError> {
-    split_body(body, framing)?
-        .into_iter()
-        .enumerate()
-        .map(|(index, raw)| parse_one(raw.get().as_bytes()).map_err(|m| ClickError::at(index, m)))
-        .collect()
-}
-
 /// Deepest nesting of arrays and objects a click may have.
 pub const MAX_DEPTH: usize = 64;
 
@@ -201,8 +191,8 @@ pub fn prepare(value: Value, index: usize, enricher: &Enricher, received: &str) 
 
 /// Validates one click sent as JSON text and renders its stored JSON.
 ///
-/// Only the objects a click's checks and enrichment read are taken apart: the top level
-/// and `link` into their members, `click` into a map for the enricher. Everything else
+/// Only the objects a click's checks and enrichment read are taken apart into their
+/// members: the top level, `link`, and `click` for the enricher. Everything else
 /// (`metadata`, `link.utm`, `click.params`, unknown fields) is copied as sent, minus
 /// whitespace, which is most of a click's bytes and all of its nesting.
 pub fn prepare_raw(
@@ -217,7 +207,7 @@ pub fn prepare_raw(
         Ok(Some(members)) => members,
         Ok(None) => {
             let raw = serde_json::from_slice::<&RawValue>(text).map_err(|e| err(format!("malformed JSON: {e}")))?;
-            return Err(err(format!("a click must be a JSON object, not {}", raw_kind(raw))));
+            return Err(err(format!("a click must be a JSON object, not {}", Kind::of_raw(raw))));
         }
         Err(e) => return Err(err(format!("malformed JSON: {e}"))),
     };
@@ -228,24 +218,24 @@ pub fn prepare_raw(
     }
     let (id, client_id) = match member(&top, "id") {
         None => (new_event_id(), false),
-        Some(raw) => match raw_kind(raw) {
-            "null" => (new_event_id(), false),
-            "a string" => {
+        Some(raw) => match Kind::of_raw(raw) {
+            Kind::Null => (new_event_id(), false),
+            Kind::String => {
                 let s = raw_str(raw).map_err(|e| err(format!("id: {e}")))?.into_owned();
                 if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(err(format!("id: must be 1-{MAX_ID_LEN} visible ASCII characters")));
                 }
                 (s, true)
             }
-            "a number" => (raw_number(raw).map_err(|e| err(format!("id: {e}")))?.to_string(), true),
+            Kind::Number => (raw_number(raw).map_err(|e| err(format!("id: {e}")))?.to_string(), true),
             other => return Err(err(format!("id: must be a string, not {other}"))),
         },
     };
     let timestamp = match member(&top, "timestamp") {
         None => received.to_string(),
-        Some(raw) => match raw_kind(raw) {
-            "null" => received.to_string(),
-            "a string" => {
+        Some(raw) => match Kind::of_raw(raw) {
+            Kind::Null => received.to_string(),
+            Kind::String => {
                 let s = raw_str(raw).map_err(|e| err(format!("timestamp: {e}")))?;
                 chrono::DateTime::parse_from_rfc3339(&s)
                     .map_err(|e| err(format!("timestamp: {s:?} is not RFC 3339: {e}")))?;
@@ -256,11 +246,11 @@ pub fn prepare_raw(
     };
     let link = match member(&top, "link") {
         None => return Err(err("link: required".into())),
-        Some(raw) => match raw_kind(raw) {
-            "an object" => object_members(raw.get().as_bytes())
+        Some(raw) => match Kind::of_raw(raw) {
+            Kind::Object => object_members(raw.get().as_bytes())
                 .map_err(|e| err(format!("link: {e}")))?
                 .unwrap_or_default(),
-            "null" => return Err(err("link: required".into())),
+            Kind::Null => return Err(err("link: required".into())),
             other => return Err(err(format!("link: must be an object, not {other}"))),
         },
     };
@@ -270,30 +260,30 @@ pub fn prepare_raw(
     let workspace_id = id_text(member(&link, "workspace_id")).map_err(|m| err(format!("link.workspace_id: {m}")))?;
     check_raw_fields(&link, "link", LINK_STRINGS, LINK_BOOLS).map_err(err)?;
     for (sub, want) in [
-        ("utm", "an object"),
-        ("og", "an object"),
-        ("rules", "an array"),
-        ("tags", "an array"),
+        ("utm", Kind::Object),
+        ("og", Kind::Object),
+        ("rules", Kind::Array),
+        ("tags", Kind::Array),
     ] {
         if let Some(raw) = member(&link, sub) {
-            let got = raw_kind(raw);
-            if got != want && got != "null" {
+            let got = Kind::of_raw(raw);
+            if got != want && got != Kind::Null {
                 return Err(err(format!("link.{sub}: must be {want}, not {got}")));
             }
         }
     }
     let mut click = match member(&top, "click") {
         None => ClickMembers::default(),
-        Some(raw) => match raw_kind(raw) {
-            "null" => ClickMembers::default(),
-            "an object" => {
+        Some(raw) => match Kind::of_raw(raw) {
+            Kind::Null => ClickMembers::default(),
+            Kind::Object => {
                 let members = object_members(raw.get().as_bytes())
                     .map_err(|e| err(format!("click: {e}")))?
                     .unwrap_or_default();
                 check_raw_fields(&members, "click", CLICK_STRINGS, &[]).map_err(err)?;
                 if let Some(p) = member(&members, "params") {
-                    if !matches!(raw_kind(p), "an object" | "null") {
-                        return Err(err(format!("click.params: must be an object, not {}", raw_kind(p))));
+                    if !matches!(Kind::of_raw(p), Kind::Object | Kind::Null) {
+                        return Err(err(format!("click.params: must be an object, not {}", Kind::of_raw(p))));
                     }
                 }
                 ClickMembers::from(members)
@@ -302,9 +292,10 @@ pub fn prepare_raw(
         },
     };
     let is_bot = enricher.enrich(&mut click);
-    if let Some(raw) = member(&top, "metadata") {
-        if !matches!(raw_kind(raw), "an object" | "null") {
-            return Err(err(format!("metadata: must be an object, not {}", raw_kind(raw))));
+    let metadata = member(&top, "metadata");
+    if let Some(raw) = metadata {
+        if !matches!(Kind::of_raw(raw), Kind::Object | Kind::Null) {
+            return Err(err(format!("metadata: must be an object, not {}", Kind::of_raw(raw))));
         }
     }
 
@@ -319,7 +310,11 @@ pub fn prepare_raw(
             "id" | "timestamp" => continue,
             "link" => {
                 write_key(&mut data, key).map_err(err)?;
-                write_object(&mut data, &link).map_err(err)?;
+                write_members(&mut data, &link, |out, raw| {
+                    push_compact(out, raw.get());
+                    Ok(())
+                })
+                .map_err(err)?;
             }
             "click" => {
                 write_key(&mut data, key).map_err(err)?;
@@ -336,7 +331,7 @@ pub fn prepare_raw(
         data.extend_from_slice(b",\"click\":");
         click.write(&mut data).map_err(err)?;
     }
-    if member(&top, "metadata").is_none() {
+    if metadata.is_none() {
         data.extend_from_slice(b",\"metadata\":null");
     }
     data.push(b'}');
@@ -376,27 +371,20 @@ impl ClickMembers<'_> {
     }
 
     fn write(&self, out: &mut Vec<u8>) -> Result<(), String> {
-        out.push(b'{');
-        for (i, (name, m)) in self.members.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
+        write_members(out, &self.members, |out, m| match m {
+            Member::Text(raw) => {
+                push_compact(out, raw.get());
+                Ok(())
             }
-            write_json(out, name.as_ref())?;
-            out.push(b':');
-            match m {
-                Member::Text(raw) => push_compact(out, raw.get()),
-                Member::Set(value) => write_json(out, value)?,
-            }
-        }
-        out.push(b'}');
-        Ok(())
+            Member::Set(value) => write_json(out, value),
+        })
     }
 }
 
 impl ClickObject for ClickMembers<'_> {
     fn string(&self, name: &str) -> Option<Cow<'_, str>> {
         match self.get(name)? {
-            Member::Text(raw) if raw_kind(raw) == "a string" => raw_str(raw).ok(),
+            Member::Text(raw) if Kind::of_raw(raw) == Kind::String => raw_str(raw).ok(),
             Member::Set(Value::String(s)) => Some(Cow::Borrowed(s)),
             _ => None,
         }
@@ -416,39 +404,16 @@ impl ClickObject for ClickMembers<'_> {
     fn present(&self, name: &str) -> bool {
         match self.get(name) {
             None => false,
-            Some(Member::Text(raw)) => raw_kind(raw) != "null",
+            Some(Member::Text(raw)) => Kind::of_raw(raw) != Kind::Null,
             Some(Member::Set(v)) => !v.is_null(),
         }
     }
 
-    fn keep_named_pair(&mut self, name: &str) -> bool {
-        let Some((_, slot)) = self.members.iter_mut().find(|(n, _)| n == name) else {
-            return false;
-        };
-        match slot {
-            Member::Text(raw) => {
-                let raw: &RawValue = raw;
-                if raw_kind(raw) != "an object" {
-                    return false;
-                }
-                let Ok(mut given) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
-                    return false;
-                };
-                if !matches!(given.get("name"), Some(Value::String(_))) {
-                    return false;
-                }
-                // A complete pair stays as it was sent; only a missing version rewrites it.
-                if !given.contains_key("version") {
-                    given.insert("version".into(), Value::Null);
-                    *slot = Member::Set(Value::Object(given));
-                }
-                true
-            }
-            Member::Set(Value::Object(given)) if matches!(given.get("name"), Some(Value::String(_))) => {
-                given.entry("version").or_insert(Value::Null);
-                true
-            }
-            Member::Set(_) => false,
+    fn object(&self, name: &str) -> Option<Map<String, Value>> {
+        match self.get(name)? {
+            Member::Text(raw) if Kind::of_raw(raw) == Kind::Object => serde_json::from_str(raw.get()).ok(),
+            Member::Set(v) => v.as_object().cloned(),
+            Member::Text(_) => None,
         }
     }
 
@@ -464,8 +429,8 @@ impl ClickObject for ClickMembers<'_> {
 /// JSON object decoded into a map would have it), values left as their JSON text.
 type Members<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
 
-/// The members of `text` if it is a JSON object, `None` if it is valid JSON of another
-/// kind... or not JSON at all (the caller tells those apart).
+/// The members of `text` if it is a JSON object; `None` if it does not start like one
+/// (the caller finds out what it is instead).
 fn object_members(text: &[u8]) -> Result<Option<Members<'_>>, serde_json::Error> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct MembersVisitor;
@@ -546,15 +511,52 @@ fn member<'a>(members: &Members<'a>, name: &str) -> Option<&'a RawValue> {
     members.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
 }
 
-/// How a raw JSON value is named in error messages; its first byte decides.
-fn raw_kind(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
-        Some(b'"') => "a string",
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        _ => "a number",
+/// What a JSON value is, named in error messages as "a string", "an array", ….
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Null,
+    Boolean,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+impl Kind {
+    pub(crate) fn of(v: &Value) -> Kind {
+        match v {
+            Value::Null => Kind::Null,
+            Value::Bool(_) => Kind::Boolean,
+            Value::Number(_) => Kind::Number,
+            Value::String(_) => Kind::String,
+            Value::Array(_) => Kind::Array,
+            Value::Object(_) => Kind::Object,
+        }
+    }
+
+    /// The kind of valid JSON text: its first byte decides.
+    fn of_raw(raw: &RawValue) -> Kind {
+        match raw.get().as_bytes().first() {
+            Some(b'"') => Kind::String,
+            Some(b'{') => Kind::Object,
+            Some(b'[') => Kind::Array,
+            Some(b't' | b'f') => Kind::Boolean,
+            Some(b'n') => Kind::Null,
+            _ => Kind::Number,
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Null => "null",
+            Kind::Boolean => "a boolean",
+            Kind::Number => "a number",
+            Kind::String => "a string",
+            Kind::Array => "an array",
+            Kind::Object => "an object",
+        })
     }
 }
 
@@ -582,17 +584,16 @@ fn has_unicode_escape(text: &[u8]) -> bool {
 /// Checks that the named members, where present, are strings (or booleans) or null.
 fn check_raw_fields(members: &Members<'_>, at: &str, strings: &[&str], bools: &[&str]) -> Result<(), String> {
     for (name, raw) in members {
-        let want = if strings.contains(&name.as_ref()) {
-            "a string"
+        let (want, wanted) = if strings.contains(&name.as_ref()) {
+            (Kind::String, "a string")
         } else if bools.contains(&name.as_ref()) {
-            "a boolean"
+            (Kind::Boolean, "true or false")
         } else {
             continue;
         };
-        let got = raw_kind(raw);
-        if got != want && got != "null" {
-            let want = if want == "a boolean" { "true or false" } else { want };
-            return Err(format!("{at}.{name}: must be {want}, not {got}"));
+        let got = Kind::of_raw(raw);
+        if got != want && got != Kind::Null {
+            return Err(format!("{at}.{name}: must be {wanted}, not {got}"));
         }
     }
     Ok(())
@@ -609,15 +610,20 @@ fn write_key(out: &mut Vec<u8>, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn write_object(out: &mut Vec<u8>, members: &Members<'_>) -> Result<(), String> {
+/// Writes `{"name":value,…}`, each value written by `value`.
+fn write_members<V>(
+    out: &mut Vec<u8>,
+    members: &[(Cow<'_, str>, V)],
+    mut value: impl FnMut(&mut Vec<u8>, &V) -> Result<(), String>,
+) -> Result<(), String> {
     out.push(b'{');
-    for (i, (name, raw)) in members.iter().enumerate() {
+    for (i, (name, v)) in members.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         write_json(out, name.as_ref())?;
         out.push(b':');
-        push_compact(out, raw.get());
+        value(out, v)?;
     }
     out.push(b'}');
     Ok(())
@@ -668,16 +674,16 @@ impl StringTracker {
 /// A link or workspace id as text: ids compare as text (SPEC §9).
 fn id_text(v: Option<&RawValue>) -> Result<Option<String>, String> {
     let Some(raw) = v else { return Ok(None) };
-    match raw_kind(raw) {
-        "null" => Ok(None),
-        "a string" => {
+    match Kind::of_raw(raw) {
+        Kind::Null => Ok(None),
+        Kind::String => {
             let s = raw_str(raw)?;
             if s.is_empty() {
                 return Err("must not be empty".into());
             }
             Ok(Some(s.into_owned()))
         }
-        "a number" => {
+        Kind::Number => {
             let n = raw_number(raw)?;
             if n.is_i64() || n.is_u64() {
                 Ok(Some(n.to_string()))
@@ -686,18 +692,6 @@ fn id_text(v: Option<&RawValue>) -> Result<Option<String>, String> {
             }
         }
         other => Err(format!("must be a string or an integer, not {other}")),
-    }
-}
-
-/// How a JSON value is named in error messages ("a string", "an array", …).
-pub(crate) fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -889,14 +883,14 @@ mod tests {
     #[test]
     fn bodies_frame_as_object_array_and_ndjson() {
         let one = br#"{"link":{"id":1}}"#.to_vec();
-        assert_eq!(parse_body(&one, Framing::Json).unwrap().len(), 1);
+        assert_eq!(split_body(&one, Framing::Json).unwrap().len(), 1);
         let arr = br#"[{"link":{"id":1}},{"link":{"id":2}}]"#.to_vec();
-        assert_eq!(parse_body(&arr, Framing::Json).unwrap().len(), 2);
+        assert_eq!(split_body(&arr, Framing::Json).unwrap().len(), 2);
         let nd = b"{\"link\":{\"id\":1}}\n\n{\"link\":{\"id\":2}}\n".to_vec();
-        assert_eq!(parse_body(&nd, Framing::Ndjson).unwrap().len(), 2);
+        assert_eq!(split_body(&nd, Framing::Ndjson).unwrap().len(), 2);
         let bad = b"{\"link\":{\"id\":1}}\n\n{\"link\":\n".to_vec();
-        assert_eq!(parse_body(&bad, Framing::Ndjson).unwrap_err().index, 1);
+        assert_eq!(split_body(&bad, Framing::Ndjson).unwrap_err().index, 1);
         let bad_arr = br#"[{"link":{"id":1}},{"link":{"id":2}},{"link":]"#.to_vec();
-        assert_eq!(parse_body(&bad_arr, Framing::Json).unwrap_err().index, 2);
+        assert_eq!(split_body(&bad_arr, Framing::Json).unwrap_err().index, 2);
     }
 }
