@@ -230,7 +230,7 @@ pub async fn run(
 
     let housekeeping = tokio::spawn(housekeeping(
         sled_log.clone(),
-        metrics.clone(),
+        metrics,
         data_dir.clone(),
         config.storage.max_bytes.0,
         config.storage.retention.0,

@@ -15,15 +15,17 @@
 //! | `p` | endpoint, seq | attempts, due_ms, batch (one entry per key: the layout before runs, read only to migrate it) |
 //! | `e` | seq | accepted_ms, event JSON (one event per key: the layout before batches, read only to migrate it) |
 //!
-//! Events are stored in batches, one per append (split past [`BATCH_MAX_EVENTS`] or
-//! [`BATCH_MAX_BYTES`]): the batch at key `k` holds seqs `k .. k + count`, so the batch
+//! Events are stored in batches: an append's events go into one (split past
+//! [`BATCH_MAX_EVENTS`] or [`BATCH_MAX_BYTES`]); a revived event or one migrated from the
+//! old layout is a batch of its own. the batch at key `k` holds seqs `k .. k + count`, so the batch
 //! that may hold a seq is the one with the greatest key at or below it. sled's cost is per
 //! key, not per byte, so a hundred clicks cost one insert instead of a hundred.
 //!
 //! An endpoint's queue is a sequence of runs. The run at key `k` holds entries with seqs in
 //! `[k, next run's key)`, sorted, so the run that may hold a seq is the one with the
-//! greatest key at or below it. One append writes one run per endpoint, and delivery
-//! progress rewrites a run once for many entries, instead of one sled write per entry.
+//! greatest key at or below it. One append writes one run per endpoint (a run past
+//! twice `RUN_MAX` entries is split), and delivery progress rewrites a run once for many
+//! entries, instead of one sled write per entry.
 
 use super::{DeadLetter, EndpointKey, LogError, Pending, Seq};
 
@@ -91,11 +93,7 @@ pub struct BatchView<'a> {
 impl<'a> BatchView<'a> {
     pub fn decode(value: &'a [u8]) -> Result<Self, LogError> {
         let accepted_ms = u64_at(value, 0)?;
-        let count = value
-            .get(8..12)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_be_bytes)
-            .ok_or_else(|| LogError::Corrupt("short event batch".into()))? as usize;
+        let count = u32_at(value, 8)? as usize;
         let ends = value
             .get(12..12 + 4 * count)
             .ok_or_else(|| LogError::Corrupt(format!("event batch too short for its {count} offsets")))?;
@@ -170,6 +168,14 @@ pub fn client_id_expiry(accepted_ms: u64, seq: Seq) -> [u8; 17] {
     k
 }
 
+pub fn u32_at(bytes: &[u8], at: usize) -> Result<u32, LogError> {
+    bytes
+        .get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| LogError::Corrupt(format!("expected 4 bytes at {at} of a {}-byte record", bytes.len())))
+}
+
 pub fn u64_at(bytes: &[u8], at: usize) -> Result<u64, LogError> {
     bytes
         .get(at..at + 8)
@@ -180,6 +186,10 @@ pub fn u64_at(bytes: &[u8], at: usize) -> Result<u64, LogError> {
 
 pub fn seq_of_queue_key(key: &[u8]) -> Result<Seq, LogError> {
     u64_at(key, 5)
+}
+
+pub fn endpoint_of_queue_key(key: &[u8]) -> Result<EndpointKey, LogError> {
+    u32_at(key, 1)
 }
 
 pub fn event_record(accepted_ms: u64, data: &[u8]) -> Vec<u8> {
@@ -218,15 +228,7 @@ pub fn decode_run(value: &[u8]) -> Result<Vec<Pending>, LogError> {
     }
     value
         .chunks_exact(RUN_ENTRY)
-        .map(|e| {
-            let attempts = u32::from_be_bytes([e[8], e[9], e[10], e[11]]);
-            Ok(Pending {
-                seq: u64_at(e, 0)?,
-                attempts,
-                due_ms: u64_at(e, 12)?,
-                batch: u64_at(e, 20)?,
-            })
-        })
+        .map(|e| pending_from(u64_at(e, 0)?, &e[8..]))
         .collect()
 }
 
@@ -236,15 +238,14 @@ pub fn run_len(value: &[u8]) -> usize {
 }
 
 pub fn decode_pending(key: &[u8], value: &[u8]) -> Result<Pending, LogError> {
-    let seq = seq_of_queue_key(key)?;
-    let attempts = value
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(|| LogError::Corrupt("short pending entry".into()))?;
+    pending_from(seq_of_queue_key(key)?, value)
+}
+
+/// The entry for `seq` from its [`pending_value`] bytes.
+fn pending_from(seq: Seq, value: &[u8]) -> Result<Pending, LogError> {
     Ok(Pending {
         seq,
-        attempts,
+        attempts: u32_at(value, 0)?,
         due_ms: u64_at(value, 4)?,
         batch: u64_at(value, 12)?,
     })
@@ -261,11 +262,7 @@ pub fn dead_value(letter: &DeadLetter, event_record: &[u8]) -> Result<Vec<u8>, L
 
 /// Splits a dead-letter value into its metadata and the copy of the event record.
 pub fn decode_dead(value: &[u8]) -> Result<(DeadLetter, &[u8]), LogError> {
-    let len = value
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(|| LogError::Corrupt("short dead letter".into()))? as usize;
+    let len = u32_at(value, 0)? as usize;
     let meta = value
         .get(4..4 + len)
         .ok_or_else(|| LogError::Corrupt("dead letter shorter than its header".into()))?;

@@ -305,11 +305,7 @@ fn migrate_single_entries(db: &sled::Db, tree: &sled::Tree) -> Result<(), LogErr
     let mut old_keys = Vec::new();
     for kv in tree.scan_prefix([LEGACY_PENDING]) {
         let (k, v) = kv?;
-        let ep = k
-            .get(1..5)
-            .and_then(|b| b.try_into().ok())
-            .map(EndpointKey::from_be_bytes)
-            .ok_or_else(|| LogError::Corrupt("short queue entry key".into()))?;
+        let ep = keys::endpoint_of_queue_key(&k)?;
         let p = keys::decode_pending(&k, &v)?;
         changes.push(((ep, p.seq), Some(p)));
         old_keys.push(k);
@@ -651,14 +647,16 @@ impl Writer {
         // Client ids earlier in this same append (not in sled until its end).
         let mut ids_here: HashSet<String> = HashSet::new();
         for ev in events {
-            if ev.client_id {
+            let client_key = if ev.client_id {
                 let key = keys::prefixed(CLIENT_ID, ev.id.as_bytes());
-                if self.tree.contains_key(&key)? || ids_here.contains(&ev.id) {
+                if self.tree.contains_key(&key)? || !ids_here.insert(ev.id.clone()) {
                     outcomes.push(AppendOutcome::Duplicate);
                     continue;
                 }
-                ids_here.insert(ev.id.clone());
-            }
+                Some(key)
+            } else {
+                None
+            };
             let seq = self.next_seq;
             self.next_seq += 1;
             counts.appended += 1;
@@ -669,10 +667,10 @@ impl Writer {
                     run.push(Pending::fresh(seq));
                 }
             }
-            if ev.client_id {
+            if let Some(key) = client_key {
                 let mut v = seq.to_be_bytes().to_vec();
                 v.extend_from_slice(&now.to_be_bytes());
-                client_ids.push((keys::prefixed(CLIENT_ID, ev.id.as_bytes()), v));
+                client_ids.push((key, v));
                 client_ids.push((keys::client_id_expiry(now, seq).to_vec(), ev.id.as_bytes().to_vec()));
             }
             stored.push(StoredEvent {
@@ -923,11 +921,16 @@ impl OpenRun {
             )?;
             return Ok(());
         }
+        // All parts in one atomic sled batch: a crash between separate writes would keep
+        // either the first part alone (losing the rest) or the old whole run beside new
+        // parts (entries in two runs, one copy never removed).
+        let mut parts = sled::Batch::default();
         for (i, chunk) in self.entries.chunks(RUN_MAX).enumerate() {
             // The first part keeps the run's key; the others start at their first seq.
             let key = if i == 0 { self.key } else { chunk[0].seq };
-            tree.insert(&keys::queue(QUEUE_RUN, self.ep, key)[..], keys::run_value(chunk))?;
+            parts.insert(&keys::queue(QUEUE_RUN, self.ep, key)[..], keys::run_value(chunk));
         }
+        tree.apply_batch(parts)?;
         Ok(())
     }
 }
@@ -962,13 +965,17 @@ fn read_pending(
         _ => Bound::Included(from_key),
     };
     let later = tree.range((later_start, run_range_end(endpoint)));
+    // Seqs must rise through the page: if the writer split the first run between the
+    // reads, its old copy and the new parts overlap, and the overlap is read once.
+    let mut next = from;
     for kv in first.map(Ok).into_iter().chain(later) {
         let (_, v) = kv?;
         for p in keys::decode_run(&v)? {
-            if p.seq >= from {
+            if p.seq >= next {
                 if out.len() == limit {
                     return Ok(out);
                 }
+                next = p.seq.saturating_add(1);
                 out.push(p);
             }
         }
@@ -1241,16 +1248,18 @@ impl ClickLog for SledLog {
         // Nothing at or after the oldest pending entry of any endpoint may go: it is still
         // to be delivered. Dead letters carry their own copy and do not hold events back.
         let mut low_water = Seq::MAX;
-        let mut endpoint_firsts = Vec::new();
-        for k in self.tree.scan_prefix([ENDPOINT_KEY]).values().flatten() {
-            if let Ok(b) = <[u8; 4]>::try_from(k.as_ref()) {
-                endpoint_firsts.push(u32::from_be_bytes(b));
-            }
-        }
-        for ep in endpoint_firsts {
+        let endpoints: Vec<EndpointKey> = self
+            .tree
+            .scan_prefix([ENDPOINT_KEY])
+            .values()
+            .flatten()
+            .filter_map(|k| keys::u32_at(&k, 0).ok())
+            .collect();
+        for ep in endpoints {
             if let Some(Ok((_, v))) = self.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
-                if let Some(first) = keys::decode_run(&v).ok().and_then(|run| run.first().copied()) {
-                    low_water = low_water.min(first.seq);
+                // A run's entries are sorted, and each begins with its seq.
+                if let Ok(first) = keys::u64_at(&v, 0) {
+                    low_water = low_water.min(first);
                 }
             }
         }
@@ -1581,6 +1590,26 @@ mod tests {
         })
         .unwrap();
         assert_eq!(page.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_run_split_between_the_two_reads_of_a_page_is_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let entries: Vec<Pending> = (1..=6).map(Pending::fresh).collect();
+        log.tree
+            .insert(&keys::queue(QUEUE_RUN, 1, 1)[..], keys::run_value(&entries))
+            .unwrap();
+        // After seq 1, the first read gets the whole run at 1; then the writer splits it
+        // at 4, and the second read finds the part at 4.
+        let page = read_pending(&log.tree, 1, Some(1), 10, || {
+            let mut split = sled::Batch::default();
+            split.insert(&keys::queue(QUEUE_RUN, 1, 1)[..], keys::run_value(&entries[..3]));
+            split.insert(&keys::queue(QUEUE_RUN, 1, 4)[..], keys::run_value(&entries[3..]));
+            log.tree.apply_batch(split).unwrap();
+        })
+        .unwrap();
+        assert_eq!(page.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
     }
 
     #[tokio::test]
