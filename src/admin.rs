@@ -319,7 +319,7 @@ fn limit_of(query: &str, default: usize) -> usize {
 fn attempts(state: &AdminState, id: &str, query: &str) -> ApiResult {
     let ep = endpoint(state, id)?;
     let limit = limit_of(query, 100);
-    let cutoff = chrono::Utc::now() - chrono::Duration::days(30);
+    let cutoff_ms = crate::log::now_ms().saturating_sub(30 * 24 * 3600 * 1000);
     let history = ep
         .history
         .lock()
@@ -327,13 +327,9 @@ fn attempts(state: &AdminState, id: &str, query: &str) -> ApiResult {
     let list: Vec<Value> = history
         .attempts
         .iter()
-        .filter(|a| {
-            chrono::DateTime::parse_from_rfc3339(&a.at)
-                .map(|t| t >= cutoff)
-                .unwrap_or(true)
-        })
+        .filter(|a| a.at_ms >= cutoff_ms)
         .take(limit)
-        .filter_map(|a| serde_json::to_value(a).ok())
+        .map(|a| a.to_json())
         .collect();
     Ok(json(StatusCode::OK, &Value::Array(list)))
 }

@@ -17,7 +17,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::Uri;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -68,20 +68,46 @@ pub struct EndpointSettings {
     pub disabled_reason: Option<String>,
 }
 
-/// One recorded delivery attempt (SPEC §9 "Attempt").
-#[derive(Debug, Clone, Serialize)]
+/// One recorded delivery attempt (SPEC §9 "Attempt"). Thousands of endpoints each keep
+/// hundreds of these, so the time is a number rendered only when read, and the error
+/// text of one attempt is shared by the records of every event it carried.
+#[derive(Debug, Clone)]
 pub struct AttemptRecord {
-    pub event_id: String,
+    pub event_id: Box<str>,
     pub attempt: u32,
-    pub at: String,
+    /// When the attempt ended, in Unix milliseconds.
+    pub at_ms: u64,
     pub status: Option<u16>,
     pub latency_ms: f64,
     pub outcome: &'static str,
-    pub error: Option<String>,
+    pub error: Option<Arc<str>>,
 }
 
-/// Bounded recent history of an endpoint's attempts.
+impl AttemptRecord {
+    /// The record as the admin API shows it; `at` is RFC 3339 to the second.
+    pub fn to_json(&self) -> serde_json::Value {
+        let at = chrono::DateTime::from_timestamp_millis(self.at_ms as i64)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        serde_json::json!({
+            "event_id": self.event_id, "attempt": self.attempt, "at": at, "status": self.status,
+            "latency_ms": self.latency_ms, "outcome": self.outcome, "error": self.error.as_deref(),
+        })
+    }
+}
+
+/// Attempt records one endpoint keeps at most.
 pub const ATTEMPT_HISTORY: usize = 1000;
+/// Attempt records kept across all endpoints. Past `ATTEMPT_HISTORY_TOTAL /
+/// ATTEMPT_HISTORY` endpoints each keeps its share instead of a full history: 10,000
+/// endpoints keeping 1,000 records each would hold about 1.5 GB.
+pub const ATTEMPT_HISTORY_TOTAL: usize = 100_000;
+/// Records an endpoint keeps however many endpoints there are.
+pub const ATTEMPT_HISTORY_MIN: usize = 10;
+
+/// How many attempt records each endpoint keeps when there are `endpoints` of them.
+pub fn attempt_history_share(endpoints: usize) -> usize {
+    (ATTEMPT_HISTORY_TOTAL / endpoints.max(1)).clamp(ATTEMPT_HISTORY_MIN, ATTEMPT_HISTORY)
+}
 
 #[derive(Debug, Default)]
 pub struct EndpointHistory {
@@ -94,6 +120,34 @@ pub struct EndpointHistory {
 }
 
 impl EndpointHistory {
+    /// Counts one attempt that carried `records` (one per event) and keeps the newest
+    /// `keep` records.
+    fn record(&mut self, records: Vec<AttemptRecord>, ok: bool, minute: u64, keep: usize) {
+        if ok {
+            self.delivered += records.len() as u64;
+        } else {
+            self.failed_attempts += 1;
+        }
+        match self.minutes.back_mut() {
+            Some((m, o, a)) if *m == minute => {
+                *o += ok as u32;
+                *a += 1;
+            }
+            _ => self.minutes.push_back((minute, ok as u32, 1)),
+        }
+        while self
+            .minutes
+            .front()
+            .is_some_and(|(m, _, _)| minute.saturating_sub(*m) >= 1440)
+        {
+            self.minutes.pop_front();
+        }
+        for record in records {
+            self.attempts.push_front(record);
+        }
+        self.attempts.truncate(keep);
+    }
+
     /// The fraction of attempts in the last `minutes` minutes that succeeded, or `None`
     /// without attempts.
     pub fn success_rate(&self, now_minute: u64, minutes: u64) -> Option<f64> {
@@ -120,6 +174,9 @@ pub struct LiveEndpoint {
     pub circuit: AtomicU8,
     pub metrics: EndpointMetrics,
     pub history: Mutex<EndpointHistory>,
+    /// Attempt records this endpoint keeps: [`attempt_history_share`] of the registry's
+    /// endpoint count, shared by all of them and updated when the count changes.
+    history_share: Arc<AtomicUsize>,
 }
 
 impl LiveEndpoint {
@@ -154,33 +211,9 @@ impl LiveEndpoint {
     /// Records one attempt: one record per event it carried.
     pub fn record_attempt(&self, records: Vec<AttemptRecord>, outcome: Outcome) {
         let minute = crate::log::now_ms() / 60_000;
+        let keep = self.history_share.load(Ordering::Relaxed);
         if let Ok(mut h) = self.history.lock() {
-            let ok = outcome == Outcome::Success;
-            if ok {
-                h.delivered += records.len() as u64;
-            } else {
-                h.failed_attempts += 1;
-            }
-            match h.minutes.back_mut() {
-                Some((m, o, a)) if *m == minute => {
-                    *o += ok as u32;
-                    *a += 1;
-                }
-                _ => h.minutes.push_back((minute, ok as u32, 1)),
-            }
-            while h
-                .minutes
-                .front()
-                .is_some_and(|(m, _, _)| minute.saturating_sub(*m) >= 1440)
-            {
-                h.minutes.pop_front();
-            }
-            for record in records {
-                if h.attempts.len() >= ATTEMPT_HISTORY {
-                    h.attempts.pop_back();
-                }
-                h.attempts.push_front(record);
-            }
+            h.record(records, outcome == Outcome::Success, minute, keep);
         }
     }
 
@@ -222,6 +255,8 @@ pub struct EndpointRegistry {
     operations: Mutex<Option<Arc<LiveEndpoint>>>,
     /// Serialises changes; reads never wait for it.
     change: tokio::sync::Mutex<()>,
+    /// [`attempt_history_share`] for the current endpoint count, read by every endpoint.
+    history_share: Arc<AtomicUsize>,
 }
 
 impl EndpointRegistry {
@@ -238,6 +273,7 @@ impl EndpointRegistry {
             workers: Mutex::new(HashMap::new()),
             operations: Mutex::new(None),
             change: tokio::sync::Mutex::new(()),
+            history_share: Arc::new(AtomicUsize::new(ATTEMPT_HISTORY)),
         })
     }
 
@@ -565,6 +601,7 @@ impl EndpointRegistry {
             circuit: AtomicU8::new(CircuitState::Closed as u8),
             metrics: EndpointMetrics::new(&config.id),
             history: Mutex::new(EndpointHistory::default()),
+            history_share: self.history_share.clone(),
         });
         live.add_pending(pending);
         let handle = self.dispatcher.start(live.clone());
@@ -695,6 +732,17 @@ impl EndpointRegistry {
     }
 
     fn publish(&self, by_id: HashMap<String, Arc<LiveEndpoint>>) {
+        let share = attempt_history_share(by_id.len());
+        if self.history_share.swap(share, Ordering::Relaxed) > share {
+            // More endpoints: each gives back what it holds past its new share now, not
+            // at its next attempt, which may never come.
+            for ep in by_id.values() {
+                if let Ok(mut h) = ep.history.lock() {
+                    h.attempts.truncate(share);
+                    h.attempts.shrink_to(share);
+                }
+            }
+        }
         let by_key = by_id.values().map(|ep| (ep.key, ep.clone())).collect();
         let settings: Vec<_> = by_id.values().map(|ep| (ep.key, ep.settings())).collect();
         let routes = RoutingIndex::build(
@@ -753,4 +801,56 @@ async fn wait<T>(ticket: crate::log::Ticket<T>) -> Result<T, LogError> {
 
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u32) -> AttemptRecord {
+        AttemptRecord {
+            event_id: format!("evt_{n}").into(),
+            attempt: 1,
+            at_ms: 1_700_000_000_123,
+            status: Some(500),
+            latency_ms: 1.5,
+            outcome: "http_5xx",
+            error: Some(Arc::from("HTTP 500")),
+        }
+    }
+
+    #[test]
+    fn each_endpoint_keeps_a_full_history_until_there_are_many() {
+        assert_eq!(attempt_history_share(0), ATTEMPT_HISTORY);
+        assert_eq!(attempt_history_share(1), ATTEMPT_HISTORY);
+        assert_eq!(attempt_history_share(100), ATTEMPT_HISTORY);
+        assert_eq!(attempt_history_share(1_000), 100);
+        assert_eq!(attempt_history_share(10_000), 10);
+        assert_eq!(attempt_history_share(1_000_000), ATTEMPT_HISTORY_MIN);
+    }
+
+    #[test]
+    fn a_history_keeps_the_newest_records_and_counts_every_attempt() {
+        let mut h = EndpointHistory::default();
+        h.record((0..3).map(record).collect(), false, 10, 4);
+        h.record((3..6).map(record).collect(), true, 10, 4);
+        let ids: Vec<&str> = h.attempts.iter().map(|a| &*a.event_id).collect();
+        assert_eq!(ids, ["evt_5", "evt_4", "evt_3", "evt_2"]);
+        assert_eq!((h.delivered, h.failed_attempts), (3, 1));
+        assert_eq!(h.success_rate(10, 60), Some(0.5));
+    }
+
+    #[test]
+    fn a_record_reads_back_as_the_api_shows_it() {
+        let v = record(7).to_json();
+        assert_eq!(v["event_id"], "evt_7");
+        assert_eq!(v["at"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["status"], 500);
+        assert_eq!(v["error"], "HTTP 500");
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            ["event_id", "attempt", "at", "status", "latency_ms", "outcome", "error"]
+        );
+    }
 }

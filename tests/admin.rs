@@ -529,3 +529,33 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
         "{ep}"
     );
 }
+
+/// With many endpoints each keeps its share of the attempt history instead of 1,000
+/// records, so ten thousand endpoints cannot hold millions of records between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_many_endpoints_each_keeps_its_share_of_the_attempt_history() {
+    let sink = Sink::start().await;
+    let endpoints = 2_000;
+    let share = clickhook::endpoints::attempt_history_share(endpoints);
+    assert_eq!(share, 50);
+    let mut extra = endpoint("busy", &sink.url("/busy"), "links = [\"busy\"]");
+    for i in 1..endpoints {
+        extra += &endpoint(
+            &format!("idle{i}"),
+            &sink.url("/idle"),
+            &format!("links = [\"idle{i}\"]"),
+        );
+    }
+    let d = Daemon::start(&config_text(&extra));
+    let clicks = share + 10;
+    for _ in 0..clicks {
+        let (s, body) = d.post(&click("busy", "w"), "application/json").await;
+        assert_eq!(s, 202, "{body}");
+    }
+    sink.wait_for("/busy", clicks, WAIT).await;
+    let (_, attempts) = admin(&d, "GET", "/v1/endpoints/busy/attempts?limit=1000", Value::Null).await;
+    let attempts = attempts.as_array().unwrap();
+    assert_eq!(attempts.len(), share, "the newest {share} of {clicks} attempts");
+    let (_, stats) = admin(&d, "GET", "/v1/endpoints/busy/stats", Value::Null).await;
+    assert_eq!(stats["delivered"], clicks, "counters cover every attempt");
+}

@@ -407,17 +407,18 @@ impl Worker {
         metrics.attempt(result.outcome).increment(1);
         metrics.duration.record(result.latency.as_secs_f64());
         let attempt_no = job.items.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
-        let at = crate::endpoints::now_rfc3339();
+        let at_ms = now_ms();
+        let error: Option<Arc<str>> = result.error.as_deref().map(Arc::from);
         let records = event_ids
             .iter()
             .map(|id| AttemptRecord {
-                event_id: id.clone(),
+                event_id: id.as_str().into(),
                 attempt: attempt_no,
-                at: at.clone(),
+                at_ms,
                 status: result.status,
                 latency_ms: result.latency.as_secs_f64() * 1000.0,
                 outcome: result.outcome.as_str(),
-                error: result.error.clone(),
+                error: error.clone(),
             })
             .collect();
         self.ep.record_attempt(records, result.outcome);
