@@ -257,6 +257,10 @@ pub struct EndpointRegistry {
     change: tokio::sync::Mutex<()>,
     /// [`attempt_history_share`] for the current endpoint count, read by every endpoint.
     history_share: Arc<AtomicUsize>,
+    /// The share every history was last cut to. Histories are cut again only once the
+    /// share has halved since, so adding endpoints one by one does not visit them all
+    /// each time, and no endpoint holds more than twice its share for long.
+    history_cut_to: AtomicUsize,
 }
 
 impl EndpointRegistry {
@@ -274,6 +278,7 @@ impl EndpointRegistry {
             operations: Mutex::new(None),
             change: tokio::sync::Mutex::new(()),
             history_share: Arc::new(AtomicUsize::new(ATTEMPT_HISTORY)),
+            history_cut_to: AtomicUsize::new(ATTEMPT_HISTORY),
         })
     }
 
@@ -733,9 +738,15 @@ impl EndpointRegistry {
 
     fn publish(&self, by_id: HashMap<String, Arc<LiveEndpoint>>) {
         let share = attempt_history_share(by_id.len());
-        if self.history_share.swap(share, Ordering::Relaxed) > share {
-            // More endpoints: each gives back what it holds past its new share now, not
-            // at its next attempt, which may never come.
+        self.history_share.store(share, Ordering::Relaxed);
+        let cut_to = self.history_cut_to.load(Ordering::Relaxed);
+        if share > cut_to {
+            // Fewer endpoints: histories may grow back to the larger share.
+            self.history_cut_to.store(share, Ordering::Relaxed);
+        } else if share <= cut_to / 2 {
+            self.history_cut_to.store(share, Ordering::Relaxed);
+            // Each endpoint gives back what it holds past its new share now, not at its
+            // next attempt, which may never come.
             for ep in by_id.values() {
                 if let Ok(mut h) = ep.history.lock() {
                     h.attempts.truncate(share);

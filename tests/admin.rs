@@ -530,32 +530,70 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
     );
 }
 
+async fn attempts_kept(d: &Daemon, id: &str) -> usize {
+    let (_, v) = admin(
+        d,
+        "GET",
+        &format!("/v1/endpoints/{id}/attempts?limit=1000"),
+        Value::Null,
+    )
+    .await;
+    v.as_array().map_or(0, |a| a.len())
+}
+
+/// Posts `n` clicks for link `link` and waits until the sink at `path` has `total`.
+async fn deliver(d: &Daemon, sink: &Sink, link: &str, path: &str, n: usize, total: usize) {
+    for _ in 0..n {
+        let (s, body) = d.post(&click(link, "w"), "application/json").await;
+        assert_eq!(s, 202, "{body}");
+    }
+    sink.wait_for(path, total, WAIT).await;
+}
+
 /// With many endpoints each keeps its share of the attempt history instead of 1,000
-/// records, so ten thousand endpoints cannot hold millions of records between them.
+/// records, so ten thousand endpoints cannot hold millions of records between them: an
+/// endpoint's history is cut when endpoints are added, and kept to the share after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_many_endpoints_each_keeps_its_share_of_the_attempt_history() {
     let sink = Sink::start().await;
     let endpoints = 2_000;
     let share = clickhook::endpoints::attempt_history_share(endpoints);
     assert_eq!(share, 50);
-    let mut extra = endpoint("busy", &sink.url("/busy"), "links = [\"busy\"]");
+    let busy = endpoint("busy", &sink.url("/busy"), "links = [\"busy\"]");
+    let d = Daemon::start(&config_text(&busy));
+    deliver(&d, &sink, "busy", "/busy", share + 10, share + 10).await;
+    assert_eq!(
+        attempts_kept(&d, "busy").await,
+        share + 10,
+        "one endpoint keeps them all"
+    );
+
+    let mut grown = busy.clone();
     for i in 1..endpoints {
-        extra += &endpoint(
+        grown += &endpoint(
             &format!("idle{i}"),
             &sink.url("/idle"),
             &format!("links = [\"idle{i}\"]"),
         );
     }
-    let d = Daemon::start(&config_text(&extra));
-    let clicks = share + 10;
-    for _ in 0..clicks {
-        let (s, body) = d.post(&click("busy", "w"), "application/json").await;
-        assert_eq!(s, 202, "{body}");
+    std::fs::write(d.config_path(), config_text(&grown)).unwrap();
+    d.signal(libc::SIGHUP);
+    let mut cut = false;
+    for _ in 0..200 {
+        if attempts_kept(&d, "busy").await == share {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    sink.wait_for("/busy", clicks, WAIT).await;
-    let (_, attempts) = admin(&d, "GET", "/v1/endpoints/busy/attempts?limit=1000", Value::Null).await;
-    let attempts = attempts.as_array().unwrap();
-    assert_eq!(attempts.len(), share, "the newest {share} of {clicks} attempts");
+    assert!(
+        cut,
+        "the history is cut to its share when endpoints are added: {}",
+        d.logs()
+    );
+
+    deliver(&d, &sink, "busy", "/busy", 10, share + 20).await;
+    assert_eq!(attempts_kept(&d, "busy").await, share, "and kept to it");
     let (_, stats) = admin(&d, "GET", "/v1/endpoints/busy/stats", Value::Null).await;
-    assert_eq!(stats["delivered"], clicks, "counters cover every attempt");
+    assert_eq!(stats["delivered"], share + 20, "counters cover every attempt");
 }
