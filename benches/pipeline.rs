@@ -1,6 +1,6 @@
 //! Criterion benches of the hot path outside the network: click parsing (simd-json beside
 //! serde_json), validation into the stored form (from text and from a value), signing,
-//! log append + flush per batch size, and routing with 10k and 100k endpoints. Figures go to BENCHMARKS.md.
+//! log append + flush per batch size, and routing with 10k and 100k endpoints (a lookup, and adding one endpoint to the index against rebuilding it). Figures go to BENCHMARKS.md.
 
 use clickhook::config::{EndpointConfig, FsyncMode};
 use clickhook::deliver::sign::{generate_secret, SigningKey};
@@ -97,6 +97,28 @@ fn routing(c: &mut Criterion) {
             })
             .collect();
         let index = RoutingIndex::build(endpoints.iter().enumerate().map(|(i, e)| (i as u32, e)));
+        // What creating one more endpoint costs the registry: a copy of the live index
+        // with that endpoint added, against rebuilding the index over all of them.
+        let mut extra: EndpointConfig = toml::from_str("id = \"new\"\nurl = \"http://x\"").unwrap();
+        extra.links = vec!["new".into()];
+        g.bench_with_input(BenchmarkId::new("add one to", n), &n, |b, _| {
+            b.iter(|| {
+                let mut next = index.clone();
+                next.add(n as u32, &extra);
+                next
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("rebuild with one more", n), &n, |b, _| {
+            b.iter(|| {
+                RoutingIndex::build(
+                    endpoints
+                        .iter()
+                        .chain(std::iter::once(&extra))
+                        .enumerate()
+                        .map(|(i, e)| (i as u32, e)),
+                )
+            })
+        });
         let mut out = Vec::with_capacity(4);
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             let mut i = 0usize;
