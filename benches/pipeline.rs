@@ -1,6 +1,8 @@
 //! Criterion benches of the hot path outside the network: click parsing (simd-json beside
 //! serde_json), validation into the stored form (from text and from a value), signing,
-//! log append + flush per batch size, and routing with 10k and 100k endpoints (a lookup, and adding one endpoint to the index against rebuilding it). Figures go to BENCHMARKS.md.
+//! log append + flush per batch size, and routing with 10k and 100k endpoints (a lookup,
+//! and adding one endpoint to the index against rebuilding it). Figures go to
+//! BENCHMARKS.md.
 
 use clickhook::config::{EndpointConfig, FsyncMode};
 use clickhook::deliver::sign::{generate_secret, SigningKey};

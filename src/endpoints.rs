@@ -68,9 +68,9 @@ pub struct EndpointSettings {
     pub disabled_reason: Option<String>,
 }
 
-/// One recorded delivery attempt (SPEC §9 "Attempt"). Thousands of endpoints each keep
-/// hundreds of these, so the time is a number rendered only when read, and the error
-/// text of one attempt is shared by the records of every event it carried.
+/// One recorded delivery attempt (SPEC §9 "Attempt"). The daemon keeps up to
+/// [`ATTEMPT_HISTORY_TOTAL`] of these, so the time is a number rendered only when read,
+/// and the error text of one attempt is shared by the records of every event it carried.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub event_id: Box<str>,
@@ -99,7 +99,7 @@ impl AttemptRecord {
 pub const ATTEMPT_HISTORY: usize = 1000;
 /// Attempt records kept across all endpoints. Past `ATTEMPT_HISTORY_TOTAL /
 /// ATTEMPT_HISTORY` endpoints each keeps its share instead of a full history: 10,000
-/// endpoints keeping 1,000 records each would hold about 1.5 GB.
+/// endpoints keeping 1,000 records each would hold 10 million, over a gigabyte.
 pub const ATTEMPT_HISTORY_TOTAL: usize = 100_000;
 /// Records an endpoint keeps however many endpoints there are.
 pub const ATTEMPT_HISTORY_MIN: usize = 10;

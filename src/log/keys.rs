@@ -17,9 +17,9 @@
 //!
 //! Events are stored in batches: an append's events go into one (split past
 //! [`BATCH_MAX_EVENTS`] or [`BATCH_MAX_BYTES`]); a revived event or one migrated from the
-//! old layout is a batch of its own. the batch at key `k` holds seqs `k .. k + count`, so the batch
-//! that may hold a seq is the one with the greatest key at or below it. sled's cost is per
-//! key, not per byte, so a hundred clicks cost one insert instead of a hundred.
+//! old layout is a batch of its own. The batch at key `k` holds seqs `k .. k + count`, so
+//! the batch that may hold a seq is the one with the greatest key at or below it. sled's
+//! cost is per key, not per byte, so a hundred clicks cost one insert instead of a hundred.
 //!
 //! An endpoint's queue is a sequence of runs. The run at key `k` holds entries with seqs in
 //! `[k, next run's key)`, sorted, so the run that may hold a seq is the one with the
@@ -168,20 +168,20 @@ pub fn client_id_expiry(accepted_ms: u64, seq: Seq) -> [u8; 17] {
     k
 }
 
-pub fn u32_at(bytes: &[u8], at: usize) -> Result<u32, LogError> {
+/// The `N` bytes at `at`, or an error naming where a record is too short.
+fn bytes_at<const N: usize>(bytes: &[u8], at: usize) -> Result<[u8; N], LogError> {
     bytes
-        .get(at..at + 4)
+        .get(at..at + N)
         .and_then(|b| b.try_into().ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(|| LogError::Corrupt(format!("expected 4 bytes at {at} of a {}-byte record", bytes.len())))
+        .ok_or_else(|| LogError::Corrupt(format!("expected {N} bytes at {at} of a {}-byte record", bytes.len())))
+}
+
+pub fn u32_at(bytes: &[u8], at: usize) -> Result<u32, LogError> {
+    bytes_at(bytes, at).map(u32::from_be_bytes)
 }
 
 pub fn u64_at(bytes: &[u8], at: usize) -> Result<u64, LogError> {
-    bytes
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| LogError::Corrupt(format!("expected 8 bytes at {at} of a {}-byte record", bytes.len())))
+    bytes_at(bytes, at).map(u64::from_be_bytes)
 }
 
 pub fn seq_of_queue_key(key: &[u8]) -> Result<Seq, LogError> {
