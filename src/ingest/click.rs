@@ -216,48 +216,39 @@ pub fn prepare_raw(
         // surrogate would pass and make the stored event unreadable. Decode it all once.
         serde_json::from_slice::<Value>(text).map_err(|e| err(format!("malformed JSON: {e}")))?;
     }
-    let (id, client_id) = match member(&top, "id") {
+    let (id, client_id) = match given(&top, "id") {
         None => (new_event_id(), false),
-        Some(raw) => match Kind::of_raw(raw) {
-            Kind::Null => (new_event_id(), false),
-            Kind::String => {
-                let s = raw_str(raw).map_err(|e| err(format!("id: {e}")))?.into_owned();
-                if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(err(format!("id: must be 1-{MAX_ID_LEN} visible ASCII characters")));
-                }
-                (s, true)
+        Some((raw, Kind::String)) => {
+            let s = raw_str(raw).map_err(|e| err(format!("id: {e}")))?.into_owned();
+            if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err(format!("id: must be 1-{MAX_ID_LEN} visible ASCII characters")));
             }
-            Kind::Number => (raw_number(raw).map_err(|e| err(format!("id: {e}")))?.to_string(), true),
-            other => return Err(err(format!("id: must be a string, not {other}"))),
-        },
+            (s, true)
+        }
+        Some((raw, Kind::Number)) => (raw_number(raw).map_err(|e| err(format!("id: {e}")))?.to_string(), true),
+        Some((_, other)) => return Err(err(format!("id: must be a string, not {other}"))),
     };
-    let timestamp = match member(&top, "timestamp") {
+    let timestamp = match given(&top, "timestamp") {
         None => received.to_string(),
-        Some(raw) => match Kind::of_raw(raw) {
-            Kind::Null => received.to_string(),
-            Kind::String => {
-                let s = raw_str(raw).map_err(|e| err(format!("timestamp: {e}")))?;
-                chrono::DateTime::parse_from_rfc3339(&s)
-                    .map_err(|e| err(format!("timestamp: {s:?} is not RFC 3339: {e}")))?;
-                s.into_owned()
-            }
-            other => return Err(err(format!("timestamp: must be an RFC 3339 string, not {other}"))),
-        },
+        Some((raw, Kind::String)) => {
+            let s = raw_str(raw).map_err(|e| err(format!("timestamp: {e}")))?;
+            chrono::DateTime::parse_from_rfc3339(&s)
+                .map_err(|e| err(format!("timestamp: {s:?} is not RFC 3339: {e}")))?;
+            s.into_owned()
+        }
+        Some((_, other)) => return Err(err(format!("timestamp: must be an RFC 3339 string, not {other}"))),
     };
-    let link = match member(&top, "link") {
+    let link = match given(&top, "link") {
         None => return Err(err("link: required".into())),
-        Some(raw) => match Kind::of_raw(raw) {
-            Kind::Object => object_members(raw.get().as_bytes())
-                .map_err(|e| err(format!("link: {e}")))?
-                .unwrap_or_default(),
-            Kind::Null => return Err(err("link: required".into())),
-            other => return Err(err(format!("link: must be an object, not {other}"))),
-        },
+        Some((raw, Kind::Object)) => object_members(raw.get().as_bytes())
+            .map_err(|e| err(format!("link: {e}")))?
+            .unwrap_or_default(),
+        Some((_, other)) => return Err(err(format!("link: must be an object, not {other}"))),
     };
-    let link_id = id_text(member(&link, "id"))
+    let link_id = id_text(given(&link, "id"))
         .map_err(|m| err(format!("link.id: {m}")))?
         .ok_or_else(|| err("link.id: required".into()))?;
-    let workspace_id = id_text(member(&link, "workspace_id")).map_err(|m| err(format!("link.workspace_id: {m}")))?;
+    let workspace_id = id_text(given(&link, "workspace_id")).map_err(|m| err(format!("link.workspace_id: {m}")))?;
     check_raw_fields(&link, "link", LINK_STRINGS, LINK_BOOLS).map_err(err)?;
     for (sub, want) in [
         ("utm", Kind::Object),
@@ -265,38 +256,27 @@ pub fn prepare_raw(
         ("rules", Kind::Array),
         ("tags", Kind::Array),
     ] {
-        if let Some(raw) = member(&link, sub) {
-            let got = Kind::of_raw(raw);
-            if got != want && got != Kind::Null {
-                return Err(err(format!("link.{sub}: must be {want}, not {got}")));
-            }
+        if let Some((_, got)) = given(&link, sub).filter(|(_, got)| *got != want) {
+            return Err(err(format!("link.{sub}: must be {want}, not {got}")));
         }
     }
-    let mut click = match member(&top, "click") {
+    let mut click = match given(&top, "click") {
         None => ClickMembers::default(),
-        Some(raw) => match Kind::of_raw(raw) {
-            Kind::Null => ClickMembers::default(),
-            Kind::Object => {
-                let members = object_members(raw.get().as_bytes())
-                    .map_err(|e| err(format!("click: {e}")))?
-                    .unwrap_or_default();
-                check_raw_fields(&members, "click", CLICK_STRINGS, &[]).map_err(err)?;
-                if let Some(p) = member(&members, "params") {
-                    if !matches!(Kind::of_raw(p), Kind::Object | Kind::Null) {
-                        return Err(err(format!("click.params: must be an object, not {}", Kind::of_raw(p))));
-                    }
-                }
-                ClickMembers::from(members)
+        Some((raw, Kind::Object)) => {
+            let members = object_members(raw.get().as_bytes())
+                .map_err(|e| err(format!("click: {e}")))?
+                .unwrap_or_default();
+            check_raw_fields(&members, "click", CLICK_STRINGS, &[]).map_err(err)?;
+            if let Some((_, got)) = given(&members, "params").filter(|(_, got)| *got != Kind::Object) {
+                return Err(err(format!("click.params: must be an object, not {got}")));
             }
-            other => return Err(err(format!("click: must be an object, not {other}"))),
-        },
+            ClickMembers::from(members)
+        }
+        Some((_, other)) => return Err(err(format!("click: must be an object, not {other}"))),
     };
     let is_bot = enricher.enrich(&mut click);
-    let metadata = member(&top, "metadata");
-    if let Some(raw) = metadata {
-        if !matches!(Kind::of_raw(raw), Kind::Object | Kind::Null) {
-            return Err(err(format!("metadata: must be an object, not {}", Kind::of_raw(raw))));
-        }
+    if let Some((_, got)) = given(&top, "metadata").filter(|(_, got)| *got != Kind::Object) {
+        return Err(err(format!("metadata: must be an object, not {got}")));
     }
 
     let mut data = Vec::with_capacity(text.len() + 256);
@@ -331,7 +311,7 @@ pub fn prepare_raw(
         data.extend_from_slice(b",\"click\":");
         click.write(&mut data).map_err(err)?;
     }
-    if metadata.is_none() {
+    if member(&top, "metadata").is_none() {
         data.extend_from_slice(b",\"metadata\":null");
     }
     data.push(b'}');
@@ -511,6 +491,14 @@ fn member<'a>(members: &Members<'a>, name: &str) -> Option<&'a RawValue> {
     members.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
 }
 
+/// The member `name` with its kind, unless it is absent or null: every field of the
+/// model takes null as not given.
+fn given<'a>(members: &Members<'a>, name: &str) -> Option<(&'a RawValue, Kind)> {
+    member(members, name)
+        .map(|raw| (raw, Kind::of_raw(raw)))
+        .filter(|(_, kind)| *kind != Kind::Null)
+}
+
 /// What a JSON value is, named in error messages as "a string", "an array", ….
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -672,10 +660,9 @@ impl StringTracker {
 }
 
 /// A link or workspace id as text: ids compare as text (SPEC §9).
-fn id_text(v: Option<&RawValue>) -> Result<Option<String>, String> {
-    let Some(raw) = v else { return Ok(None) };
-    match Kind::of_raw(raw) {
-        Kind::Null => Ok(None),
+fn id_text(v: Option<(&RawValue, Kind)>) -> Result<Option<String>, String> {
+    let Some((raw, kind)) = v else { return Ok(None) };
+    match kind {
         Kind::String => {
             let s = raw_str(raw)?;
             if s.is_empty() {
