@@ -8,7 +8,7 @@ use clickhook::config::{EndpointConfig, FsyncMode};
 use clickhook::deliver::sign::{generate_secret, SigningKey};
 use clickhook::enrich::Enricher;
 use clickhook::ingest::click;
-use clickhook::log::{ClickLog, NewEvent, SledLog, SledOptions};
+use clickhook::log::{sled_log_options, ClickLog, NewEvent, SledLog};
 use clickhook::route::{ClickFacts, RoutingIndex};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
@@ -60,11 +60,7 @@ fn log_append(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let options = SledOptions {
-        fsync: FsyncMode::Always,
-        fsync_interval: Duration::from_millis(50),
-        cache_capacity: 32 << 20,
-    };
+    let options = sled_log_options(FsyncMode::Always, Duration::from_millis(50), 32 << 20);
     let log = SledLog::open(dir.path(), options).unwrap();
     let data = br#"{"id":"evt_x","timestamp":"2025-01-15T10:30:00.000Z","link":{"id":1}}"#.repeat(12);
     let mut g = c.benchmark_group("log_append_flush");

@@ -4,7 +4,7 @@
 //!
 //! | prefix | key | value |
 //! |---|---|---|
-//! | `b` | first seq | a batch of events: accepted_ms, count, end offsets, event JSONs |
+//! | `b` | first seq | where a batch of events lies in a segment file, with its accepted_ms and count; or (before segment files) the batch itself |
 //! | `q` | endpoint, first seq | a run of queue entries: (seq, attempts, due_ms, batch) each |
 //! | `d` | endpoint, seq | dead-letter JSON length, JSON, event record |
 //! | `i` | client id | seq, accepted_ms |
@@ -20,6 +20,10 @@
 //! old layout is a batch of its own. The batch at key `k` holds seqs `k .. k + count`, so
 //! the batch that may hold a seq is the one with the greatest key at or below it. sled's
 //! cost is per key, not per byte, so a hundred clicks cost one insert instead of a hundred.
+//! A batch's bytes go to a segment file of the log's own and sled keeps a
+//! [`BatchPointer`] to them: sled's page cache then holds small pointers, not the event
+//! bodies a draining backlog reads once. Batches stored inside sled, as before segment
+//! files, are still read; a pointer's first byte ([`POINTER_TAG`]) tells them apart.
 //!
 //! An endpoint's queue is a sequence of runs. The run at key `k` holds entries with seqs in
 //! `[k, next run's key)`, sorted, so the run that may hold a seq is the one with the
@@ -81,6 +85,86 @@ pub fn batch_value<'a>(accepted_ms: u64, events: impl ExactSizeIterator<Item = &
         v.extend_from_slice(e);
     }
     v
+}
+
+/// The first byte of a [`BatchPointer`]'s value. A batch stored inside sled starts with
+/// its accepted_ms, whose first byte is 0 until the year 2^56 ms after 1970.
+pub const POINTER_TAG: u8 = 0xff;
+const POINTER_LEN: usize = 37;
+
+/// Where a batch value lies in the segment files, with what prune, replay and recovery
+/// need to know of it without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPointer {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+    /// CRC-32 of the batch value: a torn or overwritten segment is refused, not misread.
+    pub crc: u32,
+    pub accepted_ms: u64,
+    pub count: u32,
+}
+
+impl BatchPointer {
+    pub fn encode(&self) -> [u8; POINTER_LEN] {
+        let mut v = [0u8; POINTER_LEN];
+        v[0] = POINTER_TAG;
+        v[1..9].copy_from_slice(&self.segment.to_be_bytes());
+        v[9..17].copy_from_slice(&self.offset.to_be_bytes());
+        v[17..21].copy_from_slice(&self.len.to_be_bytes());
+        v[21..25].copy_from_slice(&self.crc.to_be_bytes());
+        v[25..33].copy_from_slice(&self.accepted_ms.to_be_bytes());
+        v[33..37].copy_from_slice(&self.count.to_be_bytes());
+        v
+    }
+
+    fn decode(value: &[u8]) -> Result<Self, LogError> {
+        if value.len() != POINTER_LEN {
+            return Err(LogError::Corrupt(format!(
+                "a batch pointer of {} bytes, not {POINTER_LEN}",
+                value.len()
+            )));
+        }
+        Ok(BatchPointer {
+            segment: u64_at(value, 1)?,
+            offset: u64_at(value, 9)?,
+            len: u32_at(value, 17)?,
+            crc: u32_at(value, 21)?,
+            accepted_ms: u64_at(value, 25)?,
+            count: u32_at(value, 33)?,
+        })
+    }
+}
+
+/// A `b` value: a batch in a segment file, or one stored inside sled.
+pub enum BatchRecord<'a> {
+    InFile(BatchPointer),
+    Inline(BatchView<'a>),
+}
+
+impl<'a> BatchRecord<'a> {
+    pub fn decode(value: &'a [u8]) -> Result<Self, LogError> {
+        if value.first() == Some(&POINTER_TAG) {
+            BatchPointer::decode(value).map(BatchRecord::InFile)
+        } else {
+            BatchView::decode(value).map(BatchRecord::Inline)
+        }
+    }
+
+    /// Events in the batch.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchRecord::InFile(p) => p.count as usize,
+            BatchRecord::Inline(view) => view.len(),
+        }
+    }
+
+    pub fn accepted_ms(&self) -> u64 {
+        match self {
+            BatchRecord::InFile(p) => p.accepted_ms,
+            BatchRecord::Inline(view) => view.accepted_ms,
+        }
+    }
 }
 
 /// A decoded view of a batch value.
@@ -317,6 +401,28 @@ mod tests {
         bad[16..20].copy_from_slice(&3u32.to_be_bytes());
         let view = BatchView::decode(&bad).unwrap();
         assert!(view.get(1).is_err());
+    }
+
+    #[test]
+    fn batch_pointers_round_trip_and_are_told_from_inline_batches() {
+        let p = BatchPointer {
+            segment: 3,
+            offset: 1 << 40,
+            len: 8000,
+            crc: 0xdead_beef,
+            accepted_ms: 1_790_000_000_000,
+            count: 170,
+        };
+        let v = p.encode();
+        match BatchRecord::decode(&v).unwrap() {
+            BatchRecord::InFile(back) => assert_eq!(back, p),
+            BatchRecord::Inline(_) => panic!("a pointer read as an inline batch"),
+        }
+        assert!(BatchRecord::decode(&v[..36]).is_err(), "a torn pointer is refused");
+        let inline = batch_value(1_790_000_000_000, [&b"{}"[..]].into_iter());
+        let record = BatchRecord::decode(&inline).unwrap();
+        assert!(matches!(record, BatchRecord::Inline(_)));
+        assert_eq!((record.len(), record.accepted_ms()), (1, 1_790_000_000_000));
     }
 
     #[test]

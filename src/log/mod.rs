@@ -8,6 +8,7 @@
 //! keys already chosen.
 
 mod keys;
+mod segments;
 mod sled_log;
 
 pub use sled_log::{SledLog, SledOptions};
@@ -22,6 +23,7 @@ pub fn sled_log_options(
         fsync,
         fsync_interval,
         cache_capacity,
+        segment_bytes: segments::SEGMENT_BYTES,
     }
 }
 
