@@ -4,7 +4,8 @@
 //! (as root, so through paths no permission bit can fix) stops `clickhook serve` with exit
 //! code 1 and an error that names the path, never a panic. A corrupted data directory must
 //! either stop the daemon with a clear error or lose nothing acknowledged; each kind of
-//! damage tested here says which of the two happened.
+//! damage tested here says which of the two happened. Damaged event bytes in a segment
+//! file are found when delivery reads them, and become dead letters that say so.
 
 mod common;
 
@@ -197,6 +198,17 @@ enum Damage {
     DbAllGarbage,
     /// The `db` file cut to half its length.
     DbTruncated,
+    /// The event segment files deleted.
+    SegmentsGone,
+}
+
+/// The event segment files of a data directory.
+fn segment_files(data: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(data.join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg") && std::fs::metadata(p).unwrap().len() > 0)
+        .collect()
 }
 
 fn damage(data: &Path, how: Damage) {
@@ -207,6 +219,14 @@ fn damage(data: &Path, how: Damage) {
         Damage::ConfGarbage => ("conf", 0.0, 1.0),
         Damage::DbMiddleGarbage => ("db", 0.5, 0.0),
         Damage::DbAllGarbage => ("db", 0.0, 1.0),
+        Damage::SegmentsGone => {
+            let files = segment_files(data);
+            assert!(!files.is_empty(), "the clicks went to a segment file");
+            for f in files {
+                std::fs::remove_file(f).unwrap();
+            }
+            return;
+        }
         Damage::DbTruncated => {
             let f = std::fs::OpenOptions::new().write(true).open(data.join("db")).unwrap();
             let size = f.metadata().unwrap().len();
@@ -348,4 +368,57 @@ async fn a_db_file_of_garbage_loses_nothing_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_db_file_loses_nothing_silently() {
     corrupted_data_dir(Damage::DbTruncated).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_event_segments_are_a_clear_start_error() {
+    corrupted_data_dir(Damage::SegmentsGone).await;
+}
+
+/// Garbage over the start of the event segment. The daemon still starts (sled's records
+/// are whole), the clicks of the damaged batch become dead letters whose error names the
+/// damage, and the rest are delivered: none is dropped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_an_event_segment_turns_its_clicks_into_dead_letters_that_say_so() {
+    use std::os::unix::fs::FileExt;
+    let addr = free_addr();
+    let mut d = Daemon::start(&config_text(&down_endpoint(addr)));
+    let body = format!(
+        "[{}]",
+        (0..40)
+            .map(|i| click(&i.to_string(), "w"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (status, v) = d.post(&body, "application/json").await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(d.terminate(), 0, "clean stop:\n{}", d.logs());
+    let files = segment_files(&d.dir.path().join("data"));
+    assert_eq!(files.len(), 1);
+    let f = std::fs::OpenOptions::new().write(true).open(&files[0]).unwrap();
+    f.write_all_at(&[0x5a; 100], 0).unwrap();
+    drop(f);
+
+    let sink = Sink::start_on(addr).await;
+    d.spawn();
+    let dead = d
+        .metric_until("clickhook_dead_letters_total{endpoint=\"a\"}", |v| v > 0.0)
+        .await as usize;
+    sink.wait_for("/a", 40 - dead, WAIT).await;
+    let mut delivered = sink.event_ids("/a");
+    delivered.sort();
+    delivered.dedup();
+    assert!(
+        dead < 40 && delivered.len() == 40 - dead,
+        "only the damaged batch is lost to delivery: {dead} dead, {} delivered",
+        delivered.len()
+    );
+    let (s, letters) = d.admin_get("/v1/endpoints/a/dead").await;
+    assert_eq!(s, 200);
+    let letters = letters.as_array().unwrap();
+    assert_eq!(letters.len(), dead, "{letters:?}");
+    for l in letters {
+        let error = l["last_error"].as_str().unwrap();
+        assert!(error.contains("checksum") && error.contains(".seg"), "{error}");
+    }
 }

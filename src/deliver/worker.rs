@@ -329,6 +329,7 @@ impl Worker {
         let mut event_ids = Vec::with_capacity(job.items.len());
         let mut kept = Vec::with_capacity(job.items.len());
         let mut missing = Vec::new();
+        let mut unreadable = Vec::new();
         for p in &job.items {
             match self.ctx.log.event(p.seq) {
                 Ok(Some(ev)) => {
@@ -340,9 +341,12 @@ impl Worker {
                 Ok(None) => missing.push(p.seq),
                 Err(e) => {
                     tracing::error!(endpoint = %self.ep.id, seq = p.seq, error = %e, "cannot read an event");
-                    missing.push(p.seq);
+                    unreadable.push((*p, e.to_string()));
                 }
             }
+        }
+        if !unreadable.is_empty() {
+            self.bury_unreadable(unreadable);
         }
         if !missing.is_empty() {
             // A queue entry without its event cannot be delivered; drop the entry so it
@@ -520,6 +524,34 @@ impl Worker {
                 self.settle(&seqs);
             }
         }
+    }
+
+    /// Events the log holds but cannot read back (a damaged segment) become dead letters
+    /// that name the damage: an operator sees them, and a reader that recovers (a disk
+    /// error that passes) lets them be replayed, where dropping them would hide the loss.
+    fn bury_unreadable(&mut self, unreadable: Vec<(Pending, String)>) {
+        let dead_at_ms = now_ms();
+        let letters: Vec<DeadLetter> = unreadable
+            .into_iter()
+            .map(|(p, error)| DeadLetter {
+                seq: p.seq,
+                event_id: String::new(),
+                attempts: p.attempts,
+                dead_at_ms,
+                accepted_ms: 0,
+                last_status: None,
+                last_error: Some(format!("the stored event cannot be read: {error}")),
+            })
+            .collect();
+        let seqs: Vec<Seq> = letters.iter().map(|l| l.seq).collect();
+        self.ep.metrics.dead.increment(letters.len() as u64);
+        self.report(WorkerEvent::DeadLetter {
+            endpoint: self.ep.id.clone(),
+            event_ids: Vec::new(),
+            last_error: letters[0].last_error.clone(),
+        });
+        self.ctx.log.bury(self.ep.key, letters);
+        self.settle(&seqs);
     }
 
     /// Counts a failed attempt toward the operational `failing` and `disabled` thresholds.
