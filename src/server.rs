@@ -24,14 +24,15 @@ use tokio::sync::{mpsc, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {what} {addr}: {source}")]
+    // Causes are in the messages, not `source`s, so `{:#}` does not print them twice.
+    #[error("cannot listen on {what} {addr}: {cause}")]
     Bind {
         what: &'static str,
         addr: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot open the log at {path}: {source}")]
-    Log { path: String, source: LogError },
+    #[error("cannot open the log at {path}: {cause}")]
+    Log { path: String, cause: LogError },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -72,10 +73,10 @@ pub async fn bind(config: &Config) -> Result<Listeners, ServerError> {
     let bind_tcp = |what: &'static str, addr: &str| {
         let addr = addr.to_string();
         async move {
-            TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind {
+            TcpListener::bind(&addr).await.map_err(|cause| ServerError::Bind {
                 what,
                 addr: addr.clone(),
-                source,
+                cause,
             })
         }
     };
@@ -92,10 +93,10 @@ pub async fn bind(config: &Config) -> Result<Listeners, ServerError> {
 
 fn bind_unix(path: &Path, config: &Config) -> Result<UnixListener, ServerError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |source| ServerError::Bind {
+    let err = |cause| ServerError::Bind {
         what: "ingest.unix.path",
         addr: path.display().to_string(),
-        source,
+        cause,
     };
     // A socket file left by a previous run that nobody listens on any more is removed;
     // one somebody still answers on is refused, so two daemons never share it.
@@ -139,9 +140,9 @@ pub async fn run(
             config.storage.cache_capacity.0,
         ),
     )
-    .map_err(|source| ServerError::Log {
+    .map_err(|cause| ServerError::Log {
         path: data_dir.display().to_string(),
-        source,
+        cause,
     })?;
     let sled_log = log.clone();
     let log: Arc<dyn ClickLog> = log;
