@@ -383,10 +383,21 @@ async fn operator_commands_list_endpoints_show_stats_and_replay_dead_letters() {
     let (code, text) = run(&["replay", "c"]);
     assert_eq!((code, text.contains("\"replayed\": 1")), (Some(0), true), "{text}");
     sink.wait_for("/c", 3, WAIT).await;
-    let (code, text) = run(&["stats", "c"]);
-    assert_eq!(code, Some(0));
-    let stats: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(stats["delivered"], 1);
+    // The sink has the request before the daemon has read the answer: ask until it has.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (code, text) = run(&["stats", "c"]);
+        assert_eq!(code, Some(0));
+        let stats: Value = serde_json::from_str(&text).unwrap();
+        if stats["delivered"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never counted as delivered: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(run(&["stats", "missing"]).0, Some(1));
 }
 
