@@ -31,21 +31,20 @@ pub struct SegmentFiles {
 }
 
 impl SegmentFiles {
-    /// The batch value a pointer names, checked against its CRC.
-    pub fn read(&self, at: &BatchPointer) -> Result<Vec<u8>, LogError> {
-        let file = self
+    /// The batch value a pointer names, checked against its CRC; `None` when its segment
+    /// is not open. Every segment a pointer names at open is open, and one is closed only
+    /// after the last pointer naming it has left sled, so the caller tells a pointer
+    /// removed meanwhile (a prune) from damage by looking it up again.
+    pub fn read(&self, at: &BatchPointer) -> Result<Option<Vec<u8>>, LogError> {
+        let Some(file) = self
             .files
             .read()
             .map_err(|_| LogError::Storage("segment table lock poisoned".into()))?
             .get(&at.segment)
             .cloned()
-            .ok_or_else(|| {
-                LogError::Corrupt(format!(
-                    "an event batch lies in segment {}, which is missing from {}",
-                    at.segment,
-                    self.dir.display()
-                ))
-            })?;
+        else {
+            return Ok(None);
+        };
         let mut bytes = vec![0u8; at.len as usize];
         file.read_exact_at(&mut bytes, at.offset).map_err(|e| {
             LogError::Corrupt(format!(
@@ -62,7 +61,16 @@ impl SegmentFiles {
                 at.offset
             )));
         }
-        Ok(bytes)
+        Ok(Some(bytes))
+    }
+
+    /// The error for a pointer that still names a segment that is not open.
+    pub fn missing(&self, at: &BatchPointer) -> LogError {
+        LogError::Corrupt(format!(
+            "an event batch lies in segment {}, which is missing from {}",
+            self.path(at.segment).display(),
+            self.dir.display()
+        ))
     }
 
     fn path(&self, segment: u64) -> PathBuf {
@@ -230,11 +238,13 @@ impl SegmentWriter {
         }
     }
 
-    /// Makes every segment byte written so far durable; call before flushing sled.
+    /// Makes every segment byte written so far durable; call before flushing sled. A
+    /// file whose sync fails stays listed, so the next flush tries it again.
     pub fn sync(&mut self) -> Result<(), LogError> {
-        for file in self.unsynced.drain(..) {
+        while let Some(file) = self.unsynced.last() {
             file.sync_data()
                 .map_err(|e| LogError::Storage(format!("{}: {e}", self.files.dir.display())))?;
+            self.unsynced.pop();
         }
         if self.dir_unsynced {
             File::open(&self.files.dir)
@@ -305,7 +315,7 @@ mod tests {
         assert_eq!(first[1].accepted_ms, 1_002);
         writer.sync().unwrap();
         for (p, n) in first.iter().chain(&second).zip([1u8, 2, 3]) {
-            assert_eq!(files.read(p).unwrap(), vec![n; 40]);
+            assert_eq!(files.read(p).unwrap(), Some(vec![n; 40]));
         }
         assert_eq!(writer.segments(), vec![1, 2]);
     }
@@ -322,7 +332,11 @@ mod tests {
         let past_end = BatchPointer { offset: 1_000, ..p };
         assert!(matches!(files.read(&past_end), Err(LogError::Corrupt(_))));
         let elsewhere = BatchPointer { segment: 9, ..p };
-        assert!(matches!(files.read(&elsewhere), Err(LogError::Corrupt(_))));
+        assert_eq!(
+            files.read(&elsewhere).unwrap(),
+            None,
+            "a segment that is not open is told apart"
+        );
     }
 
     #[test]
@@ -356,7 +370,7 @@ mod tests {
         let (files, writer) = SegmentWriter::open(dir.path(), BTreeMap::from([(1, 1)]), 50).unwrap();
         // Segment 2 was named by nothing; writing goes on in a new segment 3.
         assert_eq!(writer.segments(), vec![1, 3]);
-        assert_eq!(files.read(&named).unwrap(), vec![1; 40]);
+        assert_eq!(files.read(&named).unwrap(), Some(vec![1; 40]));
         drop((files, writer));
         let err = SegmentWriter::open(dir.path(), BTreeMap::from([(2, 1)]), 50)
             .err()

@@ -418,14 +418,28 @@ impl std::ops::Deref for BatchBytes {
 /// The batch that would hold `seq`, with its first seq. Its bytes are read from its
 /// segment only when `seq` is in it.
 fn find_batch(tree: &sled::Tree, segments: &SegmentFiles, seq: Seq) -> Result<Option<(Seq, BatchBytes)>, LogError> {
-    let Some((first, value)) = find_batch_record(tree, seq)? else {
-        return Ok(None);
-    };
+    match find_batch_record(tree, seq)? {
+        Some((first, value)) => load_batch(tree, segments, first, value, seq),
+        None => Ok(None),
+    }
+}
+
+/// The bytes of the batch record `value`, found at `first` for `seq`.
+fn load_batch(
+    tree: &sled::Tree,
+    segments: &SegmentFiles,
+    first: Seq,
+    value: sled::IVec,
+    seq: Seq,
+) -> Result<Option<(Seq, BatchBytes)>, LogError> {
     match BatchRecord::decode(&value)? {
         // `first <= seq`: the record was looked up at or below it.
-        BatchRecord::InFile(at) if seq - first < u64::from(at.count) => {
-            Ok(Some((first, BatchBytes::Segment(segments.read(&at)?))))
-        }
+        BatchRecord::InFile(at) if seq - first < u64::from(at.count) => match segments.read(&at)? {
+            Some(bytes) => Ok(Some((first, BatchBytes::Segment(bytes)))),
+            // Its segment is closed: pruned since the lookup, unless the pointer is still there.
+            None if tree.get(keys::event_batch(first))?.is_some_and(|now| now == value) => Err(segments.missing(&at)),
+            None => Ok(None),
+        },
         BatchRecord::InFile(_) => Ok(None),
         BatchRecord::Inline(_) => Ok(Some((first, BatchBytes::Sled(value)))),
     }
@@ -1858,6 +1872,31 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&file, b"XXXX", 20).unwrap();
         // Seq 1 is long out of the ring: it is read from the segment, and refused.
         assert!(matches!(log.event(1), Err(LogError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn a_batch_pruned_between_its_lookup_and_its_read_is_absent_not_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 1 KiB, so the first append's segment is closed once pruned.
+        let log = open_with_segments_of(dir.path(), 1024);
+        log.append(vec![event("a", false, vec![])]).await.unwrap().unwrap();
+        log.append((0..30).map(|i| event(&format!("b{i}"), false, vec![])).collect())
+            .await
+            .unwrap()
+            .unwrap();
+        // A reader looks up seq 1's pointer ...
+        let (first, value) = find_batch_record(&log.tree, 1).unwrap().unwrap();
+        // ... then the batch is pruned and its segment deleted before the reader reads it.
+        let later = super::super::now_ms() + 10_000;
+        assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 31);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        assert!(load_batch(&log.tree, &log.segments, first, value.clone(), 1)
+            .unwrap()
+            .is_none());
+        // A pointer still in sled whose segment is not open is damage, and says so.
+        log.tree.insert(&keys::event_batch(first)[..], value.clone()).unwrap();
+        let err = load_batch(&log.tree, &log.segments, first, value, 1).err().unwrap();
+        assert!(err.to_string().contains(".seg"), "{err}");
     }
 
     #[tokio::test]
