@@ -246,11 +246,9 @@ fn damage(data: &Path, how: Damage) {
     f.sync_all().unwrap();
 }
 
-/// Accepts 40 clicks for a down endpoint, stops cleanly, damages the data directory, and
-/// starts again with the endpoint up. Passes when the start fails with exit 1 and an error
-/// naming the data directory, or when every acknowledged click is still delivered.
-async fn corrupted_data_dir(how: Damage) {
-    let addr = free_addr();
+/// A daemon whose endpoint at `addr` is down, given 40 clicks in one request and then
+/// stopped cleanly; with the ids it acknowledged.
+async fn forty_clicks_stored_and_stopped(addr: std::net::SocketAddr) -> (Daemon, Vec<String>) {
     let mut d = Daemon::start(&config_text(&down_endpoint(addr)));
     let body = format!(
         "[{}]",
@@ -268,6 +266,15 @@ async fn corrupted_data_dir(how: Damage) {
         .map(|x| x.as_str().unwrap().to_string())
         .collect();
     assert_eq!(d.terminate(), 0, "clean stop:\n{}", d.logs());
+    (d, accepted)
+}
+
+/// Accepts 40 clicks for a down endpoint, stops cleanly, damages the data directory, and
+/// starts again with the endpoint up. Passes when the start fails with exit 1 and an error
+/// naming the data directory, or when every acknowledged click is still delivered.
+async fn corrupted_data_dir(how: Damage) {
+    let addr = free_addr();
+    let (d, accepted) = forty_clicks_stored_and_stopped(addr).await;
     let data = d.dir.path().join("data");
     damage(&data, how);
 
@@ -382,17 +389,7 @@ async fn deleted_event_segments_are_a_clear_start_error() {
 async fn garbage_in_an_event_segment_turns_its_clicks_into_dead_letters_that_say_so() {
     use std::os::unix::fs::FileExt;
     let addr = free_addr();
-    let mut d = Daemon::start(&config_text(&down_endpoint(addr)));
-    let body = format!(
-        "[{}]",
-        (0..40)
-            .map(|i| click(&i.to_string(), "w"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let (status, v) = d.post(&body, "application/json").await;
-    assert_eq!(status, 202, "{v}");
-    assert_eq!(d.terminate(), 0, "clean stop:\n{}", d.logs());
+    let (mut d, _) = forty_clicks_stored_and_stopped(addr).await;
     let files = segment_files(&d.dir.path().join("data"));
     assert_eq!(files.len(), 1);
     let f = std::fs::OpenOptions::new().write(true).open(&files[0]).unwrap();

@@ -668,18 +668,28 @@ mod tests {
         assert_eq!(budget.available(), 1, "closing the connection frees its slot");
     }
 
-    /// A receiver that answers every request 200 on keep-alive connections and counts
-    /// the connections it accepted.
-    async fn counting_receiver() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    /// A test receiver's counters: connections accepted, and the most requests it held
+    /// at once.
+    struct Receiver {
+        port: u16,
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    /// A receiver that answers every request 200, after `delay`, on keep-alive connections.
+    async fn receiver(delay: Duration) -> Receiver {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = accepted.clone();
+        let (accepted, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let active = Arc::new(AtomicUsize::new(0));
+        let (counter, seen_most) = (accepted.clone(), most.clone());
         tokio::spawn(async move {
             loop {
                 let (mut conn, _) = listener.accept().await.unwrap();
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                counter.fetch_add(1, SeqCst);
+                let (most, active) = (seen_most.clone(), active.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
@@ -695,6 +705,10 @@ mod tests {
                                 break;
                             }
                             seen.drain(..end + 4 + 2);
+                            let now = active.fetch_add(1, SeqCst) + 1;
+                            most.fetch_max(now, SeqCst);
+                            tokio::time::sleep(delay).await;
+                            active.fetch_sub(1, SeqCst);
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
                             if conn.write_all(answer).await.is_err() {
                                 return;
@@ -704,12 +718,12 @@ mod tests {
                 });
             }
         });
-        (port, accepted)
+        Receiver { port, accepted, most }
     }
 
     #[tokio::test]
     async fn endpoints_on_one_thread_share_connections_to_the_same_receiver() {
-        let (port, accepted) = counting_receiver().await;
+        let Receiver { port, accepted, .. } = receiver(Duration::ZERO).await;
         let policy = AddressPolicy {
             allow_private: true,
             allowed: Arc::new(vec![]),
@@ -739,54 +753,13 @@ mod tests {
         );
     }
 
-    /// A receiver that answers each request after `delay`, counting the most it held at once.
-    async fn slow_receiver(delay: Duration) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let most = Arc::new(AtomicUsize::new(0));
-        let active = Arc::new(AtomicUsize::new(0));
-        let seen_most = most.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut conn, _) = listener.accept().await.unwrap();
-                let (most, active) = (most.clone(), active.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut seen = Vec::new();
-                    loop {
-                        let n = match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        seen.extend_from_slice(&buf[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            if seen.len() < end + 4 + 2 {
-                                break;
-                            }
-                            seen.drain(..end + 4 + 2);
-                            let now = active.fetch_add(1, SeqCst) + 1;
-                            most.fetch_max(now, SeqCst);
-                            tokio::time::sleep(delay).await;
-                            active.fetch_sub(1, SeqCst);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-                            if conn.write_all(answer).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (port, seen_most)
-    }
-
     #[tokio::test]
     async fn a_shared_client_bounds_requests_in_flight_per_receiver_and_not_across_them() {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        let (slow_port, most) = slow_receiver(Duration::from_millis(400)).await;
-        let (fast_port, _) = counting_receiver().await;
+        let Receiver {
+            port: slow_port, most, ..
+        } = receiver(Duration::from_millis(400)).await;
+        let fast_port = receiver(Duration::ZERO).await.port;
         let policy = AddressPolicy {
             allow_private: true,
             allowed: Arc::new(vec![]),
