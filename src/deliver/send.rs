@@ -384,13 +384,13 @@ pub struct EndpointClient {
 type Origin = (Option<hyper::http::uri::Scheme>, Option<hyper::http::uri::Authority>);
 
 /// Request slots per receiver, handed out first come, first served.
-pub struct OriginSlots {
+struct OriginSlots {
     per_origin: usize,
     slots: std::sync::Mutex<std::collections::HashMap<Origin, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl OriginSlots {
-    pub fn new(per_origin: usize) -> Self {
+    fn new(per_origin: usize) -> Self {
         OriginSlots {
             per_origin: per_origin.max(1),
             slots: std::sync::Mutex::new(std::collections::HashMap::new()),
