@@ -88,7 +88,8 @@ pub fn batch_value<'a>(accepted_ms: u64, events: impl ExactSizeIterator<Item = &
 }
 
 /// The first byte of a [`BatchPointer`]'s value. A batch stored inside sled starts with
-/// its accepted_ms, whose first byte is 0 until the year 2^56 ms after 1970.
+/// its accepted_ms, whose first byte stays 0 until 2^56 ms (over two million years) after
+/// 1970.
 pub const POINTER_TAG: u8 = 0xff;
 const POINTER_LEN: usize = 37;
 

@@ -10,7 +10,7 @@
 //! the last flushed pointer (a crash mid-group) are never named and are left in place:
 //! every open starts a new segment, so nothing is ever written over.
 
-use super::keys::BatchPointer;
+use super::keys::{BatchPointer, BatchView};
 use super::LogError;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -178,24 +178,26 @@ impl SegmentWriter {
         ))
     }
 
-    /// Appends batch values one after another and returns where each went, in order.
-    /// They land in one segment, a new one when the current is full. On an error nothing
-    /// is named: the next write goes over the failed one's bytes.
-    pub fn append(&mut self, batches: &[(u64, u32, Vec<u8>)]) -> Result<Vec<BatchPointer>, LogError> {
-        let total: u64 = batches.iter().map(|(_, _, v)| v.len() as u64).sum();
+    /// Appends batch values ([`super::keys::batch_value`]) one after another and returns where
+    /// each went, in order, with the accepted_ms and count read from its header. They land
+    /// in one segment, a new one when the current is full. On an error nothing is named:
+    /// the next write goes over the failed one's bytes.
+    pub fn append(&mut self, batches: &[Vec<u8>]) -> Result<Vec<BatchPointer>, LogError> {
+        let total: u64 = batches.iter().map(|v| v.len() as u64).sum();
         if self.len > 0 && self.len + total > self.segment_bytes {
             self.rotate()?;
         }
         let mut bytes = Vec::with_capacity(total as usize);
         let mut pointers = Vec::with_capacity(batches.len());
-        for (accepted_ms, count, value) in batches {
+        for value in batches {
+            let view = BatchView::decode(value)?;
             pointers.push(BatchPointer {
                 segment: self.current,
                 offset: self.len + bytes.len() as u64,
                 len: value.len() as u32,
                 crc: crc32fast::hash(value),
-                accepted_ms: *accepted_ms,
-                count: *count,
+                accepted_ms: view.accepted_ms,
+                count: view.len() as u32,
             });
             bytes.extend_from_slice(value);
         }
@@ -297,10 +299,12 @@ fn create_segment(path: &Path) -> Result<Arc<File>, LogError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::keys;
     use super::*;
 
-    fn batch(n: u8, len: usize) -> (u64, u32, Vec<u8>) {
-        (1_000 + n as u64, 1, vec![n; len])
+    /// A batch of one event of `len` bytes `n`, accepted at 1,000 + `n`.
+    fn batch(n: u8, len: usize) -> Vec<u8> {
+        keys::batch_value(1_000 + n as u64, [&vec![n; len][..]].into_iter())
     }
 
     #[test]
@@ -308,14 +312,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (files, mut writer) = SegmentWriter::open(dir.path(), BTreeMap::new(), 100).unwrap();
         let first = writer.append(&[batch(1, 40), batch(2, 40)]).unwrap();
-        // 80 bytes in; 40 more would pass 100, so the next append starts segment 2.
+        // Two 56-byte batches in; 56 more would pass 100, so the next append starts segment 2.
         let second = writer.append(&[batch(3, 40)]).unwrap();
-        assert_eq!((first[0].segment, first[1].offset), (1, 40));
+        assert_eq!((first[0].segment, first[1].offset), (1, 56));
         assert_eq!((second[0].segment, second[0].offset), (2, 0));
-        assert_eq!(first[1].accepted_ms, 1_002);
+        assert_eq!(
+            (first[1].accepted_ms, first[1].count),
+            (1_002, 1),
+            "read from the header"
+        );
         writer.sync().unwrap();
         for (p, n) in first.iter().chain(&second).zip([1u8, 2, 3]) {
-            assert_eq!(files.read(p).unwrap(), Some(vec![n; 40]));
+            assert_eq!(files.read(p).unwrap(), Some(batch(n, 40)));
         }
         assert_eq!(writer.segments(), vec![1, 2]);
     }
@@ -370,7 +378,7 @@ mod tests {
         let (files, writer) = SegmentWriter::open(dir.path(), BTreeMap::from([(1, 1)]), 50).unwrap();
         // Segment 2 was named by nothing; writing goes on in a new segment 3.
         assert_eq!(writer.segments(), vec![1, 3]);
-        assert_eq!(files.read(&named).unwrap(), Some(vec![1; 40]));
+        assert_eq!(files.read(&named).unwrap(), Some(batch(1, 40)));
         drop((files, writer));
         let err = SegmentWriter::open(dir.path(), BTreeMap::from([(2, 1)]), 50)
             .err()

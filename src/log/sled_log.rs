@@ -776,7 +776,7 @@ impl Writer {
                 n += 1;
             }
             let (batch, later) = rest.split_at(n);
-            batches.push((now, n as u32, keys::batch_value(now, batch.iter().map(|e| &e.data[..]))));
+            batches.push(keys::batch_value(now, batch.iter().map(|e| &e.data[..])));
             rest = later;
         }
         if !batches.is_empty() {
@@ -838,13 +838,11 @@ impl Writer {
         let first = keys::u64_at(&key, 1)?;
         match value {
             Some(v) => {
-                let view = BatchView::decode(&v)?;
-                let (accepted_ms, n) = (view.accepted_ms, view.len() as u32);
-                let at = self.segments.append(&[(accepted_ms, n, v)])?[0];
+                let at = self.segments.append(&[v])?[0];
                 if let Some(old) = self.tree.insert(key, &at.encode()[..])? {
                     self.released(&old)?;
                 } else {
-                    counts.appended += u64::from(n);
+                    counts.appended += u64::from(at.count);
                 }
             }
             None => {
@@ -1776,25 +1774,21 @@ mod tests {
 
     #[tokio::test]
     async fn event_bodies_go_to_segment_files_and_sled_keeps_a_pointer_to_each_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let log = open(dir.path());
-            let events = (0..600).map(|i| event(&format!("e{i}"), false, vec![])).collect();
-            log.append(events).await.unwrap().unwrap();
-            let mut body_bytes = 0;
-            for v in log.tree.scan_prefix([EVENT_BATCH]).values() {
-                let v = v.unwrap();
-                match BatchRecord::decode(&v).unwrap() {
-                    BatchRecord::InFile(at) => body_bytes += u64::from(at.len),
-                    BatchRecord::Inline(_) => panic!("an event batch was stored inside sled"),
-                }
+        let (dir, log) = log_with_events(600).await;
+        let mut body_bytes = 0;
+        for v in log.tree.scan_prefix([EVENT_BATCH]).values() {
+            let v = v.unwrap();
+            match BatchRecord::decode(&v).unwrap() {
+                BatchRecord::InFile(at) => body_bytes += u64::from(at.len),
+                BatchRecord::Inline(_) => panic!("an event batch was stored inside sled"),
             }
-            let files = segment_files(dir.path());
-            assert_eq!(files.len(), 1);
-            let seg = dir.path().join(super::super::segments::SEGMENT_DIR).join(&files[0]);
-            assert_eq!(std::fs::metadata(seg).unwrap().len(), body_bytes);
-            assert!(body_bytes > 600 * 46, "every event's bytes are in the segment");
         }
+        let files = segment_files(dir.path());
+        assert_eq!(files.len(), 1);
+        let seg = dir.path().join(super::super::segments::SEGMENT_DIR).join(&files[0]);
+        assert_eq!(std::fs::metadata(seg).unwrap().len(), body_bytes);
+        assert!(body_bytes > 600 * 46, "every event's bytes are in the segment");
+        drop(log);
         // Reopened, the old segment is read, and writing goes on in a new one.
         let log = open(dir.path());
         assert_eq!(&log.event(1).unwrap().unwrap().data[..9], br#"{"id":"e0"#);
