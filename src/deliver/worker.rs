@@ -548,7 +548,7 @@ impl Worker {
         self.report(WorkerEvent::DeadLetter {
             endpoint: self.ep.id.clone(),
             event_ids: Vec::new(),
-            last_error: letters[0].last_error.clone(),
+            last_error: letters.first().and_then(|l| l.last_error.clone()),
         });
         self.ctx.log.bury(self.ep.key, letters);
         self.settle(&seqs);

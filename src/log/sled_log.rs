@@ -89,7 +89,6 @@ impl WriteOp {
 
 /// The sled-backed click log.
 pub struct SledLog {
-    db: sled::Db,
     tree: sled::Tree,
     tx: Sender<WriteOp>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -207,7 +206,7 @@ impl SledLog {
         let recent = Arc::new(RecentEvents::new());
         let (tx, rx) = crossbeam_channel::unbounded();
         let writer = Writer {
-            db: db.clone(),
+            db,
             tree: tree.clone(),
             rx,
             next_seq,
@@ -224,7 +223,6 @@ impl SledLog {
             .spawn(move || writer.run())
             .map_err(|e| LogError::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok(Arc::new(SledLog {
-            db,
             tree,
             tx,
             writer: Mutex::new(Some(handle)),
@@ -234,11 +232,6 @@ impl SledLog {
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             endpoint_keys: Mutex::new(()),
         }))
-    }
-
-    /// Bytes sled reports on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 
     fn send(&self, op: WriteOp) {
@@ -1837,7 +1830,7 @@ mod tests {
                 .insert(&keys::event_batch(1)[..], keys::batch_value(1_000, old.into_iter()))
                 .unwrap();
             log.tree.insert(keys::META_NEXT_SEQ, &3u64.to_be_bytes()[..]).unwrap();
-            log.db.flush().unwrap();
+            log.tree.flush().unwrap();
         }
         let log = open(dir.path());
         assert_eq!(log.event_count(), 2);
@@ -1902,7 +1895,7 @@ mod tests {
                 let record = keys::event_record(1_000 + seq, format!("{{\"id\":\"old{seq}\"}}").as_bytes());
                 log.tree.insert(&keys::legacy_event(seq)[..], record).unwrap();
             }
-            log.db.flush().unwrap();
+            log.tree.flush().unwrap();
         }
         let log = open(dir.path());
         assert_eq!(log.event_count(), 3);
@@ -1952,7 +1945,7 @@ mod tests {
                     )
                     .unwrap();
             }
-            log.db.flush().unwrap();
+            log.tree.flush().unwrap();
         }
         let log = open(dir.path());
         assert_eq!(
