@@ -47,12 +47,17 @@ impl SegmentFiles {
         };
         let mut bytes = vec![0u8; at.len as usize];
         file.read_exact_at(&mut bytes, at.offset).map_err(|e| {
-            LogError::Corrupt(format!(
+            let what = format!(
                 "{}: cannot read {} bytes at {}: {e}",
                 self.path(at.segment).display(),
                 at.len,
                 at.offset
-            ))
+            );
+            // A pointer past the file's end is damage; any other failure is the disk's.
+            match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => LogError::Corrupt(what),
+                _ => LogError::Storage(what),
+            }
         })?;
         if crc32fast::hash(&bytes) != at.crc {
             return Err(LogError::Corrupt(format!(
