@@ -99,6 +99,15 @@ struct RunArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Link-level endpoints of many-endpoints (default 10,000), to see how delivery
+    /// scales with the number of endpoints the clicks spread over.
+    #[arg(long)]
+    endpoints: Option<u32>,
+    /// Spread clicks over links 0..N (default per scenario: one per endpoint in
+    /// many-endpoints). With --links 1 every click goes to one link-level endpoint and
+    /// the rest only sit in the routing index.
+    #[arg(long)]
+    links: Option<u64>,
     /// No progress line on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -204,6 +213,8 @@ fn scenario(scenario: Scenario, a: RunArgs) -> anyhow::Result<bool> {
         fsync: a.fsync,
         client_ids: a.client_ids,
         max_concurrency: a.max_concurrency,
+        endpoints: a.endpoints,
+        links: a.links,
         progress: !a.quiet,
         ..ScenarioOptions::default()
     };

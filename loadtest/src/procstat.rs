@@ -92,6 +92,24 @@ impl Sampler {
     }
 }
 
+/// Waits until `pid` spends under `share` of one core over a `window`, for at most
+/// `limit`; says whether it got there. A daemon with 10,000 endpoints is still busy for
+/// some 0.3 s after its ready line (each worker's first look at its queue), and a run
+/// that started then would charge that to its first second of ingest.
+pub async fn wait_until_quiet(pid: u32, window: Duration, share: f64, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let Ok(mut before) = sample(pid) else { return false };
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(window).await;
+        let Ok(now) = sample(pid) else { return false };
+        if now.cpu_seconds - before.cpu_seconds < share * window.as_secs_f64() {
+            return true;
+        }
+        before = now;
+    }
+    false
+}
+
 impl Drop for Sampler {
     fn drop(&mut self) {
         self.task.abort();
@@ -116,6 +134,22 @@ mod tests {
         assert_eq!(status_kib(status, "VmHWM:"), Some(81_234));
         assert_eq!(status_kib(status, "VmRSS:"), Some(80_000));
         assert_eq!(status_kib(status, "VmSwap:"), None);
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_busy_process_and_not_for_an_idle_one() {
+        let mut idle = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut busy = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let window = Duration::from_millis(200);
+        let limit = Duration::from_secs(1);
+        let idle_quiet = wait_until_quiet(idle.id(), window, 0.05, limit).await;
+        let busy_quiet = wait_until_quiet(busy.id(), window, 0.05, limit).await;
+        let _ = (idle.kill(), busy.kill(), idle.wait(), busy.wait());
+        assert!(idle_quiet, "a sleeping process is quiet");
+        assert!(!busy_quiet, "a spinning process is not");
     }
 
     #[test]

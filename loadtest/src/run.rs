@@ -106,6 +106,12 @@ pub struct ScenarioOptions {
     pub client_ids: bool,
     /// `max_concurrency` of every endpoint the run creates; `None` = the daemon's default.
     pub max_concurrency: Option<usize>,
+    /// Link-level endpoints of `many-endpoints`; `None` = 10,000. Other scenarios refuse it.
+    pub endpoints: Option<u32>,
+    /// Clicks spread over links `0..links`; `None` = the scenario's own (one per endpoint
+    /// in `many-endpoints`). `--links 1` sends every click to one link-level endpoint
+    /// while the others stay in the routing index: the cost of routing alone.
+    pub links: Option<u64>,
     /// A progress line on stderr every second.
     pub progress: bool,
     /// How long a started daemon may take to print its ready line.
@@ -128,6 +134,8 @@ impl Default for ScenarioOptions {
             fsync: None,
             client_ids: false,
             max_concurrency: None,
+            endpoints: None,
+            links: None,
             progress: false,
             startup_timeout: Duration::from_secs(30),
         }
@@ -244,6 +252,17 @@ impl AdminEndpoints {
     }
 }
 
+/// Before ingest starts, the daemon must have used under 5 % of a core over this window…
+const QUIET_WINDOW: Duration = Duration::from_millis(200);
+/// …or have been given this long to get there.
+const QUIET_LIMIT: Duration = Duration::from_secs(10);
+
+/// The most endpoints `--endpoints` may ask for: each is one sink route and one daemon
+/// worker, and 100,000 is ten times the scenario's default.
+const MAX_ENDPOINTS: u32 = 100_000;
+/// The most links `--links` may spread clicks over.
+const MAX_LINKS: u64 = 10_000_000;
+
 fn check(options: &ScenarioOptions, plan: &Plan) -> Result<(), Error> {
     let bad = |why: String| Err(Error::Options(why));
     if options.clicks == Some(0) {
@@ -258,6 +277,18 @@ fn check(options: &ScenarioOptions, plan: &Plan) -> Result<(), Error> {
     let batch = options.batch.unwrap_or(plan.batch);
     if batch == 0 || batch > 10_000 {
         return bad("--batch must be 1..=10000".into());
+    }
+    match options.endpoints {
+        Some(_) if options.scenario != Scenario::ManyEndpoints => {
+            return bad("--endpoints is for many-endpoints only".into());
+        }
+        Some(n) if n == 0 || n > MAX_ENDPOINTS => {
+            return bad(format!("--endpoints must be 1..={MAX_ENDPOINTS}"));
+        }
+        _ => {}
+    }
+    if options.links.is_some_and(|n| n == 0 || n > MAX_LINKS) {
+        return bad(format!("--links must be 1..={MAX_LINKS}"));
     }
     if let Some(f) = &options.fsync {
         if f != "always" && f != "interval" {
@@ -275,7 +306,10 @@ fn random_tag() -> String {
 /// the waits run side by side).
 pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
     let wall = Instant::now();
-    let plan = Plan::new(options.scenario);
+    let plan = match (options.scenario, options.endpoints) {
+        (Scenario::ManyEndpoints, Some(n)) => Plan::many_endpoints(n),
+        (scenario, _) => Plan::new(scenario),
+    };
     check(&options, &plan)?;
     let clicks = options.clicks.unwrap_or(plan.clicks);
     let connections = options.connections.unwrap_or(plan.connections);
@@ -376,6 +410,10 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         }
     };
 
+    if let Some(p) = pid {
+        // Measure the daemon at work, not finishing its start.
+        procstat::wait_until_quiet(p, QUIET_WINDOW, 0.05, QUIET_LIMIT).await;
+    }
     let sampler = pid.map(|p| Arc::new(Sampler::start(p)));
     let counters = Arc::new(DriveCounters::default());
     let routing = Arc::new(Routing::new(&plan));
@@ -399,7 +437,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
 
     phase.store(PHASE_INGEST, Relaxed);
     let factory = Arc::new(ClickFactory::new(
-        plan.links,
+        options.links.unwrap_or(plan.links),
         &tag,
         options.client_ids,
         rfc3339(unix_now()),
@@ -711,6 +749,22 @@ mod tests {
         assert!(matches!(run(bad), Err(Error::Options(_))));
         let bad = ScenarioOptions {
             fsync: Some("sometimes".into()),
+            ..quick(PathBuf::from("/nonexistent"))
+        };
+        assert!(matches!(run(bad), Err(Error::Options(_))));
+        for (scenario, endpoints) in [(Scenario::Throughput, 10), (Scenario::ManyEndpoints, 0)] {
+            let bad = ScenarioOptions {
+                scenario,
+                endpoints: Some(endpoints),
+                ..quick(PathBuf::from("/nonexistent"))
+            };
+            assert!(
+                matches!(run(bad), Err(Error::Options(_))),
+                "{scenario} with {endpoints} endpoints"
+            );
+        }
+        let bad = ScenarioOptions {
+            links: Some(0),
             ..quick(PathBuf::from("/nonexistent"))
         };
         assert!(matches!(run(bad), Err(Error::Options(_))));

@@ -98,6 +98,9 @@ pub struct Plan {
     pub drain_timeout: Duration,
 }
 
+/// Endpoints of `many-endpoints` unless `--endpoints` says otherwise.
+const MANY_ENDPOINTS: u32 = 10_000;
+
 const SHORT_RETRY: [&str; 5] = ["100ms", "200ms", "500ms", "1s", "2s"];
 /// Long enough in steps that breaker probes against a down sink cannot exhaust an event's
 /// attempts during a long ingest, short enough in total that stragglers drain in minutes.
@@ -151,18 +154,7 @@ impl Plan {
                     ..base
                 }
             }
-            Scenario::ManyEndpoints => Plan {
-                endpoints: (0..10_000)
-                    .map(|n| EndpointPlan {
-                        group: "link",
-                        links: vec![n],
-                        ..fast()
-                    })
-                    .collect(),
-                links: 10_000,
-                clicks: 50_000,
-                ..base
-            },
+            Scenario::ManyEndpoints => Plan::many_endpoints(MANY_ENDPOINTS),
             Scenario::Backlog => Plan {
                 clicks: 1_000_000,
                 connections: 8,
@@ -182,6 +174,28 @@ impl Plan {
                 ..base
             },
         }
+    }
+
+    /// `many-endpoints` with `count` link-level endpoints, one per link, so that each
+    /// click goes to one of them and the clicks spread evenly over all.
+    pub fn many_endpoints(count: u32) -> Plan {
+        Plan {
+            endpoints: (0..count)
+                .map(|n| EndpointPlan {
+                    group: "link",
+                    links: vec![u64::from(n)],
+                    ..fast()
+                })
+                .collect(),
+            links: u64::from(count),
+            clicks: 50_000,
+            ..Plan::new(Scenario::Throughput)
+        }
+        .with_scenario(Scenario::ManyEndpoints)
+    }
+
+    fn with_scenario(self, scenario: Scenario) -> Plan {
+        Plan { scenario, ..self }
     }
 
     /// Report groups in first-seen order.
@@ -268,6 +282,12 @@ mod tests {
         assert_eq!(r.expected_count(10_000), 0);
         assert_eq!(p.groups(), vec!["link"]);
         assert_eq!(Plan::new(Scenario::SlowEndpoint).groups(), vec!["fast", "hung"]);
+        let p = Plan::many_endpoints(100);
+        assert_eq!(p.scenario, Scenario::ManyEndpoints);
+        assert_eq!((p.endpoints.len(), p.links), (100, 100));
+        let r = Routing::new(&p);
+        assert_eq!(r.expected(99).collect::<Vec<_>>(), vec![99]);
+        assert_eq!(r.expected_count(100), 0);
     }
 
     #[test]
