@@ -47,6 +47,13 @@ run latency-5k throughput --clicks 50000 --rate 5000 --connections 16
 run fanout fanout --clicks 20000 --batch 100
 run slow-endpoint slow-endpoint --clicks 20000 --batch 100
 run many-endpoints many-endpoints --clicks 50000 --batch 100
+# Routing alone, then delivery by how many endpoints the clicks spread over: each beside a
+# throughput run of the same size.
+run throughput-200k throughput --clicks 200000 --batch 100
+run routing-10000 many-endpoints --clicks 200000 --batch 100 --links 1
+for n in 10 100 1000 10000; do
+  run spread-$n many-endpoints --clicks 200000 --batch 100 --endpoints $n
+done
 run flaky flaky --clicks 10000 --batch 100
 run backlog backlog --clicks 1000000 --batch 100 --transport unix
 echo "== ingest only: clickhook send over the socket, 200,000 compact JSON clicks, no endpoints" | tee -a "$OUT/summary.txt"
