@@ -189,13 +189,9 @@ impl Plan {
                 .collect(),
             links: u64::from(count),
             clicks: 50_000,
+            scenario: Scenario::ManyEndpoints,
             ..Plan::new(Scenario::Throughput)
         }
-        .with_scenario(Scenario::ManyEndpoints)
-    }
-
-    fn with_scenario(self, scenario: Scenario) -> Plan {
-        Plan { scenario, ..self }
     }
 
     /// Report groups in first-seen order.

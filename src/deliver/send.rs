@@ -373,7 +373,7 @@ const IDLE_PER_ORIGIN: usize = IN_FLIGHT_PER_ORIGIN;
 /// thousands of sockets, most of the shared connection budget, and 250 MiB more RSS in
 /// `many-endpoints`. A hung endpoint holds at most its own `max_concurrency` of these,
 /// so it takes 16 hung endpoints on one receiver to hold up the others there.
-pub const IN_FLIGHT_PER_ORIGIN: usize = 512;
+const IN_FLIGHT_PER_ORIGIN: usize = 512;
 
 /// One endpoint's connection pool. Cloning shares the pool.
 #[derive(Clone)]
@@ -441,7 +441,7 @@ impl EndpointClient {
     }
 
     /// The same, with at most `per_origin` requests in flight to any one receiver.
-    pub fn shared(
+    fn shared(
         policy: AddressPolicy,
         budget: ConnectionBudget,
         connect_timeout: Duration,

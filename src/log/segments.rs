@@ -36,13 +36,7 @@ impl SegmentFiles {
     /// after the last pointer naming it has left sled, so the caller tells a pointer
     /// removed meanwhile (a prune) from damage by looking it up again.
     pub fn read(&self, at: &BatchPointer) -> Result<Option<Vec<u8>>, LogError> {
-        let Some(file) = self
-            .files
-            .read()
-            .map_err(|_| LogError::Storage("segment table lock poisoned".into()))?
-            .get(&at.segment)
-            .cloned()
-        else {
+        let Some(file) = self.files.read().map_err(table_poisoned)?.get(&at.segment).cloned() else {
             return Ok(None);
         };
         let mut bytes = vec![0u8; at.len as usize];
@@ -83,18 +77,12 @@ impl SegmentFiles {
     }
 
     fn insert(&self, segment: u64, file: Arc<File>) -> Result<(), LogError> {
-        self.files
-            .write()
-            .map_err(|_| LogError::Storage("segment table lock poisoned".into()))?
-            .insert(segment, file);
+        self.files.write().map_err(table_poisoned)?.insert(segment, file);
         Ok(())
     }
 
     fn remove(&self, segment: u64) -> Result<(), LogError> {
-        self.files
-            .write()
-            .map_err(|_| LogError::Storage("segment table lock poisoned".into()))?
-            .remove(&segment);
+        self.files.write().map_err(table_poisoned)?.remove(&segment);
         Ok(())
     }
 }
@@ -289,6 +277,11 @@ impl SegmentWriter {
         ids.sort_unstable();
         ids
     }
+}
+
+/// A reader or the writer panicked while holding the segment table.
+fn table_poisoned<T>(_: T) -> LogError {
+    LogError::Storage("segment table lock poisoned".into())
 }
 
 fn create_segment(path: &Path) -> Result<Arc<File>, LogError> {
