@@ -285,7 +285,7 @@ async fn test_event(state: &AdminState, id: &str) -> ApiResult {
     };
     let body = format::render(settings.config.format, &[&data], &ctx).map_err(|e| ApiError::Internal(e.to_string()))?;
     let client = EndpointClient::new(state.addresses.clone(), state.connections.clone(), settings.timeout, 1);
-    let result = crate::deliver::attempt(&client, &settings, &webhook_id, Bytes::from(body)).await;
+    let result = crate::deliver::attempt(&client, &settings, &webhook_id, Bytes::from(body), None).await;
     Ok(json(
         StatusCode::OK,
         &json!({

@@ -175,6 +175,9 @@ pub struct DeliveryConfig {
     pub allowed_cidrs: Vec<String>,
     /// Open outbound connections across all endpoints; 0 = from the open-files limit.
     pub max_connections: usize,
+    /// Requests in flight to one receiver (scheme, host and port) from the endpoints of
+    /// one delivery thread.
+    pub max_in_flight_per_receiver: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -186,6 +189,7 @@ impl Default for DeliveryConfig {
             allow_private_networks: false,
             allowed_cidrs: vec![],
             max_connections: 0,
+            max_in_flight_per_receiver: 512,
         }
     }
 }
@@ -435,6 +439,13 @@ impl Config {
             return Err(ConfigError::invalid(
                 file,
                 "delivery.max_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.delivery.max_in_flight_per_receiver == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "delivery.max_in_flight_per_receiver",
                 "must be at least 1",
             ));
         }
@@ -716,6 +727,18 @@ mod tests {
         assert!(parse(&format!("[delivery]\nallowed_cidrs = [\"127.0.0.0/8\"]\n{t}")).is_ok());
         let named = "[[endpoints]]\nid = \"a\"\nurl = \"http://localhost:9/x\"\n";
         assert!(parse(named).unwrap_err().to_string().contains("private address"));
+    }
+
+    #[test]
+    fn zero_in_flight_per_receiver_is_refused_by_name() {
+        assert_eq!(parse("").unwrap().delivery.max_in_flight_per_receiver, 512);
+        let err = parse("[delivery]\nmax_in_flight_per_receiver = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.max_in_flight_per_receiver") && err.contains("at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

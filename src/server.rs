@@ -167,6 +167,7 @@ pub async fn run(
             allowed: Arc::new(config.allowed_cidrs()?),
         },
         connections: connections.clone(),
+        per_receiver: config.delivery.max_in_flight_per_receiver,
         failing_after: config.operations.failing_after,
         disable_after: config.operations.disable_after.0,
     };

@@ -5,7 +5,8 @@
 //! ends in delivery, retry, dead letter or disable as SPEC §4 says, counted under the right
 //! `outcome` of `clickhook_delivery_attempts_total`, with the daemon's memory and its
 //! connections to the endpoint bounded. With all of them at once, a healthy endpoint beside
-//! them receives every click before any faulty endpoint's first attempt could time out.
+//! them receives every click before any faulty endpoint's first attempt could time out,
+//! and endpoints sharing a receiver's request slots send each request signed when it goes.
 //! The malformed answers come from raw TCP servers written here; the rest from `Sink`.
 
 mod common;
@@ -399,6 +400,56 @@ async fn a_hung_endpoint_times_out_holding_at_most_max_concurrency_connections()
     );
     let got = outcomes(&d, "hung").await;
     assert_eq!(got["success"] + got["network"], 0.0, "{got:?}");
+}
+
+/// Four endpoints on one receiver that holds each request 4 s, and 2 request slots per
+/// receiver: two requests go at once, two wait for a slot. A waiting request is built and
+/// signed only once it has its slot, so its `webhook-timestamp` is that of its sending,
+/// not 4 s older (a receiver checking the timestamp against its clock would refuse a
+/// request that waited minutes), and the receiver never has more than 2 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_receiver_slot_is_signed_when_it_gets_one() {
+    let sink = Sink::start().await;
+    let paths = ["/e1", "/e2", "/e3", "/e4"];
+    let mut endpoints = String::new();
+    for (i, path) in paths.iter().enumerate() {
+        sink.default_answer(path, Answer::Delay(Duration::from_secs(4), 200));
+        endpoints += &endpoint(&format!("e{}", i + 1), &sink.url(path), "timeout = \"20s\"");
+    }
+    let cfg = config_text(&endpoints).replace(
+        "[delivery]\n",
+        "[delivery]\nshards = 1\nmax_in_flight_per_receiver = 2\n",
+    );
+    let d = Daemon::start(&cfg);
+    post_clicks(&d, 1, "slot").await;
+    let mut arrived = Vec::new();
+    for path in paths {
+        let got = sink.wait_for(path, 1, Duration::from_secs(30)).await;
+        assert_eq!(got.len(), 1, "{path} got its click: {}", d.logs());
+        arrived.push(got[0].clone());
+    }
+    arrived.sort_by_key(|r| r.at);
+    let first = arrived[0].at;
+    let at: Vec<Duration> = arrived.iter().map(|r| r.at - first).collect();
+    assert!(
+        at[1] < Duration::from_secs(2) && at[2] >= Duration::from_millis(3500),
+        "two requests at once, the next two once those are answered: {at:?}"
+    );
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for r in &arrived {
+        let signed: f64 = r.headers["webhook-timestamp"].parse().unwrap();
+        let arrival = now_unix - r.at.elapsed().as_secs_f64();
+        assert!(
+            arrival - signed < 2.0,
+            "{} was signed {:.1} s before it arrived",
+            r.path,
+            arrival - signed
+        );
+        assert!(signature_valid(r, SECRET), "{}", r.path);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

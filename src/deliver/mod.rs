@@ -62,6 +62,8 @@ pub struct DeliveryPolicy {
     pub addresses: AddressPolicy,
     /// Outbound connections across all endpoints.
     pub connections: send::ConnectionBudget,
+    /// Requests in flight to one receiver from one delivery thread's endpoints.
+    pub per_receiver: usize,
     /// Consecutive failures that make an endpoint "failing" (an operational event).
     pub failing_after: u32,
     /// How long an endpoint may fail without a success before it is disabled.
@@ -155,12 +157,15 @@ impl Dispatcher {
     }
 }
 
-/// Signs `body` now (Standard Webhooks wants the send time) and sends it as one attempt.
+/// Signs `body` now (Standard Webhooks wants the send time) and sends it as one attempt,
+/// in `slot` (the receiver's slot the caller took on a shared client); without one, a
+/// shared client waits for a slot itself.
 pub async fn attempt(
     client: &send::EndpointClient,
     settings: &EndpointSettings,
     webhook_id: &str,
     body: bytes::Bytes,
+    slot: Option<send::OriginSlot>,
 ) -> send::AttemptResult {
     use hyper::header::{HeaderName, HeaderValue};
     let timestamp = chrono::Utc::now().timestamp();
@@ -183,7 +188,10 @@ pub async fn attempt(
         }
     }
     match send::build_request(&settings.url, &settings.headers, &headers, body) {
-        Ok(request) => client.send(request, settings.timeout).await,
+        Ok(request) => match slot {
+            Some(slot) => client.send_in_slot(request, settings.timeout, Some(slot)).await,
+            None => client.send(request, settings.timeout).await,
+        },
         Err(e) => send::AttemptResult {
             outcome: send::Outcome::Network,
             status: None,

@@ -361,20 +361,6 @@ fn tls_config() -> rustls::ClientConfig {
 
 type HttpsClient = Client<HttpsConnector<GuardedConnector>, Full<Bytes>>;
 
-/// Idle connections kept per origin by a shared client: as many as may be in flight
-/// there, so a burst's connections survive the lull after it. With fewer (256 before),
-/// each burst past the idle limit closed the excess and the next one opened them again:
-/// 7–8k connects in a 200,000-click `many-endpoints` run against 1.0–1.3k now.
-const IDLE_PER_ORIGIN: usize = IN_FLIGHT_PER_ORIGIN;
-
-/// Requests in flight at once to one receiver (scheme, host and port) from the endpoints
-/// of one delivery thread. Without it, 10,000 endpoints on one receiver each sending up
-/// to their `max_concurrency` opened a connection per request in flight: tens of
-/// thousands of sockets, most of the shared connection budget, and 250 MiB more RSS in
-/// `many-endpoints`. A hung endpoint holds at most its own `max_concurrency` of these,
-/// so it takes 16 hung endpoints on one receiver to hold up the others there.
-const IN_FLIGHT_PER_ORIGIN: usize = 512;
-
 /// One endpoint's connection pool. Cloning shares the pool.
 #[derive(Clone)]
 pub struct EndpointClient {
@@ -399,19 +385,26 @@ impl OriginSlots {
         }
     }
 
-    /// A slot for a request to `uri`'s receiver, once one is free. `None` only if the
-    /// table's lock is poisoned, and then the request goes without one.
-    async fn acquire(&self, uri: &Uri) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// The slots of `uri`'s receiver. `None` only if the table's lock is poisoned, and
+    /// then requests there go without one.
+    fn for_origin(&self, uri: &Uri) -> Option<Arc<tokio::sync::Semaphore>> {
         let origin = (uri.scheme().cloned(), uri.authority().cloned());
-        let slots = {
-            let mut map = self.slots.lock().ok()?;
+        let mut map = self.slots.lock().ok()?;
+        Some(
             map.entry(origin)
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_origin)))
-                .clone()
-        };
-        slots.acquire_owned().await.ok()
+                .clone(),
+        )
+    }
+
+    /// A slot for a request to `uri`'s receiver, once one is free.
+    async fn acquire(&self, uri: &Uri) -> Option<OriginSlot> {
+        self.for_origin(uri)?.acquire_owned().await.ok()
     }
 }
+
+/// A request slot at one receiver of a shared client, held for one attempt.
+pub type OriginSlot = tokio::sync::OwnedSemaphorePermit;
 
 impl EndpointClient {
     pub fn new(policy: AddressPolicy, budget: ConnectionBudget, connect_timeout: Duration, max_idle: usize) -> Self {
@@ -454,32 +447,54 @@ impl EndpointClient {
         }
     }
 
-    /// The client every endpoint on this delivery thread shares for `connect_timeout`.
+    /// The client every endpoint on this delivery thread shares for `connect_timeout`,
+    /// with at most `per_receiver` requests in flight to one receiver (scheme, host and
+    /// port; `delivery.max_in_flight_per_receiver`). Without that bound, 10,000 endpoints
+    /// on one receiver each sending up to their `max_concurrency` opened a connection per
+    /// request in flight: tens of thousands of sockets, most of the shared connection
+    /// budget, and 250 MiB more RSS in `many-endpoints`. A hung endpoint holds at most its
+    /// own `max_concurrency` of these. As many connections per receiver stay open when
+    /// idle as may be in flight there, so a burst's connections survive the lull after
+    /// it: with half as many, each burst past the idle limit closed the excess and the
+    /// next opened them again (7–8k connects in a 200,000-click `many-endpoints` run
+    /// against 1.0–1.3k).
     /// hyper pools connections by origin, so endpoints that point at the same receiver —
     /// thousands of link-level endpoints often do — reuse each other's idle connections
     /// instead of each opening its own; distinct receivers still get distinct connections.
     /// Per-endpoint bounds stay with the endpoint's worker, which never waits on the pool:
     /// without an idle connection a request opens one (within the connection budget).
-    pub fn for_this_thread(policy: &AddressPolicy, budget: &ConnectionBudget, connect_timeout: Duration) -> Arc<Self> {
+    pub fn for_this_thread(
+        policy: &AddressPolicy,
+        budget: &ConnectionBudget,
+        connect_timeout: Duration,
+        per_receiver: usize,
+    ) -> Arc<Self> {
         thread_local! {
-            static CLIENTS: std::cell::RefCell<std::collections::HashMap<Duration, Arc<EndpointClient>>> =
+            static CLIENTS: std::cell::RefCell<std::collections::HashMap<(Duration, usize), Arc<EndpointClient>>> =
                 std::cell::RefCell::new(std::collections::HashMap::new());
         }
         CLIENTS.with(|clients| {
             clients
                 .borrow_mut()
-                .entry(connect_timeout)
+                .entry((connect_timeout, per_receiver))
                 .or_insert_with(|| {
                     Arc::new(EndpointClient::shared(
                         policy.clone(),
                         budget.clone(),
                         connect_timeout,
-                        IDLE_PER_ORIGIN,
-                        IN_FLIGHT_PER_ORIGIN,
+                        per_receiver,
+                        per_receiver,
                     ))
                 })
                 .clone()
         })
+    }
+
+    /// The request slots of `uri`'s receiver on a client shared by a thread's endpoints,
+    /// for a caller that takes a slot before it builds a request ([`Self::send_in_slot`]);
+    /// `None` on a client of one endpoint's own, which its worker's concurrency bounds.
+    pub fn origin_slots(&self, uri: &Uri) -> Option<Arc<tokio::sync::Semaphore>> {
+        self.origins.as_ref()?.for_origin(uri)
     }
 
     /// Sends one request under one deadline that covers everything up to the last byte
@@ -487,10 +502,21 @@ impl EndpointClient {
     /// shared client the request first waits for a slot at its receiver; the deadline
     /// starts once it has one, so a queue there does not spend attempts.
     pub async fn send(&self, request: Request<Full<Bytes>>, timeout: Duration) -> AttemptResult {
-        let _slot = match &self.origins {
+        let slot = match &self.origins {
             Some(origins) => origins.acquire(request.uri()).await,
             None => None,
         };
+        self.send_in_slot(request, timeout, slot).await
+    }
+
+    /// [`Self::send`] with the receiver's slot already held (from [`Self::origin_slots`]);
+    /// it is released when the attempt ends. With `None` the request waits for no slot.
+    pub async fn send_in_slot(
+        &self,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+        _slot: Option<OriginSlot>,
+    ) -> AttemptResult {
         let started = Instant::now();
         let exchange = async {
             let response = self.client.request(request).await?;
@@ -731,8 +757,8 @@ mod tests {
             allowed: Arc::new(vec![]),
         };
         let budget = ConnectionBudget::new(16);
-        let first_endpoint = EndpointClient::for_this_thread(&policy, &budget, Duration::from_secs(5));
-        let second_endpoint = EndpointClient::for_this_thread(&policy, &budget, Duration::from_secs(5));
+        let first_endpoint = EndpointClient::for_this_thread(&policy, &budget, Duration::from_secs(5), 512);
+        let second_endpoint = EndpointClient::for_this_thread(&policy, &budget, Duration::from_secs(5), 512);
         for (client, path) in [
             (&first_endpoint, "/a"),
             (&second_endpoint, "/b"),

@@ -6,17 +6,18 @@
 
 use super::format::{self, RenderContext};
 use super::policy::{Breaker, CircuitState, TokenBucket};
-use super::send::{AttemptResult, EndpointClient, Outcome};
+use super::send::{AttemptResult, EndpointClient, OriginSlot, Outcome};
 use super::{DeliveryPolicy, WorkerEvent};
 use crate::endpoints::{AttemptRecord, EndpointSettings, LiveEndpoint};
 use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq};
 use bytes::Bytes;
+use hyper::Uri;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 /// How many queue entries one page-in reads.
@@ -79,14 +80,31 @@ struct Worker {
     /// while the endpoint keeps up, so a burst over thousands of endpoints opens a few
     /// connections each rather than `max_concurrency` each, and halves on failures.
     concurrency: usize,
+    /// The request slots of the endpoint's receiver on the thread's shared client, for
+    /// the URL they were looked up for (`None` inside: the client bounds nothing).
+    origin: Option<(Uri, Option<Arc<Semaphore>>)>,
+    /// A slot taken and not yet used, and the wait for one when none was free. An
+    /// attempt is built only once it has its slot: attempts that waited inside the
+    /// client held their rendered request, so a backlog spread over many endpoints on one
+    /// receiver lived in memory as waiting requests (3 KB a click) instead of on disk.
+    slot: Option<OriginSlot>,
+    slot_wait: Option<SlotWait>,
 }
+
+/// A wait for a receiver's slot; kept across the loop's turns so it keeps its place.
+type SlotWait = std::pin::Pin<Box<dyn std::future::Future<Output = Option<OriginSlot>> + Send>>;
 
 /// At most one failure line per endpoint per this interval; the rest are counted.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
     let settings = ep.settings();
-    let client = EndpointClient::for_this_thread(&ctx.policy.addresses, &ctx.policy.connections, settings.timeout);
+    let client = EndpointClient::for_this_thread(
+        &ctx.policy.addresses,
+        &ctx.policy.connections,
+        settings.timeout,
+        ctx.policy.per_receiver,
+    );
     let breaker = Breaker::new(ctx.policy.breaker_failures, ctx.policy.breaker_cooldown);
     let mut worker = Worker {
         ep,
@@ -112,6 +130,9 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         reported_too_long: false,
         completed: Vec::new(),
         concurrency: 1,
+        origin: None,
+        slot: None,
+        slot_wait: None,
     };
     worker.run().await;
 }
@@ -124,6 +145,12 @@ impl Worker {
             if draining && self.inflight.is_empty() {
                 self.flush_completed();
                 return;
+            }
+            if draining {
+                // Nothing more is launched: a slot held or awaited would only hold up
+                // the receiver's other endpoints.
+                self.slot = None;
+                self.slot_wait = None;
             }
             if self.ep.rewind.swap(false, Ordering::SeqCst) {
                 self.cursor = None;
@@ -153,6 +180,10 @@ impl Worker {
                         self.finished(done, &settings);
                     }
                     self.flush_completed();
+                }
+                slot = async { self.slot_wait.as_mut()?.await }, if self.slot_wait.is_some() => {
+                    self.slot_wait = None;
+                    self.slot = slot;
                 }
                 _ = self.ep.wake.notified() => self.caught_up = false,
                 _ = sleep_until(wake_at), if wake_at.is_some() => {}
@@ -253,6 +284,14 @@ impl Worker {
     /// Starts as many attempts as the limits allow. Returns when a partial batch should
     /// be sent anyway (its linger time), if it is waiting for more events.
     fn launch(&mut self, settings: &Arc<EndpointSettings>) -> Option<Instant> {
+        let linger_until = self.launch_within_limits(settings);
+        // A slot not used now goes back: holding it idle would hold up the receiver's
+        // other endpoints.
+        self.slot = None;
+        linger_until
+    }
+
+    fn launch_within_limits(&mut self, settings: &Arc<EndpointSettings>) -> Option<Instant> {
         if settings.disabled_reason.is_some() {
             return None;
         }
@@ -284,6 +323,12 @@ impl Worker {
                     return Some(deadline);
                 }
             }
+            // The slot first: the limiter's token and a half-open circuit's probe are
+            // spent only on an attempt that starts now.
+            let slot = match self.take_slot(settings) {
+                Ok(slot) => slot,
+                Err(()) => break,
+            };
             if let Some((_, bucket)) = &mut self.limiter {
                 if !bucket.try_take(now) {
                     break;
@@ -293,9 +338,37 @@ impl Worker {
                 break;
             }
             let job = self.take_job(batch_max);
-            self.start_attempt(job, settings);
+            self.start_attempt(job, settings, slot);
         }
         None
+    }
+
+    /// A slot at the endpoint's receiver for the next attempt: `Ok(None)` when the client
+    /// bounds nothing there, `Err` when none is free (a wait for one is then under way).
+    fn take_slot(&mut self, settings: &EndpointSettings) -> Result<Option<OriginSlot>, ()> {
+        if self.origin.as_ref().is_none_or(|(url, _)| *url != settings.url) {
+            let slots = self.client.origin_slots(&settings.url);
+            self.origin = Some((settings.url.clone(), slots));
+            self.slot = None;
+            self.slot_wait = None;
+        }
+        let Some((_, Some(slots))) = &self.origin else {
+            return Ok(None);
+        };
+        if let Some(slot) = self.slot.take() {
+            return Ok(Some(slot));
+        }
+        if self.slot_wait.is_some() {
+            return Err(());
+        }
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => Ok(Some(slot)),
+            Err(_) => {
+                let slots = slots.clone();
+                self.slot_wait = Some(Box::pin(async move { slots.acquire_owned().await.ok() }));
+                Err(())
+            }
+        }
     }
 
     fn take_job(&mut self, batch_max: usize) -> Job {
@@ -323,7 +396,7 @@ impl Worker {
         job
     }
 
-    fn start_attempt(&mut self, job: Job, settings: &Arc<EndpointSettings>) {
+    fn start_attempt(&mut self, job: Job, settings: &Arc<EndpointSettings>, slot: Option<OriginSlot>) {
         let mut bodies = Vec::with_capacity(job.items.len());
         let mut accepted_ms = Vec::with_capacity(job.items.len());
         let mut event_ids = Vec::with_capacity(job.items.len());
@@ -389,7 +462,7 @@ impl Worker {
         let client = self.client.clone();
         let settings = settings.clone();
         self.inflight.spawn(async move {
-            let result = super::attempt(&client, &settings, &webhook_id, body).await;
+            let result = super::attempt(&client, &settings, &webhook_id, body, slot).await;
             Finished {
                 job,
                 result,
