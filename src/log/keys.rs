@@ -15,8 +15,9 @@
 //! | `p` | endpoint, seq | attempts, due_ms, batch (one entry per key: the layout before runs, read only to migrate it) |
 //! | `e` | seq | accepted_ms, event JSON (one event per key: the layout before batches, read only to migrate it) |
 //!
-//! Events are stored in batches: an append's events go into one (split past
-//! [`BATCH_MAX_EVENTS`] or [`BATCH_MAX_BYTES`]); a revived event or one migrated from the
+//! Events are stored in batches: an append's events go into one, with those of the
+//! appends queued right behind it when they are small (single clicks), split past
+//! [`BATCH_MAX_EVENTS`] or [`BATCH_MAX_BYTES`]; a revived event or one migrated from the
 //! old layout is a batch of its own. The batch at key `k` holds seqs `k .. k + count`, so
 //! the batch that may hold a seq is the one with the greatest key at or below it. sled's
 //! cost is per key, not per byte, so a hundred clicks cost one insert instead of a hundred.
@@ -27,9 +28,9 @@
 //!
 //! An endpoint's queue is a sequence of runs. The run at key `k` holds entries with seqs in
 //! `[k, next run's key)`, sorted, so the run that may hold a seq is the one with the
-//! greatest key at or below it. One append writes one run per endpoint (a run past
-//! twice `RUN_MAX` entries is split), and delivery progress rewrites a run once for many
-//! entries, instead of one sled write per entry.
+//! greatest key at or below it. One append (or such a set of them) writes one run per
+//! endpoint (a run past twice `RUN_MAX` entries is split), and delivery progress rewrites
+//! a run once for many entries, instead of one sled write per entry.
 
 use super::{DeadLetter, EndpointKey, LogError, Pending, Seq};
 

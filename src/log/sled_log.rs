@@ -1,7 +1,7 @@
 //! sled 0.34 behind [`ClickLog`]. One writer thread, fed by a crossbeam channel, owns
 //! every write: it drains whatever is queued, applies it in order, flushes once (group
 //! commit) and only then answers the waiting tickets, so nothing is acknowledged before
-//! it is durable. Within a group, writes are ordered so that a crash keeping only a
+//! it is durable. Small appends queued one after another are stored together, as one. Within a group, writes are ordered so that a crash keeping only a
 //! prefix of them leaves nothing that hides or breaks acknowledged data. Event batches'
 //! bytes go to the log's segment files ([`super::segments`]), synced before each flush,
 //! and sled keeps a pointer to each. Readers go to sled and the segments directly, after
@@ -63,6 +63,10 @@ enum WriteOp {
         changes: Vec<(Seq, Option<Pending>)>,
     },
     Close(Reply<()>),
+    /// Keeps the writer inside its current group until the sender sends or goes, so a
+    /// test can queue the operations of the next group.
+    #[cfg(test)]
+    Hold(std::sync::mpsc::Receiver<()>),
 }
 
 /// One write of an [`WriteOp::Apply`].
@@ -499,6 +503,39 @@ struct Writer {
     last_marker: Instant,
 }
 
+/// Events at most in one [`AppendSet`], unless one append alone has more. An append of
+/// a 100-click request is a set of its own; single clicks gather. Sets of up to 256
+/// (the largest batch) took the backlog's peak RSS from 133–137 to 160 MiB, over its
+/// 150 MB line.
+const APPEND_SET_MAX: usize = 128;
+
+/// The appends of one group that follow each other (delivery progress between them
+/// aside), stored together: one batch of events and one queue run per endpoint for all
+/// of them. Clicks sent one per request arrive one append each, and stored one by one
+/// they cost a batch and a queue run per click, for the writer to write and for
+/// delivery to read and rewrite.
+struct AppendSet {
+    /// The accepted time of every event in the set.
+    now: u64,
+    runs: BTreeMap<EndpointKey, Vec<Pending>>,
+    stored: Vec<StoredEvent>,
+    client_ids: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Client ids earlier in this set (not in sled until it is written).
+    ids_here: HashSet<String>,
+}
+
+impl AppendSet {
+    fn new() -> Self {
+        AppendSet {
+            now: super::now_ms(),
+            runs: BTreeMap::new(),
+            stored: Vec::new(),
+            client_ids: Vec::new(),
+            ids_here: HashSet::new(),
+        }
+    }
+}
+
 /// Replies held until the batch they belong to is durable.
 enum Waiting {
     Append(Reply<Vec<AppendOutcome>>, Vec<AppendOutcome>),
@@ -633,6 +670,8 @@ impl Writer {
         // is rewritten once. Appends only add new seqs in new runs, so progress (which only
         // names seqs acknowledged earlier) may pass them; any other write is a barrier.
         let mut progress: BTreeMap<(EndpointKey, Seq), Option<Pending>> = BTreeMap::new();
+        // Appends in a row are gathered and written at the next barrier or at the end.
+        let mut appends: Option<AppendSet> = None;
         let mut result = Ok(());
         for op in ops {
             if result.is_err() {
@@ -642,6 +681,8 @@ impl Writer {
                     WriteOp::Apply { reply: Some(reply), .. } => waiting.push(Waiting::Apply(reply)),
                     WriteOp::Apply { reply: None, .. } | WriteOp::Progress { .. } => {}
                     WriteOp::Close(reply) => waiting.push(Waiting::Close(reply)),
+                    #[cfg(test)]
+                    WriteOp::Hold(_) => {}
                 }
                 continue;
             }
@@ -649,7 +690,14 @@ impl Writer {
                 WriteOp::Append(events, reply) => {
                     needs_flush = true;
                     let mut outcomes = Vec::with_capacity(events.len());
-                    result = self.append(events, &mut outcomes, &mut counts);
+                    if appends
+                        .as_ref()
+                        .is_some_and(|set| set.stored.len() + events.len() > APPEND_SET_MAX)
+                    {
+                        result = self.write_gathered(&mut appends);
+                    }
+                    let set = appends.get_or_insert_with(AppendSet::new);
+                    result = result.and_then(|_| self.gather(set, events, &mut outcomes, &mut counts));
                     waiting.push(Waiting::Append(reply, outcomes));
                 }
                 WriteOp::Progress { endpoint, changes } => {
@@ -659,17 +707,25 @@ impl Writer {
                 }
                 WriteOp::Apply { steps, reply, durable } => {
                     needs_flush |= durable;
-                    result = apply_queue_changes(&self.tree, std::mem::take(&mut progress))
+                    result = self
+                        .write_gathered(&mut appends)
+                        .and_then(|_| apply_queue_changes(&self.tree, std::mem::take(&mut progress)))
                         .and_then(|_| self.apply_steps(steps, &mut counts));
                     if let Some(reply) = reply {
                         waiting.push(Waiting::Apply(reply));
                     }
                 }
                 WriteOp::Close(reply) => waiting.push(Waiting::Close(reply)),
+                #[cfg(test)]
+                WriteOp::Hold(release) => {
+                    let _ = release.recv();
+                }
             }
         }
         if result.is_ok() {
-            result = apply_queue_changes(&self.tree, progress);
+            result = self
+                .write_gathered(&mut appends)
+                .and_then(|_| apply_queue_changes(&self.tree, progress));
         }
         if result.is_ok() && self.next_seq != seq_before {
             result = self
@@ -704,22 +760,30 @@ impl Writer {
         }
     }
 
-    /// Stores one append: its events, then one queue run per endpoint, then its client
-    /// ids. A crash that keeps only part of this (unacknowledged) append can leave an
-    /// event nobody delivers, but never a client id that would make the client's retry a
-    /// duplicate of an event that is not there.
-    fn append(
+    fn write_gathered(&mut self, appends: &mut Option<AppendSet>) -> Result<(), LogError> {
+        match appends.take() {
+            Some(set) => self.write_appends(set),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives one append's events their seqs and adds them to `set`, to be stored with
+    /// the rest of the set by [`Self::write_appends`].
+    fn gather(
         &mut self,
+        set: &mut AppendSet,
         events: Vec<NewEvent>,
         outcomes: &mut Vec<AppendOutcome>,
         counts: &mut EventCounts,
     ) -> Result<(), LogError> {
-        let now = super::now_ms();
-        let mut runs: BTreeMap<EndpointKey, Vec<Pending>> = BTreeMap::new();
-        let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
-        let mut client_ids: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        // Client ids earlier in this same append (not in sled until its end).
-        let mut ids_here: HashSet<String> = HashSet::new();
+        let AppendSet {
+            now,
+            runs,
+            stored,
+            client_ids,
+            ids_here,
+        } = set;
+        let now = *now;
         for ev in events {
             let client_key = if ev.client_id {
                 let key = keys::prefixed(CLIENT_ID, ev.id.as_bytes());
@@ -754,6 +818,21 @@ impl Writer {
             });
             outcomes.push(AppendOutcome::Stored(seq));
         }
+        Ok(())
+    }
+
+    /// Stores a set of appends: their events, then one queue run per endpoint, then
+    /// their client ids. A crash that keeps only part of this (unacknowledged) set can
+    /// leave an event nobody delivers, but never a client id that would make the client's
+    /// retry a duplicate of an event that is not there.
+    fn write_appends(&mut self, set: AppendSet) -> Result<(), LogError> {
+        let AppendSet {
+            now,
+            runs,
+            stored,
+            client_ids,
+            ..
+        } = set;
         // The events first, in batches of consecutive seqs: their bytes to a segment, then
         // a pointer to each into sled.
         let mut batches = Vec::new();
@@ -1841,6 +1920,56 @@ mod tests {
         let later = super::super::now_ms() + 10_000;
         assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 3);
         assert!(log.event(2).unwrap().is_none() && log.event(3).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn appends_queued_together_share_one_batch_and_one_queue_run_per_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let (release, held) = std::sync::mpsc::channel();
+        log.send(WriteOp::Hold(held));
+        // Ten single-click appends (and a client id seen twice) wait behind the held group
+        // and are taken as the next group.
+        let mut tickets: Vec<_> = (0..10)
+            .map(|i| log.append(vec![event(&format!("c{i}"), true, vec![7, 8])]))
+            .collect();
+        tickets.push(log.append(vec![event("c3", true, vec![7])]));
+        release.send(()).unwrap();
+        let mut outcomes = Vec::new();
+        for t in tickets {
+            outcomes.extend(t.await.unwrap().unwrap());
+        }
+        let seqs: Vec<Seq> = (1..=10).collect();
+        let mut want: Vec<AppendOutcome> = seqs.iter().map(|s| AppendOutcome::Stored(*s)).collect();
+        want.push(AppendOutcome::Duplicate);
+        assert_eq!(outcomes, want);
+        assert_eq!(find_batch_record(&log.tree, 10).unwrap().unwrap().0, 1, "one batch");
+        for ep in [7, 8] {
+            let runs = log.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).count();
+            assert_eq!(runs, 1, "one queue run for endpoint {ep}");
+            let pending: Vec<Seq> = log
+                .pending_after(ep, None, 100)
+                .unwrap()
+                .iter()
+                .map(|p| p.seq)
+                .collect();
+            assert_eq!(pending, seqs);
+        }
+        for seq in seqs {
+            let ev = log.event(seq).unwrap().unwrap();
+            assert_eq!(ev.data, Bytes::from(event(&format!("c{}", seq - 1), true, vec![]).data));
+        }
+        // Two 100-click appends in one group stay a batch each: sets stop at APPEND_SET_MAX.
+        let (release, held) = std::sync::mpsc::channel();
+        log.send(WriteOp::Hold(held));
+        let hundred = |tag: &str| (0..100).map(|i| event(&format!("{tag}{i}"), false, vec![7])).collect();
+        let tickets = [log.append(hundred("x")), log.append(hundred("y"))];
+        release.send(()).unwrap();
+        for t in tickets {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(find_batch_record(&log.tree, 110).unwrap().unwrap().0, 11);
+        assert_eq!(find_batch_record(&log.tree, 210).unwrap().unwrap().0, 111);
     }
 
     #[tokio::test]
