@@ -458,6 +458,7 @@ impl EndpointClient {
     /// it: with half as many, each burst past the idle limit closed the excess and the
     /// next opened them again (7–8k connects in a 200,000-click `many-endpoints` run
     /// against 1.0–1.3k).
+    ///
     /// hyper pools connections by origin, so endpoints that point at the same receiver —
     /// thousands of link-level endpoints often do — reuse each other's idle connections
     /// instead of each opening its own; distinct receivers still get distinct connections.

@@ -1,12 +1,13 @@
 //! sled 0.34 behind [`ClickLog`]. One writer thread, fed by a crossbeam channel, owns
 //! every write: it drains whatever is queued, applies it in order, flushes once (group
 //! commit) and only then answers the waiting tickets, so nothing is acknowledged before
-//! it is durable. Small appends queued one after another are stored together, as one. Within a group, writes are ordered so that a crash keeping only a
-//! prefix of them leaves nothing that hides or breaks acknowledged data. Event batches'
-//! bytes go to the log's segment files ([`super::segments`]), synced before each flush,
-//! and sled keeps a pointer to each. Readers go to sled and the segments directly, after
-//! a ring of the latest events and the event batch their thread read last. It must not
-//! be called for writes from anywhere but through the channel.
+//! it is durable. Small appends queued one after another are stored together, as one.
+//! Within a group, writes are ordered so that a crash keeping only a prefix of them
+//! leaves nothing that hides or breaks acknowledged data. Event batches' bytes go to the
+//! log's segment files ([`super::segments`]), synced before each flush, and sled keeps a
+//! pointer to each. Readers go to sled and the segments directly, after a ring of the
+//! latest events and the event batch their thread read last. It must not be called for
+//! writes from anywhere but through the channel.
 
 use super::keys::{
     self, BatchRecord, BatchView, CLIENT_ID, DEAD, ENDPOINT_KEY, EVENT_BATCH, LEGACY_EVENT, LEGACY_PENDING, QUEUE_RUN,
