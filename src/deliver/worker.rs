@@ -587,14 +587,19 @@ impl Worker {
                     })
                     .collect::<Vec<_>>();
                 tracing::warn!(endpoint = %self.ep.id, count = letters.len(), "events dead-lettered after the last retry");
-                metrics.dead.increment(letters.len() as u64);
+                // Settled and handed to the log before they are counted dead, so that
+                // whoever sees the dead letter counted sees it gone from the pending
+                // count too (and its bury on its way).
+                self.settle(&seqs);
+                let event_ids = letters.iter().map(|l| l.event_id.clone()).collect();
+                let count = letters.len() as u64;
+                self.ctx.log.bury(self.ep.key, letters);
+                metrics.dead.increment(count);
                 self.report(WorkerEvent::DeadLetter {
                     endpoint: self.ep.id.clone(),
-                    event_ids: letters.iter().map(|l| l.event_id.clone()).collect(),
+                    event_ids,
                     last_error: result.error.clone(),
                 });
-                self.ctx.log.bury(self.ep.key, letters);
-                self.settle(&seqs);
             }
         }
     }
@@ -617,14 +622,16 @@ impl Worker {
             })
             .collect();
         let seqs: Vec<Seq> = letters.iter().map(|l| l.seq).collect();
-        self.ep.metrics.dead.increment(letters.len() as u64);
+        self.settle(&seqs);
+        let count = letters.len() as u64;
+        let last_error = letters.first().and_then(|l| l.last_error.clone());
+        self.ctx.log.bury(self.ep.key, letters);
+        self.ep.metrics.dead.increment(count);
         self.report(WorkerEvent::DeadLetter {
             endpoint: self.ep.id.clone(),
             event_ids: Vec::new(),
-            last_error: letters.first().and_then(|l| l.last_error.clone()),
+            last_error,
         });
-        self.ctx.log.bury(self.ep.key, letters);
-        self.settle(&seqs);
     }
 
     /// Counts a failed attempt toward the operational `failing` and `disabled` thresholds.
