@@ -188,10 +188,7 @@ pub async fn attempt(
         }
     }
     match send::build_request(&settings.url, &settings.headers, &headers, body) {
-        Ok(request) => match slot {
-            Some(slot) => client.send_in_slot(request, settings.timeout, Some(slot)).await,
-            None => client.send(request, settings.timeout).await,
-        },
+        Ok(request) => client.send(request, settings.timeout, slot).await,
         Err(e) => send::AttemptResult {
             outcome: send::Outcome::Network,
             status: None,

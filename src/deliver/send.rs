@@ -492,7 +492,7 @@ impl EndpointClient {
     }
 
     /// The request slots of `uri`'s receiver on a client shared by a thread's endpoints,
-    /// for a caller that takes a slot before it builds a request ([`Self::send_in_slot`]);
+    /// for a caller that takes a slot before it builds a request ([`Self::send`]);
     /// `None` on a client of one endpoint's own, which its worker's concurrency bounds.
     pub fn origin_slots(&self, uri: &Uri) -> Option<Arc<tokio::sync::Semaphore>> {
         self.origins.as_ref()?.for_origin(uri)
@@ -500,24 +500,21 @@ impl EndpointClient {
 
     /// Sends one request under one deadline that covers everything up to the last byte
     /// of the response body. Redirects are not followed: a 3xx is a failed attempt. On a
-    /// shared client the request first waits for a slot at its receiver; the deadline
-    /// starts once it has one, so a queue there does not spend attempts.
-    pub async fn send(&self, request: Request<Full<Bytes>>, timeout: Duration) -> AttemptResult {
-        let slot = match &self.origins {
-            Some(origins) => origins.acquire(request.uri()).await,
-            None => None,
-        };
-        self.send_in_slot(request, timeout, slot).await
-    }
-
-    /// [`Self::send`] with the receiver's slot already held (from [`Self::origin_slots`]);
-    /// it is released when the attempt ends. With `None` the request waits for no slot.
-    pub async fn send_in_slot(
+    /// shared client the request goes in `held`, its receiver's slot taken by the caller
+    /// ([`Self::origin_slots`]), or else first waits for one; either way the deadline
+    /// starts once it has one, so a queue there does not spend attempts. The slot is
+    /// released when the attempt ends.
+    pub async fn send(
         &self,
         request: Request<Full<Bytes>>,
         timeout: Duration,
-        _slot: Option<OriginSlot>,
+        held: Option<OriginSlot>,
     ) -> AttemptResult {
+        let _slot = match (held, &self.origins) {
+            (Some(slot), _) => Some(slot),
+            (None, Some(origins)) => origins.acquire(request.uri()).await,
+            (None, None) => None,
+        };
         let started = Instant::now();
         let exchange = async {
             let response = self.client.request(request).await?;
@@ -767,7 +764,7 @@ mod tests {
         ] {
             let url: Uri = format!("http://127.0.0.1:{port}{path}").parse().unwrap();
             let request = build_request(&url, &[], &[], Bytes::from_static(b"{}")).unwrap();
-            let result = client.send(request, Duration::from_secs(5)).await;
+            let result = client.send(request, Duration::from_secs(5), None).await;
             assert_eq!(result.outcome, Outcome::Success, "{:?}", result.error);
         }
         assert_eq!(
@@ -809,14 +806,14 @@ mod tests {
         for _ in 0..6 {
             let (client, request, done) = (client.clone(), post(slow_port), slow_done.clone());
             slow.push(tokio::spawn(async move {
-                let result = client.send(request, Duration::from_secs(30)).await;
+                let result = client.send(request, Duration::from_secs(30), None).await;
                 done.fetch_add(1, SeqCst);
                 result
             }));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Another receiver is not held up by the slow one's full slots.
-        let fast = client.send(post(fast_port), Duration::from_secs(30)).await;
+        let fast = client.send(post(fast_port), Duration::from_secs(30), None).await;
         assert_eq!(fast.outcome, Outcome::Success, "{:?}", fast.error);
         assert!(
             slow_done.load(SeqCst) < 6,

@@ -587,19 +587,7 @@ impl Worker {
                     })
                     .collect::<Vec<_>>();
                 tracing::warn!(endpoint = %self.ep.id, count = letters.len(), "events dead-lettered after the last retry");
-                // Settled and handed to the log before they are counted dead, so that
-                // whoever sees the dead letter counted sees it gone from the pending
-                // count too (and its bury on its way).
-                self.settle(&seqs);
-                let event_ids = letters.iter().map(|l| l.event_id.clone()).collect();
-                let count = letters.len() as u64;
-                self.ctx.log.bury(self.ep.key, letters);
-                metrics.dead.increment(count);
-                self.report(WorkerEvent::DeadLetter {
-                    endpoint: self.ep.id.clone(),
-                    event_ids,
-                    last_error: result.error.clone(),
-                });
+                self.bury(letters);
             }
         }
     }
@@ -621,15 +609,28 @@ impl Worker {
                 last_error: Some(format!("the stored event cannot be read: {error}")),
             })
             .collect();
+        self.bury(letters);
+    }
+
+    /// Moves entries to the endpoint's dead letters. They leave the pending count and go
+    /// to the log before they are counted dead, so that whoever sees a dead letter counted
+    /// sees it gone from the pending count too (and its bury on its way).
+    fn bury(&mut self, letters: Vec<DeadLetter>) {
         let seqs: Vec<Seq> = letters.iter().map(|l| l.seq).collect();
         self.settle(&seqs);
-        let count = letters.len() as u64;
+        // Unreadable events have no id to name.
+        let event_ids = letters
+            .iter()
+            .filter(|l| !l.event_id.is_empty())
+            .map(|l| l.event_id.clone())
+            .collect();
         let last_error = letters.first().and_then(|l| l.last_error.clone());
+        let count = letters.len() as u64;
         self.ctx.log.bury(self.ep.key, letters);
         self.ep.metrics.dead.increment(count);
         self.report(WorkerEvent::DeadLetter {
             endpoint: self.ep.id.clone(),
-            event_ids: Vec::new(),
+            event_ids,
             last_error,
         });
     }
