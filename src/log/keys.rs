@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `b` | first seq | where a batch of events lies in a segment file, with its accepted_ms and count; or (before segment files) the batch itself |
 //! | `q` | endpoint, first seq | a run of queue entries: (seq, attempts, due_ms, batch) each |
+//! | `r` | first seq | a route record: the endpoints an append set's events were queued for, as (endpoint, count, seq offsets) |
 //! | `d` | endpoint, seq | dead-letter JSON length, JSON, event record |
 //! | `i` | client id | seq, accepted_ms |
 //! | `j` | accepted_ms, seq | client id (expiry index of `i`) |
@@ -31,6 +32,11 @@
 //! greatest key at or below it. One append (or such a set of them) writes one run per
 //! endpoint (a run past twice `RUN_MAX` entries is split), and delivery progress rewrites
 //! a run once for many entries, instead of one sled write per entry.
+//!
+//! A fresh append writes no runs at first: one route record names, per endpoint, the
+//! seqs of the set queued for it, and the log keeps those entries in memory
+//! (`super::fresh`). The record goes once every entry in it is delivered or has moved
+//! to its endpoint's runs; at open, the entries of the records left are moved to runs.
 
 use super::{DeadLetter, EndpointKey, LogError, Pending, Seq};
 
@@ -44,6 +50,7 @@ pub const BATCH_MAX_EVENTS: usize = 256;
 /// at 159 MiB and still cut sled inserts per event about tenfold.
 pub const BATCH_MAX_BYTES: usize = 8 * 1024;
 pub const QUEUE_RUN: u8 = b'q';
+pub const ROUTES: u8 = b'r';
 /// Single queue entries as stored before runs; migrated to runs at open.
 pub const LEGACY_PENDING: u8 = b'p';
 pub const DEAD: u8 = b'd';
@@ -293,6 +300,44 @@ pub fn pending_value(p: &Pending) -> [u8; 20] {
     v
 }
 
+pub fn routes(first: Seq) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = ROUTES;
+    k[1..].copy_from_slice(&first.to_be_bytes());
+    k
+}
+
+/// A route record's value: for each endpoint, its key, how many seqs, and each seq as
+/// its offset from the record's first seq (u32: a set holds far fewer events).
+pub fn routes_value<'a>(first: Seq, queues: impl Iterator<Item = (EndpointKey, &'a [Seq])>) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (ep, seqs) in queues {
+        v.extend_from_slice(&ep.to_be_bytes());
+        v.extend_from_slice(&(seqs.len() as u32).to_be_bytes());
+        for seq in seqs {
+            v.extend_from_slice(&((seq - first) as u32).to_be_bytes());
+        }
+    }
+    v
+}
+
+pub fn decode_routes(first: Seq, value: &[u8]) -> Result<Vec<(EndpointKey, Vec<Seq>)>, LogError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < value.len() {
+        let ep = u32_at(value, at)?;
+        let n = u32_at(value, at + 4)? as usize;
+        at += 8;
+        let mut seqs = Vec::with_capacity(n.min(value.len() / 4));
+        for _ in 0..n {
+            seqs.push(first + u64::from(u32_at(value, at)?));
+            at += 4;
+        }
+        out.push((ep, seqs));
+    }
+    Ok(out)
+}
+
 /// Bytes of one entry in a run.
 pub const RUN_ENTRY: usize = 28;
 
@@ -364,6 +409,16 @@ mod tests {
     fn queue_keys_sort_by_endpoint_then_seq() {
         assert!(queue(QUEUE_RUN, 1, 255) < queue(QUEUE_RUN, 1, 256));
         assert!(queue(QUEUE_RUN, 1, u64::MAX) < queue(QUEUE_RUN, 2, 0));
+    }
+
+    #[test]
+    fn route_records_round_trip_and_refuse_a_torn_value() {
+        let queues: [(EndpointKey, &[Seq]); 2] = [(3, &[100, 101, 140]), (9, &[100])];
+        let v = routes_value(100, queues.iter().copied());
+        let back = decode_routes(100, &v).unwrap();
+        assert_eq!(back, vec![(3, vec![100, 101, 140]), (9, vec![100])]);
+        assert!(decode_routes(100, &v[..v.len() - 1]).is_err());
+        assert!(decode_routes(100, &[]).unwrap().is_empty());
     }
 
     #[test]

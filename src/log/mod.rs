@@ -7,6 +7,7 @@
 //! clicks, route, or speak HTTP: events arrive as opaque JSON bytes with their endpoint
 //! keys already chosen.
 
+mod fresh;
 mod keys;
 mod segments;
 mod sled_log;
@@ -24,6 +25,7 @@ pub fn sled_log_options(
         fsync_interval,
         cache_capacity,
         segment_bytes: segments::SEGMENT_BYTES,
+        fresh_listed_max: sled_log::FRESH_LISTED_MAX,
     }
 }
 
