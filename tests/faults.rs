@@ -452,6 +452,46 @@ async fn a_request_waiting_for_a_receiver_slot_is_signed_when_it_gets_one() {
     }
 }
 
+/// One request slot at a receiver, held 800 ms by a "gate" endpoint. Then "older" gets
+/// a click and "newer" one just after it, but "older" batches and lingers 300 ms before it
+/// asks for the slot, so "newer" asks first. The freed slot goes to the oldest click
+/// waiting, not to the first to ask: "older" arrives first (first come, first served
+/// sent "newer" first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_receiver_slot_goes_to_the_oldest_waiting_click_not_the_first_to_ask() {
+    let sink = Sink::start().await;
+    sink.default_answer("/gate", Answer::Delay(Duration::from_millis(800), 200));
+    let endpoints = endpoint("gate", &sink.url("/gate"), "links = [\"gate\"]")
+        + &endpoint(
+            "older",
+            &sink.url("/older"),
+            "links = [\"older\"]\nbatch_max = 10\nbatch_linger = \"300ms\"",
+        )
+        + &endpoint("newer", &sink.url("/newer"), "links = [\"newer\"]");
+    let cfg = config_text(&endpoints).replace(
+        "[delivery]\n",
+        "[delivery]\nshards = 1\nmax_in_flight_per_receiver = 1\n",
+    );
+    let d = Daemon::start(&cfg);
+    for link in ["gate", "older", "newer"] {
+        let (status, v) = d.post(&click(link, "w"), "application/json").await;
+        assert_eq!(status, 202, "{v}");
+    }
+    let older = sink.wait_for("/older", 1, Duration::from_secs(10)).await;
+    let newer = sink.wait_for("/newer", 1, Duration::from_secs(10)).await;
+    let gate = sink.wait_for("/gate", 1, Duration::from_secs(10)).await;
+    assert_eq!((older.len(), newer.len(), gate.len()), (1, 1, 1), "{}", d.logs());
+    assert!(
+        older[0].at < newer[0].at,
+        "the older click went {:?} after the newer one",
+        older[0].at - newer[0].at
+    );
+    assert!(
+        newer[0].at - gate[0].at >= Duration::from_millis(700),
+        "the newer click waited for the slot"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_on_429_and_503_replaces_the_short_schedule_step() {
     let sink = Sink::start().await;

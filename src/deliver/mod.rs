@@ -3,7 +3,8 @@
 //! The [`Dispatcher`] spreads endpoints over [`EndpointShard`]s — one OS thread with its
 //! own single-threaded runtime each, so delivery never competes with ingest's runtime —
 //! and runs one worker per endpoint there. Submodules: `format` renders bodies, `sign`
-//! signs them, `send` performs one attempt, `policy` holds retry/breaker/rate-limit
+//! signs them, `send` performs one attempt, `slots` shares a receiver among a thread's
+//! endpoints, `policy` holds retry/breaker/rate-limit
 //! state, `worker` drives an endpoint's queue. This layer must not route or accept
 //! clicks; it only drains queues the log already holds.
 
@@ -11,6 +12,7 @@ pub mod format;
 pub mod policy;
 pub mod send;
 pub mod sign;
+pub mod slots;
 mod worker;
 
 use crate::endpoints::{EndpointSettings, LiveEndpoint};

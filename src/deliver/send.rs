@@ -5,6 +5,7 @@
 //! not decide about retries: it reports an [`AttemptResult`] whose [`Outcome`] says whose
 //! fault it was, and the worker decides.
 
+use super::slots::{ReceiverSlot, ReceiverSlots};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue};
@@ -371,10 +372,10 @@ pub struct EndpointClient {
 
 type Origin = (Option<hyper::http::uri::Scheme>, Option<hyper::http::uri::Authority>);
 
-/// Request slots per receiver, handed out first come, first served.
+/// Request slots per receiver, each free one to the waiter with the oldest event.
 struct OriginSlots {
     per_origin: usize,
-    slots: std::sync::Mutex<std::collections::HashMap<Origin, Arc<tokio::sync::Semaphore>>>,
+    slots: std::sync::Mutex<std::collections::HashMap<Origin, Arc<ReceiverSlots>>>,
 }
 
 impl OriginSlots {
@@ -387,24 +388,25 @@ impl OriginSlots {
 
     /// The slots of `uri`'s receiver. `None` only if the table's lock is poisoned, and
     /// then requests there go without one.
-    fn for_origin(&self, uri: &Uri) -> Option<Arc<tokio::sync::Semaphore>> {
+    fn for_origin(&self, uri: &Uri) -> Option<Arc<ReceiverSlots>> {
         let origin = (uri.scheme().cloned(), uri.authority().cloned());
         let mut map = self.slots.lock().ok()?;
         Some(
             map.entry(origin)
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_origin)))
+                .or_insert_with(|| ReceiverSlots::new(self.per_origin))
                 .clone(),
         )
     }
 
-    /// A slot for a request to `uri`'s receiver, once one is free.
+    /// A slot for a request to `uri`'s receiver, once one is free. Such a request
+    /// carries no event order of its own, and goes before queued events.
     async fn acquire(&self, uri: &Uri) -> Option<OriginSlot> {
-        self.for_origin(uri)?.acquire_owned().await.ok()
+        self.for_origin(uri)?.take(0).await
     }
 }
 
 /// A request slot at one receiver of a shared client, held for one attempt.
-pub type OriginSlot = tokio::sync::OwnedSemaphorePermit;
+pub type OriginSlot = ReceiverSlot;
 
 impl EndpointClient {
     pub fn new(policy: AddressPolicy, budget: ConnectionBudget, connect_timeout: Duration, max_idle: usize) -> Self {
@@ -494,7 +496,7 @@ impl EndpointClient {
     /// The request slots of `uri`'s receiver on a client shared by a thread's endpoints,
     /// for a caller that takes a slot before it builds a request ([`Self::send`]);
     /// `None` on a client of one endpoint's own, which its worker's concurrency bounds.
-    pub fn origin_slots(&self, uri: &Uri) -> Option<Arc<tokio::sync::Semaphore>> {
+    pub fn origin_slots(&self, uri: &Uri) -> Option<Arc<ReceiverSlots>> {
         self.origins.as_ref()?.for_origin(uri)
     }
 

@@ -7,6 +7,7 @@
 use super::format::{self, RenderContext};
 use super::policy::{Breaker, CircuitState, TokenBucket};
 use super::send::{AttemptResult, EndpointClient, OriginSlot, Outcome};
+use super::slots::ReceiverSlots;
 use super::{DeliveryPolicy, WorkerEvent};
 use crate::endpoints::{AttemptRecord, EndpointSettings, LiveEndpoint};
 use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq};
@@ -17,7 +18,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 /// How many queue entries one page-in reads.
@@ -82,7 +83,7 @@ struct Worker {
     concurrency: usize,
     /// The request slots of the endpoint's receiver on the thread's shared client, for
     /// the URL they were looked up for (`None` inside: the client bounds nothing).
-    origin: Option<(Uri, Option<Arc<Semaphore>>)>,
+    origin: Option<(Uri, Option<Arc<ReceiverSlots>>)>,
     /// A slot taken and not yet used, and the wait for one when none was free. An
     /// attempt is built only once it has its slot: attempts that waited inside the
     /// client held their rendered request, so a backlog spread over many endpoints on one
@@ -361,14 +362,18 @@ impl Worker {
         if self.slot_wait.is_some() {
             return Err(());
         }
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => Ok(Some(slot)),
-            Err(_) => {
-                let slots = slots.clone();
-                self.slot_wait = Some(Box::pin(async move { slots.acquire_owned().await.ok() }));
-                Err(())
-            }
+        if let Some(slot) = slots.try_take() {
+            return Ok(Some(slot));
         }
+        // The next job's oldest event sets the place in line: the receiver's oldest
+        // waiting click goes first, across the thread's endpoints.
+        let order = self
+            .ready
+            .front()
+            .and_then(|job| job.items.iter().map(|p| p.seq).min())
+            .unwrap_or(Seq::MAX);
+        self.slot_wait = Some(Box::pin(slots.clone().take(order)));
+        Err(())
     }
 
     fn take_job(&mut self, batch_max: usize) -> Job {
