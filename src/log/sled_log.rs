@@ -2288,10 +2288,7 @@ mod tests {
         assert_eq!(log.count_pending(1).unwrap(), 0);
         assert_eq!(log.count_pending(2).unwrap(), 3);
         assert!(run_keys(&log, 2).is_empty());
-        let (reply, stopped) = oneshot::channel();
-        log.send(WriteOp::Crash(reply));
-        stopped.await.unwrap().unwrap();
-        drop(log);
+        crash_log(log).await;
         let log = open(dir.path());
         assert!(
             log.pending_after(1, None, 10).unwrap().is_empty(),
@@ -2533,13 +2530,11 @@ mod tests {
                         QueueOp::Reopen { crash } => {
                             log.put_setting("sync", None).await.unwrap().unwrap();
                             if crash {
-                                let (reply, stopped) = oneshot::channel();
-                                log.send(WriteOp::Crash(reply));
-                                stopped.await.unwrap().unwrap();
+                                crash_log(log).await;
                             } else {
                                 log.close().await.unwrap().unwrap();
+                                drop(log);
                             }
-                            drop(log);
                             log = reopen();
                             assert_eq!(log.tree.scan_prefix([ROUTES]).count(), 0, "records are queued at open");
                             for ep in 1..4 {
@@ -2591,6 +2586,13 @@ mod tests {
                 }
             });
         }
+    }
+
+    /// Stops the log as a crash right after a flush would, and lets it go.
+    async fn crash_log(log: Arc<SledLog>) {
+        let (reply, stopped) = oneshot::channel();
+        log.send(WriteOp::Crash(reply));
+        stopped.await.unwrap().unwrap();
     }
 
     /// An endpoint's whole queue, read a page at a time as a worker does.
