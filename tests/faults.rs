@@ -452,7 +452,7 @@ async fn a_request_waiting_for_a_receiver_slot_is_signed_when_it_gets_one() {
     }
 }
 
-/// One request slot at a receiver, held 800 ms by a "gate" endpoint. Then "older" gets
+/// One request slot at a receiver, held 1.5 s by a "gate" endpoint. Then "older" gets
 /// a click and "newer" one just after it, but "older" batches and lingers 300 ms before it
 /// asks for the slot, so "newer" asks first. The freed slot goes to the oldest click
 /// waiting, not to the first to ask: "older" arrives first (first come, first served
@@ -460,7 +460,7 @@ async fn a_request_waiting_for_a_receiver_slot_is_signed_when_it_gets_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_freed_receiver_slot_goes_to_the_oldest_waiting_click_not_the_first_to_ask() {
     let sink = Sink::start().await;
-    sink.default_answer("/gate", Answer::Delay(Duration::from_millis(800), 200));
+    sink.default_answer("/gate", Answer::Delay(Duration::from_millis(1500), 200));
     let endpoints = endpoint("gate", &sink.url("/gate"), "links = [\"gate\"]")
         + &endpoint(
             "older",
@@ -487,7 +487,7 @@ async fn a_freed_receiver_slot_goes_to_the_oldest_waiting_click_not_the_first_to
         older[0].at - newer[0].at
     );
     assert!(
-        newer[0].at - gate[0].at >= Duration::from_millis(700),
+        newer[0].at - gate[0].at >= Duration::from_secs(1),
         "the newer click waited for the slot"
     );
 }
