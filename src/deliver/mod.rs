@@ -4,9 +4,9 @@
 //! own single-threaded runtime each, so delivery never competes with ingest's runtime —
 //! and runs one worker per endpoint there. Submodules: `format` renders bodies, `sign`
 //! signs them, `send` performs one attempt, `slots` shares a receiver among a thread's
-//! endpoints, `policy` holds retry/breaker/rate-limit
-//! state, `worker` drives an endpoint's queue. This layer must not route or accept
-//! clicks; it only drains queues the log already holds.
+//! endpoints, `policy` holds retry/breaker/rate-limit state, `worker` drives an
+//! endpoint's queue. This layer must not route or accept clicks; it only drains queues
+//! the log already holds.
 
 pub mod format;
 pub mod policy;
