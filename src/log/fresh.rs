@@ -2,9 +2,9 @@
 //! pairs, each append set's pairs backed by one durable route record instead of a queue
 //! run per endpoint in sled. A delivered pair leaves memory without a write, and a record
 //! goes once none of its pairs is left. A pair that is retried, buried or queued again
-//! moves to its endpoint's runs; so do the pairs still waiting when the records alive
-//! list more than their bound (a crash delivers those records' delivered pairs again)
-//! or when the log closes. This file owns only that bookkeeping and must not do I/O:
+//! moves to its endpoint's runs, and so does every pair still waiting when the log
+//! closes. The records alive may list only so many pairs (a crash delivers their
+//! delivered pairs again); past that, appends write runs as before. This file owns only that bookkeeping and must not do I/O:
 //! the writer writes what it says, and every change to it is the writer's.
 
 use super::{EndpointKey, Seq};
@@ -137,19 +137,12 @@ impl FreshQueues {
         self.with_runs.remove(&ep);
     }
 
-    /// The oldest records to move to runs so that the rest list at most `max_listed`
-    /// pairs, each with its waiting pairs.
-    pub fn oldest_beyond(&self, max_listed: usize) -> Vec<(Seq, Vec<(EndpointKey, Seq)>)> {
-        let mut listed = self.listed;
-        let mut out = Vec::new();
-        for (&first, record) in &self.records {
-            if listed <= max_listed {
-                break;
-            }
-            listed -= record.listed();
-            out.push((first, self.waiting_in(first, record)));
-        }
-        out
+    /// Every live record with its waiting pairs, to move them to runs.
+    pub fn waiting_records(&self) -> Vec<(Seq, Vec<(EndpointKey, Seq)>)> {
+        self.records
+            .iter()
+            .map(|(&first, record)| (first, self.waiting_in(first, record)))
+            .collect()
     }
 
     fn waiting_in(&self, first: Seq, record: &Record) -> Vec<(EndpointKey, Seq)> {
@@ -215,7 +208,7 @@ impl FreshQueues {
         rewrite
     }
 
-    #[cfg(test)]
+    /// Entries the live records list, delivered or not.
     pub fn listed(&self) -> usize {
         self.listed
     }
@@ -255,12 +248,11 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_records_move_out_past_the_bound_with_only_their_waiting_pairs() {
+    fn records_move_out_with_only_their_waiting_pairs() {
         let mut f = with_two_records();
         assert!(f.take(7, 2));
-        assert!(f.oldest_beyond(6).is_empty());
-        let out = f.oldest_beyond(5);
-        assert_eq!(out, vec![(1, vec![(7, 1), (7, 3), (8, 2)])]);
+        let out = f.waiting_records();
+        assert_eq!(out, vec![(1, vec![(7, 1), (7, 3), (8, 2)]), (4, vec![(7, 4), (7, 5)])]);
         f.moved(1);
         assert_eq!(f.after(7, None, 10), vec![4, 5]);
         assert_eq!(f.count(8), 0);
@@ -275,7 +267,7 @@ mod tests {
         assert_eq!(f.take_finished(), vec![4]);
         assert_eq!(f.listed(), 1);
         assert!(f
-            .oldest_beyond(0)
+            .waiting_records()
             .iter()
             .all(|(_, pairs)| pairs.iter().all(|(ep, _)| *ep != 7)));
         assert!(f.take(8, 2));

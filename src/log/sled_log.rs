@@ -48,11 +48,11 @@ const DEFER_PROGRESS: Duration = Duration::from_millis(10);
 /// enough that a batch of clicks costs one write per endpoint.
 const RUN_MAX: usize = 256;
 
-/// Queue entries the live route records may list, delivered or not, before the oldest
-/// records' waiting entries move to queue runs. A record costs one sled write for a
-/// whole append and its delivered entries none, where runs cost a write and a rewrite
-/// per endpoint; but a crash delivers a live record's delivered entries again, so this
-/// bounds what a crash can repeat.
+/// Queue entries the live route records may list, delivered or not; past it, appends'
+/// entries go straight to queue runs. A record costs one sled write for a whole append
+/// and its delivered entries none, where runs cost a write and a rewrite per endpoint;
+/// but a crash delivers a live record's delivered entries again, so this bounds what a
+/// crash can repeat.
 pub const FRESH_LISTED_MAX: usize = 131_072;
 
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
@@ -182,8 +182,8 @@ pub struct SledOptions {
     pub cache_capacity: u64,
     /// The size past which event batches go to a new segment file.
     pub segment_bytes: u64,
-    /// [`FRESH_LISTED_MAX`], or less for tests (0: every append's entries move to runs
-    /// at the end of its group).
+    /// [`FRESH_LISTED_MAX`], or less for tests (0: every append's entries go straight to
+    /// runs).
     pub fresh_listed_max: usize,
 }
 
@@ -726,7 +726,7 @@ impl Writer {
         if !deferred.is_empty() {
             let _ = self.commit(deferred);
         }
-        let _ = self.move_to_runs(0);
+        let _ = self.move_to_runs();
         let _ = self.flush();
     }
 
@@ -828,11 +828,10 @@ impl Writer {
         if result.is_ok() {
             // On close every entry still waiting moves to its run: a record left behind
             // would queue again, at the next open, the entries delivered since.
-            let max_listed = if closing { 0 } else { self.options.fresh_listed_max };
             result = self
                 .write_gathered(&mut appends)
                 .and_then(|_| self.change_queues(progress))
-                .and_then(|_| self.move_to_runs(max_listed));
+                .and_then(|_| if closing { self.move_to_runs() } else { Ok(()) });
         }
         if result.is_ok() && self.next_seq != seq_before {
             result = self
@@ -967,11 +966,34 @@ impl Writer {
             }
         }
         if let (Some(first), Some(last)) = (stored.first().map(|e| e.seq), stored.last().map(|e| e.seq)) {
-            if !queued.is_empty() {
-                let queues = || queued.iter().map(|(ep, seqs)| (*ep, &seqs[..]));
+            let entries: usize = queued.values().map(Vec::len).sum();
+            let queues = || queued.iter().map(|(ep, seqs)| (*ep, &seqs[..]));
+            let room = {
+                let fresh = lock(&self.fresh);
+                fresh.listed() + entries <= self.options.fresh_listed_max
+            };
+            if entries > 0 && room {
                 self.tree
                     .insert(&keys::routes(first)[..], keys::routes_value(first, queues()))?;
                 lock(&self.fresh).add(first, last, queues());
+            } else if entries > 0 {
+                // The live records list all they may (entries nobody has taken, a backlog
+                // behind a receiver that is down): these go to runs at once. Their seqs
+                // are the largest yet, so each run starts past every run of its
+                // endpoint, and none needs reading.
+                {
+                    let mut fresh = lock(&self.fresh);
+                    for (ep, _) in queues() {
+                        fresh.runs_written(ep);
+                    }
+                }
+                for (ep, seqs) in queues() {
+                    for chunk in seqs.chunks(RUN_MAX) {
+                        let entries: Vec<Pending> = chunk.iter().map(|s| Pending::fresh(*s)).collect();
+                        self.tree
+                            .insert(&keys::queue(QUEUE_RUN, ep, chunk[0])[..], keys::run_value(&entries))?;
+                    }
+                }
             }
         }
         for ev in stored {
@@ -1071,11 +1093,11 @@ impl Writer {
         Ok(())
     }
 
-    /// Moves the waiting entries of the oldest route records to runs while the live
-    /// records list more than `max_listed` entries: the runs first, then the records go,
-    /// so a crash between keeps every entry somewhere.
-    fn move_to_runs(&mut self, max_listed: usize) -> Result<(), LogError> {
-        let moving = lock(&self.fresh).oldest_beyond(max_listed);
+    /// Moves the waiting entries of every live route record to runs (the log closes):
+    /// the runs first, then the records go, so a crash between keeps every entry
+    /// somewhere.
+    fn move_to_runs(&mut self) -> Result<(), LogError> {
+        let moving = lock(&self.fresh).waiting_records();
         if moving.is_empty() {
             return Ok(());
         }
