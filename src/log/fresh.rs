@@ -4,8 +4,9 @@
 //! goes once none of its pairs is left. A pair that is retried, buried or queued again
 //! moves to its endpoint's runs, and so does every pair still waiting when the log
 //! closes. The records alive may list only so many pairs (a crash delivers their
-//! delivered pairs again); past that, appends write runs as before. This file owns only that bookkeeping and must not do I/O:
-//! the writer writes what it says, and every change to it is the writer's.
+//! delivered pairs again); past that, appends write runs as before. This file owns only
+//! that bookkeeping and must not do I/O: the writer writes what it says, and every change
+//! to it is the writer's.
 
 use super::{EndpointKey, Seq};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -37,6 +38,20 @@ impl Record {
     fn listed(&self) -> usize {
         self.endpoints.iter().map(|(_, n)| n).sum()
     }
+}
+
+/// The pairs of `record` (at `first`) still waiting in `queues`.
+fn waiting_in<'a>(
+    queues: &'a HashMap<EndpointKey, VecDeque<Seq>>,
+    first: Seq,
+    record: &'a Record,
+) -> impl Iterator<Item = (EndpointKey, Seq)> + 'a {
+    record.endpoints.iter().flat_map(move |(ep, _)| {
+        queues
+            .get(ep)
+            .into_iter()
+            .flat_map(move |queue| queue.range(span(queue, first, record.last)).map(move |s| (*ep, *s)))
+    })
 }
 
 /// The positions of `deque`'s seqs within `[lo, hi]`.
@@ -141,18 +156,8 @@ impl FreshQueues {
     pub fn waiting_records(&self) -> Vec<(Seq, Vec<(EndpointKey, Seq)>)> {
         self.records
             .iter()
-            .map(|(&first, record)| (first, self.waiting_in(first, record)))
+            .map(|(&first, record)| (first, waiting_in(&self.queues, first, record).collect()))
             .collect()
-    }
-
-    fn waiting_in(&self, first: Seq, record: &Record) -> Vec<(EndpointKey, Seq)> {
-        let mut pairs = Vec::with_capacity(record.waiting);
-        for (ep, _) in &record.endpoints {
-            if let Some(queue) = self.queues.get(ep) {
-                pairs.extend(queue.range(span(queue, first, record.last)).map(|s| (*ep, *s)));
-            }
-        }
-        pairs
     }
 
     /// Drops the record at `first` and the pairs still waiting in it: they are in runs now.
@@ -179,30 +184,22 @@ impl FreshQueues {
         // and a reader told to look in sled for nothing is only slower.
         self.queues.remove(&ep);
         let mut rewrite = Vec::new();
-        let firsts: Vec<Seq> = self.records.keys().copied().collect();
-        for first in firsts {
-            let waiting = {
-                let Some(record) = self.records.get(&first) else {
-                    continue;
-                };
-                if !record.endpoints.iter().any(|(e, _)| *e == ep) {
-                    continue;
-                }
-                self.waiting_in(first, record).len()
-            };
-            let Some(record) = self.records.get_mut(&first) else {
+        for (&first, record) in self.records.iter_mut() {
+            let Some(at) = record.endpoints.iter().position(|(e, _)| *e == ep) else {
                 continue;
             };
-            let before = record.listed();
-            record.endpoints.retain(|(e, _)| *e != ep);
-            self.listed = self.listed.saturating_sub(before - record.listed());
-            record.waiting = waiting;
-            if waiting == 0 {
-                self.listed = self.listed.saturating_sub(record.listed());
-                self.records.remove(&first);
+            let (_, listed) = record.endpoints.remove(at);
+            self.listed = self.listed.saturating_sub(listed);
+            record.waiting = waiting_in(&self.queues, first, record).count();
+            if record.waiting == 0 {
                 self.finished.push(first);
             } else {
                 rewrite.push(first);
+            }
+        }
+        for first in &self.finished {
+            if let Some(record) = self.records.remove(first) {
+                self.listed = self.listed.saturating_sub(record.listed());
             }
         }
         rewrite

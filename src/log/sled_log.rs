@@ -7,7 +7,8 @@
 //! log's segment files ([`super::segments`]), synced before each flush, and sled keeps a
 //! pointer to each. An append's queue entries start as fresh entries in memory, behind
 //! one route record ([`super::fresh`]), and move to per-endpoint queue runs only when
-//! they get state of their own or wait too long. Readers go to memory, then sled and the
+//! they get state of their own or the log closes (past a bound on what the records list,
+//! appends write runs directly). Readers go to memory, then sled and the
 //! segments directly, after a ring of the latest events and the event batch their thread
 //! read last. It must not be called for writes from anywhere but through the channel.
 
@@ -389,30 +390,40 @@ fn migrate_single_entries(db: &sled::Db, tree: &sled::Tree) -> Result<(), LogErr
 /// (moved there before the crash, its record not yet removed) keeps its state there;
 /// entries delivered before the crash come back, which at-least-once allows.
 fn move_routes_to_runs(db: &sled::Db, tree: &sled::Tree) -> Result<(), LogError> {
-    let mut changes = BTreeMap::new();
+    let mut entries = Vec::new();
     let mut records = Vec::new();
     for kv in tree.scan_prefix([ROUTES]) {
         let (k, v) = kv?;
         let first = keys::u64_at(&k, 1)?;
         for (ep, seqs) in keys::decode_routes(first, &v)? {
-            for seq in seqs {
-                changes.insert((ep, seq), QueueChange::Add(Pending::fresh(seq)));
-            }
+            entries.extend(seqs.into_iter().map(|seq| (ep, seq)));
         }
-        records.push(k);
+        records.push(first);
     }
     if records.is_empty() {
         return Ok(());
     }
     tracing::info!(
-        entries = changes.len(),
+        entries = entries.len(),
         "queueing the entries of the last run's route records"
     );
-    apply_queue_changes(tree, changes)?;
-    for k in records {
-        tree.remove(k)?;
-    }
+    queue_in_runs(tree, entries, &records)?;
     db.flush()?;
+    Ok(())
+}
+
+/// Puts fresh `entries` into their endpoints' runs (an entry a run already holds keeps
+/// its state there), then removes the route records at `records`: the runs first, so a
+/// crash between keeps every entry somewhere.
+fn queue_in_runs(tree: &sled::Tree, entries: Vec<(EndpointKey, Seq)>, records: &[Seq]) -> Result<(), LogError> {
+    let changes: BTreeMap<_, _> = entries
+        .into_iter()
+        .map(|(ep, seq)| ((ep, seq), QueueChange::Add(Pending::fresh(seq))))
+        .collect();
+    apply_queue_changes(tree, changes)?;
+    for first in records {
+        tree.remove(&keys::routes(*first)[..])?;
+    }
     Ok(())
 }
 
@@ -602,8 +613,7 @@ struct Writer {
 const APPEND_SET_MAX: usize = 128;
 
 /// The appends of one group that follow each other (delivery progress between them
-/// aside), stored together: one batch of events and one queue run per endpoint for all
-/// of them. Clicks sent one per request arrive one append each, and stored one by one
+/// aside), stored together: one batch of events and one route record for all of them. Clicks sent one per request arrive one append each, and stored one by one
 /// they cost a batch and a queue run per click, for the writer to write and for
 /// delivery to read and rewrite.
 struct AppendSet {
@@ -965,42 +975,48 @@ impl Writer {
                 first += u64::from(at.count);
             }
         }
-        if let (Some(first), Some(last)) = (stored.first().map(|e| e.seq), stored.last().map(|e| e.seq)) {
-            let entries: usize = queued.values().map(Vec::len).sum();
-            let queues = || queued.iter().map(|(ep, seqs)| (*ep, &seqs[..]));
-            let room = {
-                let fresh = lock(&self.fresh);
-                fresh.listed() + entries <= self.options.fresh_listed_max
-            };
-            if entries > 0 && room {
-                self.tree
-                    .insert(&keys::routes(first)[..], keys::routes_value(first, queues()))?;
-                lock(&self.fresh).add(first, last, queues());
-            } else if entries > 0 {
-                // The live records list all they may (entries nobody has taken, a backlog
-                // behind a receiver that is down): these go to runs at once. Their seqs
-                // are the largest yet, so each run starts past every run of its
-                // endpoint, and none needs reading.
-                {
-                    let mut fresh = lock(&self.fresh);
-                    for (ep, _) in queues() {
-                        fresh.runs_written(ep);
-                    }
-                }
-                for (ep, seqs) in queues() {
-                    for chunk in seqs.chunks(RUN_MAX) {
-                        let entries: Vec<Pending> = chunk.iter().map(|s| Pending::fresh(*s)).collect();
-                        self.tree
-                            .insert(&keys::queue(QUEUE_RUN, ep, chunk[0])[..], keys::run_value(&entries))?;
-                    }
-                }
-            }
+        if let (Some(first), Some(last)) = (stored.first(), stored.last()) {
+            self.queue_set(first.seq, last.seq, &queued)?;
         }
         for ev in stored {
             self.recent.put(ev);
         }
         for (k, v) in client_ids {
             self.tree.insert(k, v)?;
+        }
+        Ok(())
+    }
+
+    /// Queues a stored set's entries (its seqs `first..=last`): in memory behind one route
+    /// record, or, while the live records list all they may (a backlog behind a receiver
+    /// that is down), straight into runs.
+    fn queue_set(&mut self, first: Seq, last: Seq, queued: &BTreeMap<EndpointKey, Vec<Seq>>) -> Result<(), LogError> {
+        let entries: usize = queued.values().map(Vec::len).sum();
+        if entries == 0 {
+            return Ok(());
+        }
+        let queues = || queued.iter().map(|(ep, seqs)| (*ep, &seqs[..]));
+        let room = lock(&self.fresh).listed() + entries <= self.options.fresh_listed_max;
+        if room {
+            self.tree
+                .insert(&keys::routes(first)[..], keys::routes_value(first, queues()))?;
+            lock(&self.fresh).add(first, last, queues());
+            return Ok(());
+        }
+        {
+            let mut fresh = lock(&self.fresh);
+            for (ep, _) in queues() {
+                fresh.runs_written(ep);
+            }
+        }
+        // The seqs are the largest yet, so each run starts past every run of its
+        // endpoint, and none needs reading.
+        for (ep, seqs) in queues() {
+            for chunk in seqs.chunks(RUN_MAX) {
+                let entries: Vec<Pending> = chunk.iter().map(|s| Pending::fresh(*s)).collect();
+                self.tree
+                    .insert(&keys::queue(QUEUE_RUN, ep, chunk[0])[..], keys::run_value(&entries))?;
+            }
         }
         Ok(())
     }
@@ -1043,16 +1059,18 @@ impl Writer {
         {
             let mut fresh = lock(&self.fresh);
             for ((ep, seq), change) in changes {
-                let here = fresh.contains(ep, seq);
                 match change {
-                    None if here => leaving.push((ep, seq)),
-                    // An endpoint without runs has nothing to take it out of.
-                    None if !fresh.may_have_runs(ep) => {}
-                    None => to_runs.push(((ep, seq), QueueChange::Remove)),
+                    // A delivered fresh entry has no run to leave; an endpoint without
+                    // runs has nothing to take it out of.
+                    None => {
+                        if !fresh.take(ep, seq) && fresh.may_have_runs(ep) {
+                            to_runs.push(((ep, seq), QueueChange::Remove));
+                        }
+                    }
                     Some(p) => {
                         fresh.runs_written(ep);
                         to_runs.push(((ep, seq), QueueChange::Put(p)));
-                        if here {
+                        if fresh.contains(ep, seq) {
                             leaving.push((ep, seq));
                         }
                     }
@@ -1093,30 +1111,23 @@ impl Writer {
         Ok(())
     }
 
-    /// Moves the waiting entries of every live route record to runs (the log closes):
-    /// the runs first, then the records go, so a crash between keeps every entry
-    /// somewhere.
+    /// Moves the waiting entries of every live route record to runs (the log closes).
     fn move_to_runs(&mut self) -> Result<(), LogError> {
-        let moving = lock(&self.fresh).waiting_records();
-        if moving.is_empty() {
+        let (records, entries) = {
+            let mut fresh = lock(&self.fresh);
+            let (records, entries): (Vec<Seq>, Vec<_>) = fresh.waiting_records().into_iter().unzip();
+            let entries: Vec<(EndpointKey, Seq)> = entries.into_iter().flatten().collect();
+            for (ep, _) in &entries {
+                fresh.runs_written(*ep);
+            }
+            (records, entries)
+        };
+        if records.is_empty() {
             return Ok(());
         }
-        let mut changes = BTreeMap::new();
-        {
-            let mut fresh = lock(&self.fresh);
-            for (_, pairs) in &moving {
-                for &(ep, seq) in pairs {
-                    fresh.runs_written(ep);
-                    changes.insert((ep, seq), QueueChange::Add(Pending::fresh(seq)));
-                }
-            }
-        }
-        apply_queue_changes(&self.tree, changes)?;
-        for (first, _) in &moving {
-            self.tree.remove(&keys::routes(*first)[..])?;
-        }
+        queue_in_runs(&self.tree, entries, &records)?;
         let mut fresh = lock(&self.fresh);
-        for (first, _) in moving {
+        for first in records {
             fresh.moved(first);
         }
         Ok(())
@@ -1202,12 +1213,6 @@ enum QueueChange {
     /// The entry, unless the run already holds its seq.
     Add(Pending),
     Remove,
-}
-
-impl From<Option<Pending>> for QueueChange {
-    fn from(change: Option<Pending>) -> Self {
-        change.map_or(QueueChange::Remove, QueueChange::Put)
-    }
 }
 
 /// Applies queue changes, in endpoint and seq order, to the runs that hold (or are to
