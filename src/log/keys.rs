@@ -29,14 +29,16 @@
 //!
 //! An endpoint's queue is a sequence of runs. The run at key `k` holds entries with seqs in
 //! `[k, next run's key)`, sorted, so the run that may hold a seq is the one with the
-//! greatest key at or below it. One append (or such a set of them) writes one run per
-//! endpoint (a run past twice `RUN_MAX` entries is split), and delivery progress rewrites
-//! a run once for many entries, instead of one sled write per entry.
+//! greatest key at or below it. Entries queued together (a set of appends past the
+//! route records' bound, below) go into one run per endpoint (a run past twice `RUN_MAX`
+//! entries is split), and delivery progress rewrites a run once for many entries,
+//! instead of one sled write per entry.
 //!
 //! A fresh append writes no runs at first: one route record names, per endpoint, the
 //! seqs of the set queued for it, and the log keeps those entries in memory
 //! (`super::fresh`). The record goes once every entry in it is delivered or has moved
-//! to its endpoint's runs; at open, the entries of the records left are moved to runs.
+//! to its endpoint's runs (on a retry, a dead letter, a replay, or at close); at open,
+//! the entries of the records left are moved to runs.
 
 use super::{DeadLetter, EndpointKey, LogError, Pending, Seq};
 
