@@ -6,8 +6,8 @@
 //! read a batch for nearly every click. It must not do I/O or know about endpoints: an
 //! order is only a number.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
@@ -18,11 +18,42 @@ pub struct ReceiverSlots {
 
 struct State {
     free: usize,
-    /// Waiters by (order, arrival), lowest first.
-    waiting: BinaryHeap<Reverse<(u64, u64)>>,
-    handoff: HashMap<u64, oneshot::Sender<ReceiverSlot>>,
+    waiting: BinaryHeap<Waiter>,
     next_arrival: u64,
 }
+
+/// One waiter in line: the heap's top is the lowest (order, arrival).
+struct Waiter {
+    order: u64,
+    arrival: u64,
+    handoff: oneshot::Sender<ReceiverSlot>,
+}
+
+impl Waiter {
+    fn place(&self) -> (u64, u64) {
+        (self.order, self.arrival)
+    }
+}
+
+impl Ord for Waiter {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.place().cmp(&self.place())
+    }
+}
+
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        self.place() == other.place()
+    }
+}
+
+impl Eq for Waiter {}
 
 /// One request slot, given back (to the next waiter, if any) when dropped.
 pub struct ReceiverSlot {
@@ -35,7 +66,6 @@ impl ReceiverSlots {
             state: Mutex::new(State {
                 free: slots,
                 waiting: BinaryHeap::new(),
-                handoff: HashMap::new(),
                 next_arrival: 0,
             }),
         })
@@ -68,9 +98,12 @@ impl ReceiverSlots {
             } else {
                 let arrival = state.next_arrival;
                 state.next_arrival += 1;
-                let (tx, rx) = oneshot::channel();
-                state.waiting.push(Reverse((order, arrival)));
-                state.handoff.insert(arrival, tx);
+                let (handoff, rx) = oneshot::channel();
+                state.waiting.push(Waiter {
+                    order,
+                    arrival,
+                    handoff,
+                });
                 Some(rx)
             }
         };
@@ -91,13 +124,13 @@ impl Drop for ReceiverSlot {
         let next = {
             let mut state = self.slots.state();
             loop {
-                let Some(Reverse((_, arrival))) = state.waiting.pop() else {
+                let Some(waiter) = state.waiting.pop() else {
                     state.free += 1;
                     break None;
                 };
                 // A waiter that gave up left its sender closed.
-                if let Some(tx) = state.handoff.remove(&arrival).filter(|tx| !tx.is_closed()) {
-                    break Some(tx);
+                if !waiter.handoff.is_closed() {
+                    break Some(waiter.handoff);
                 }
             }
         };
