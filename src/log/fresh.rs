@@ -3,10 +3,11 @@
 //! run per endpoint in sled. A delivered pair leaves memory without a write, and a record
 //! goes once none of its pairs is left. A pair that is retried, buried or queued again
 //! moves to its endpoint's runs, and so does every pair still waiting when the log
-//! closes. The records alive may list only so many pairs (a crash delivers their
-//! delivered pairs again); past that, appends write runs as before. This file owns only
-//! that bookkeeping and must not do I/O: the writer writes what it says, and every change
-//! to it is the writer's.
+//! closes. The records alive may list only so many pairs; past that, appends write runs
+//! as before. A crash delivers the delivered pairs a live record still lists again, so
+//! past a bound on those the oldest records are rewritten to list only their waiting
+//! pairs. This file owns only that bookkeeping and must not do I/O: the writer writes
+//! what it says, and every change to it is the writer's.
 
 use super::{EndpointKey, Seq};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -21,11 +22,17 @@ pub(super) struct FreshQueues {
     records: BTreeMap<Seq, Record>,
     /// Pairs the live records list, delivered or not.
     listed: usize,
+    /// Pairs the live records list that still wait: `listed - waiting` are delivered
+    /// ones a crash would queue again.
+    waiting: usize,
     /// Records with nothing left waiting, for the writer to remove.
     finished: Vec<Seq>,
     /// Endpoints that may have queue runs: readers skip sled for the others.
     with_runs: HashSet<EndpointKey>,
 }
+
+/// A route record's pairs: each endpoint with its seqs, ascending.
+pub(super) type Listing = Vec<(EndpointKey, Vec<Seq>)>;
 
 struct Record {
     last: Seq,
@@ -77,6 +84,7 @@ impl FreshQueues {
             return;
         }
         self.listed += waiting;
+        self.waiting += waiting;
         self.records.insert(
             first,
             Record {
@@ -108,6 +116,7 @@ impl FreshQueues {
         };
         if seq <= record.last {
             record.waiting = record.waiting.saturating_sub(1);
+            self.waiting = self.waiting.saturating_sub(1);
             if record.waiting == 0 {
                 self.listed = self.listed.saturating_sub(record.listed());
                 self.records.remove(&first);
@@ -166,6 +175,7 @@ impl FreshQueues {
             return;
         };
         self.listed = self.listed.saturating_sub(record.listed());
+        self.waiting = self.waiting.saturating_sub(record.waiting);
         for (ep, _) in &record.endpoints {
             if let Some(queue) = self.queues.get_mut(ep) {
                 queue.drain(span(queue, first, record.last));
@@ -190,7 +200,11 @@ impl FreshQueues {
             };
             let (_, listed) = record.endpoints.remove(at);
             self.listed = self.listed.saturating_sub(listed);
-            record.waiting = waiting_in(&self.queues, first, record).count();
+            let waiting = waiting_in(&self.queues, first, record).count();
+            self.waiting = self
+                .waiting
+                .saturating_sub(record.waiting - waiting.min(record.waiting));
+            record.waiting = waiting;
             if record.waiting == 0 {
                 self.finished.push(first);
             } else {
@@ -208,6 +222,41 @@ impl FreshQueues {
     /// Entries the live records list, delivered or not.
     pub fn listed(&self) -> usize {
         self.listed
+    }
+
+    /// Delivered entries the live records still list: what a crash would deliver again.
+    pub fn repeatable(&self) -> usize {
+        self.listed.saturating_sub(self.waiting)
+    }
+
+    /// Has the oldest records that list delivered entries list only their waiting ones,
+    /// until at most `keep` delivered entries stay listed, and returns each of them as it
+    /// now stands, for the writer to rewrite. A record kept alive by one slow endpoint
+    /// would otherwise hold all its delivered entries up for a crash to repeat.
+    pub fn compact(&mut self, keep: usize) -> Vec<(Seq, Listing)> {
+        let mut rewrites = Vec::new();
+        for (&first, record) in self.records.iter_mut() {
+            if self.listed.saturating_sub(self.waiting) <= keep {
+                break;
+            }
+            if record.listed() == record.waiting {
+                continue;
+            }
+            let mut queues: Listing = Vec::new();
+            for (ep, seq) in waiting_in(&self.queues, first, record) {
+                match queues.last_mut() {
+                    Some((last, seqs)) if *last == ep => seqs.push(seq),
+                    _ => queues.push((ep, vec![seq])),
+                }
+            }
+            let waiting: usize = queues.iter().map(|(_, seqs)| seqs.len()).sum();
+            self.listed = self.listed.saturating_sub(record.listed()) + waiting;
+            self.waiting = self.waiting.saturating_sub(record.waiting) + waiting;
+            record.waiting = waiting;
+            record.endpoints = queues.iter().map(|(ep, seqs)| (*ep, seqs.len())).collect();
+            rewrites.push((first, queues));
+        }
+        rewrites
     }
 }
 
@@ -269,6 +318,26 @@ mod tests {
             .all(|(_, pairs)| pairs.iter().all(|(ep, _)| *ep != 7)));
         assert!(f.take(8, 2));
         assert_eq!(f.take_finished(), vec![1]);
+    }
+
+    #[test]
+    fn compacting_drops_delivered_pairs_from_the_oldest_records_down_to_what_is_kept() {
+        let mut f = with_two_records();
+        assert!(f.take(7, 1) && f.take(7, 3) && f.take(7, 4));
+        assert_eq!((f.listed(), f.repeatable()), (6, 3));
+        assert_eq!(
+            f.compact(1),
+            vec![(1, vec![(7, vec![2]), (8, vec![2])])],
+            "the oldest record is enough to come down to one"
+        );
+        assert_eq!((f.listed(), f.repeatable()), (4, 1));
+        assert_eq!(f.compact(0), vec![(4, vec![(7, vec![5])])]);
+        assert_eq!((f.listed(), f.repeatable()), (3, 0));
+        assert!(f.compact(0).is_empty());
+        assert_eq!(f.after(7, None, 10), vec![2, 5], "waiting pairs stay");
+        assert!(f.take(7, 2) && f.take(8, 2));
+        assert_eq!(f.take_finished(), vec![1]);
+        assert_eq!((f.listed(), f.repeatable()), (1, 0));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub fn sled_log_options(
         cache_capacity,
         segment_bytes: segments::SEGMENT_BYTES,
         fresh_listed_max: sled_log::FRESH_LISTED_MAX,
+        fresh_repeat_max: sled_log::FRESH_REPEAT_MAX,
     }
 }
 
