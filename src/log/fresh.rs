@@ -341,6 +341,26 @@ mod tests {
     }
 
     #[test]
+    fn delivered_pairs_stay_counted_when_an_endpoint_is_forgotten() {
+        let mut f = FreshQueues::default();
+        f.add(
+            1,
+            2,
+            [(7, &[1u64, 2][..]), (8, &[1u64, 2][..]), (9, &[1u64][..])].into_iter(),
+        );
+        assert!(f.take(8, 1) && f.take(8, 2));
+        assert_eq!((f.listed(), f.repeatable()), (5, 2));
+        assert!(f.forget(9).contains(&1), "record 1 is rewritten without endpoint 9");
+        assert_eq!(
+            (f.listed(), f.repeatable()),
+            (4, 2),
+            "endpoint 8's two are still listed"
+        );
+        assert_eq!(f.compact(0), vec![(1, vec![(7, vec![1, 2])])]);
+        assert_eq!((f.listed(), f.repeatable()), (2, 0));
+    }
+
+    #[test]
     fn runs_are_tracked_per_endpoint() {
         let mut f = FreshQueues::default();
         assert!(!f.may_have_runs(3));
