@@ -178,7 +178,9 @@ pub struct DeliveryConfig {
     /// Open outbound connections across all endpoints; 0 = from the open-files limit.
     pub max_connections: usize,
     /// Requests in flight to one receiver (scheme, host and port) from the endpoints of
-    /// one delivery thread.
+    /// one delivery thread. 128 (four endpoints' `max_concurrency`) keeps a local
+    /// receiver busy; with 512, 10,000 endpoints on one receiver held 1,024 connections
+    /// open and delivered 14 % slower, for CPU spent on connections rather than clicks.
     pub max_in_flight_per_receiver: usize,
 }
 
@@ -191,7 +193,7 @@ impl Default for DeliveryConfig {
             allow_private_networks: false,
             allowed_cidrs: vec![],
             max_connections: 0,
-            max_in_flight_per_receiver: 512,
+            max_in_flight_per_receiver: 128,
         }
     }
 }
@@ -733,7 +735,7 @@ mod tests {
 
     #[test]
     fn zero_in_flight_per_receiver_is_refused_by_name() {
-        assert_eq!(parse("").unwrap().delivery.max_in_flight_per_receiver, 512);
+        assert_eq!(parse("").unwrap().delivery.max_in_flight_per_receiver, 128);
         let err = parse("[delivery]\nmax_in_flight_per_receiver = 0\n")
             .unwrap_err()
             .to_string();
