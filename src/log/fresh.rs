@@ -201,9 +201,7 @@ impl FreshQueues {
             let (_, listed) = record.endpoints.remove(at);
             self.listed = self.listed.saturating_sub(listed);
             let waiting = waiting_in(&self.queues, first, record).count();
-            self.waiting = self
-                .waiting
-                .saturating_sub(record.waiting - waiting.min(record.waiting));
+            self.waiting = self.waiting.saturating_sub(record.waiting) + waiting;
             record.waiting = waiting;
             if record.waiting == 0 {
                 self.finished.push(first);
