@@ -2,7 +2,8 @@
 //! accepted click, so its cost bounds ingest throughput (the target is 150k clicks/s over all
 //! cores): `enrich/cached` is the steady state of real traffic, where a few thousand user
 //! agents repeat; `enrich/uncached` is the parser's own cost, paid once per new user agent.
-//! `render/*` is what delivery pays per request body.
+//! `render/*` is what delivery pays per request body. Nothing here asserts a speed; the
+//! figures go to BENCHMARKS.md.
 
 use clickhook::deliver::format::{render, Format, RenderContext};
 use clickhook::enrich::Enricher;

@@ -2,7 +2,7 @@
 //! serde_json), validation into the stored form (from text and from a value), signing,
 //! log append + flush per batch size, and routing with 10k and 100k endpoints (a lookup,
 //! and adding one endpoint to the index against rebuilding it). Figures go to
-//! BENCHMARKS.md.
+//! BENCHMARKS.md; nothing here asserts a speed or touches the network.
 
 use clickhook::config::{EndpointConfig, FsyncMode};
 use clickhook::deliver::sign::{generate_secret, SigningKey};

@@ -4,7 +4,9 @@
 //! validates and enriches a click and appends it to the durable [`log`] with the endpoints
 //! [`route`] chose; [`deliver`] drains each endpoint's queue. [`config`], [`endpoints`],
 //! [`admin`] and [`metrics`] stand beside that flow; [`server`] wires it all together and
-//! [`client`] is the reference ingest client behind `clickhook send`.
+//! [`client`] is the reference ingest client behind `clickhook send`. The library must not
+//! read the process's arguments or environment, install signal handlers or exit: that is
+//! the binary's edge (`main.rs`), so tests and embedders drive the whole daemon on port 0.
 
 pub mod admin;
 pub mod client;

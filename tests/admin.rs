@@ -1,5 +1,6 @@
 //! The admin API against the running daemon: endpoint lifecycle, secrets, history,
-//! replay, the Linkly-compatible routes, auth and the SSRF guard.
+//! replay, the Linkly-compatible routes, auth and the SSRF guard. Nothing is mocked: every
+//! call goes over HTTP to the real binary, and what endpoints receive comes from real sinks.
 
 mod common;
 

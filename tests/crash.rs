@@ -1,5 +1,6 @@
 //! `kill -9` in the middle of a stream of clicks: every acknowledged click must still be
-//! delivered after a restart. Duplicates are allowed (at least once) and reported.
+//! delivered after a restart. Duplicates are allowed (at least once) and reported. The
+//! kill is a real SIGKILL of the real binary, never a simulated stop.
 
 mod common;
 

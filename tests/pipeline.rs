@@ -1,4 +1,6 @@
-//! End-to-end tests of the core pipeline: the real daemon binary, real HTTP sinks.
+//! End-to-end tests of the core pipeline (ingest over HTTP and the socket, the durable log,
+//! routing, delivery with retries and signatures, shutdown): the real daemon binary, real
+//! HTTP sinks. They must not mock any part of the daemon or assert a speed.
 
 mod common;
 

@@ -1,7 +1,8 @@
 //! Country names in English from ISO 3166-1 alpha-2 codes and back, for formats that spell
 //! countries out (Masiv's `CountryName`). The ISO short names come from `rust_iso3166`; where
 //! the ISO name is one nobody writes ("Korea (Republic of)"), the everyday English name is
-//! used instead, as GeoIP databases and the products do. Pure lookups; nothing else.
+//! used instead, as GeoIP databases and the products do. Pure lookups: it must not guess a
+//! country from anything but a code or a name it knows.
 
 /// Everyday names where they differ from the ISO 3166-1 short name; `XK` (Kosovo) is not in
 /// ISO 3166-1 but GeoIP databases use it.

@@ -1,5 +1,6 @@
 //! Enrichment tests: a table of real user agents with what each must yield, and the rules
-//! for fields the click already brings.
+//! for fields the click already brings. They must not reach the network or a GeoIP file
+//! they did not build themselves.
 
 use super::*;
 use serde_json::json;

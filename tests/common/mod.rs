@@ -1,5 +1,6 @@
 //! Test harness: runs the real `clickhook` binary on loopback ports with a temp data dir,
-//! and a real HTTP sink whose behaviour each test scripts. Nothing here is mocked.
+//! and a real HTTP sink whose behaviour each test scripts. Nothing here is mocked, and it
+//! must not decide what a test expects: it checks only that the daemon it starts comes up.
 #![allow(dead_code)]
 
 use bytes::Bytes;
