@@ -38,6 +38,30 @@ async fn delivers_a_click_signed_as_standard_webhooks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_visitor_ip_reaches_only_endpoints_with_include_ip() {
+    let sink = Sink::start().await;
+    let eps = endpoint("plain", &sink.url("/plain"), "")
+        + &endpoint(
+            "batched",
+            &sink.url("/batched"),
+            "batch_max = 10\nbatch_linger = \"50ms\"",
+        )
+        + &endpoint("with_ip", &sink.url("/with_ip"), "include_ip = true");
+    let d = Daemon::start(&config_text(&eps));
+    let body = r#"{"link":{"id":"7"},"click":{"ip":"203.0.113.9","country":"US","user_agent":"Mozilla/5.0"}}"#;
+    let (status, v) = d.post(body, "application/json").await;
+    assert_eq!(status, 202, "{v}");
+    for path in ["/plain", "/batched"] {
+        let got = sink.wait_for(path, 1, WAIT).await;
+        let text = String::from_utf8_lossy(&got[0].body).to_string();
+        assert!(!text.contains("203.0.113.9"), "{path} got the IP: {text}");
+        assert!(signature_valid(&got[0], SECRET), "the cut body is the signed body");
+    }
+    let got = sink.wait_for("/with_ip", 1, WAIT).await;
+    assert_eq!(got[0].json()["data"]["click"]["ip"], "203.0.113.9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepts_arrays_and_ndjson_with_ids_in_input_order() {
     let sink = Sink::start().await;
     let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));

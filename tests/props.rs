@@ -264,6 +264,28 @@ fn renders_everywhere(data: &[u8], id: &str) -> Result<(), TestCaseError> {
             }
         }
     }
+    without_ip_is_the_stored_click_less_its_ip(data, id)
+}
+
+/// `standard` without `include_ip` is the stored event less `click.ip`, members in order.
+fn without_ip_is_the_stored_click_less_its_ip(data: &[u8], id: &str) -> Result<(), TestCaseError> {
+    let ctx = RenderContext {
+        endpoint_id: "props",
+        webhook_id: id,
+        include_ip: false,
+        batch: false,
+    };
+    let body = render(Format::Standard, &[data], &ctx).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let sent: Value = serde_json::from_slice(&body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut expected: Value = serde_json::from_slice(data).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    if let Some(click) = expected.get_mut("click").and_then(Value::as_object_mut) {
+        click.shift_remove("ip");
+    }
+    prop_assert_eq!(
+        serde_json::to_string(&sent["data"]).ok(),
+        serde_json::to_string(&expected).ok(),
+        "only click.ip is cut"
+    );
     Ok(())
 }
 

@@ -411,7 +411,7 @@ type Members<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
 
 /// The members of `text` if it is a JSON object; `None` if it does not start like one
 /// (the caller finds out what it is instead).
-fn object_members(text: &[u8]) -> Result<Option<Members<'_>>, serde_json::Error> {
+pub(crate) fn object_members(text: &[u8]) -> Result<Option<Members<'_>>, serde_json::Error> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct MembersVisitor;
     impl<'de> Visitor<'de> for MembersVisitor {

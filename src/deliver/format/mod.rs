@@ -72,8 +72,9 @@ pub fn render(format: Format, events: &[&[u8]], ctx: &RenderContext<'_>) -> Resu
         return Err(FormatError::NoBatchShape(format.as_str()));
     }
     let renderer: fn(&[Value], &RenderContext<'_>) -> Value = match format {
-        // The stored event already is the standard `data` object: splice, do not parse.
-        Format::Standard => return Ok(standard::render(events, ctx)),
+        // The stored event already is the standard `data` object: splice, do not parse
+        // (past finding the click's `ip` when it must not go out).
+        Format::Standard => return Ok(standard::render(events, ctx)?),
         Format::Operational => return Ok(events.first().map(|e| e.to_vec()).unwrap_or_default()),
         Format::Linkly => linkly::render,
         Format::Rebrandly => rebrandly::render,
