@@ -459,7 +459,8 @@ impl EndpointRegistry {
     }
 
     /// Applies a partial change (any endpoint field but `id`). Config-file endpoints take
-    /// only `enabled` here — to re-enable one a 410 disabled — the file holds the rest.
+    /// only `{"enabled": true}` here — to re-enable one a 410 or `disable_after` disabled —
+    /// the file holds the rest.
     pub async fn update(
         &self,
         id: &str,
@@ -474,7 +475,8 @@ impl EndpointRegistry {
             });
         }
         let enable = patch.get("enabled").and_then(serde_json::Value::as_bool);
-        if live.source == EndpointSource::Config && patch.keys().any(|k| k != "enabled") {
+        // Turning one off, like any other change to it, is the file's to say.
+        if live.source == EndpointSource::Config && (patch.keys().any(|k| k != "enabled") || enable != Some(true)) {
             return Err(EndpointError::FromConfig(id.into()));
         }
         let current = live.settings().config.clone();

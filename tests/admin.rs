@@ -540,6 +540,16 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
         (Some(false), Some("failing")),
         "{ep}"
     );
+    // A config-file endpoint is switched off in the file, not here; switched back on here.
+    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": false})).await;
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": true})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["enabled"].as_bool(), v["disabled_reason"].as_str()),
+        (Some(true), None),
+        "{v}"
+    );
 }
 
 async fn attempts_kept(d: &Daemon, id: &str) -> usize {
