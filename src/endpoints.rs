@@ -9,6 +9,7 @@ use crate::deliver::policy::CircuitState;
 use crate::deliver::send::Outcome;
 use crate::deliver::sign::{generate_secret, AsymmetricKey, SigningKey};
 use crate::deliver::Dispatcher;
+use crate::ingest::click::StoredFacts;
 use crate::log::{ClickLog, EndpointKey, LogError};
 use crate::metrics::EndpointMetrics;
 use crate::route::{ClickFacts, RoutingIndex};
@@ -563,11 +564,34 @@ impl EndpointRegistry {
         Ok(n)
     }
 
-    /// Queues again every retained click accepted in `[since_ms, until_ms)`.
+    /// Queues again every retained click accepted in `[since_ms, until_ms)` that the
+    /// endpoint's filters take now (links, workspaces, bots), as routing would have; never
+    /// the daemon's own operational events.
     pub async fn replay_window(&self, id: &str, since_ms: u64, until_ms: u64) -> Result<usize, EndpointError> {
         let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
         let before = self.log.count_pending(live.key)? as i64;
-        let n = wait(self.log.replay_window(live.key, since_ms, until_ms)).await?;
+        let ticket = {
+            // An index of this endpoint alone, enabled so that a disabled one replays too.
+            let mut config = live.settings().config.clone();
+            config.enabled = true;
+            let index = RoutingIndex::build([(live.key, &config)]);
+            let wanted = |data: &[u8]| {
+                StoredFacts::of(data).is_some_and(|facts| {
+                    let mut routed = Vec::new();
+                    index.route(
+                        ClickFacts {
+                            link_id: &facts.link_id,
+                            workspace_id: facts.workspace_id.as_deref(),
+                            is_bot: facts.is_bot,
+                        },
+                        &mut routed,
+                    );
+                    !routed.is_empty()
+                })
+            };
+            self.log.replay_window(live.key, since_ms, until_ms, &wanted)
+        };
+        let n = wait(ticket).await?;
         // Entries already pending were rewritten, not added: count what the queue grew by.
         let after = self.log.count_pending(live.key)? as i64;
         live.add_pending(after - before);

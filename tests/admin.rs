@@ -238,6 +238,55 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_replay_sends_only_what_the_endpoints_filters_take() {
+    let sink = Sink::start().await;
+    sink.default_answer("/gone", Answer::Status(410));
+    let eps = endpoint("l7", &sink.url("/l7"), "links = [\"7\"]")
+        + &endpoint("all", &sink.url("/all"), "")
+        + &endpoint("bots", &sink.url("/bots"), "include_bots = true")
+        + &endpoint("gone", &sink.url("/gone"), "links = [\"9\"]");
+    let cfg = config_text(&eps) + &format!("\n[operations]\nurl = \"{}\"\n", sink.url("/ops"));
+    let d = Daemon::start(&cfg);
+    let bot = r#"{"link":{"id":7},"click":{"user_agent":"Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"}}"#;
+    for body in [click("7", "w"), click("8", "w"), bot.to_string(), click("9", "w")] {
+        let (s, v) = d.post(&body, "application/json").await;
+        assert_eq!(s, 202, "{v}");
+    }
+    // The 410 leaves an operational event (endpoint.disabled) in the same log.
+    sink.wait_for("/ops", 1, WAIT).await;
+    sink.wait_for("/l7", 1, WAIT).await;
+    sink.wait_for("/all", 3, WAIT).await;
+    sink.wait_for("/bots", 4, WAIT).await;
+    let since = (chrono::Utc::now() - chrono::Duration::minutes(5)).to_rfc3339();
+    let until = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
+    let window = json!({"since": since, "until": until});
+    for (id, want) in [("l7", 1), ("all", 3), ("bots", 4), ("gone", 1)] {
+        let (s, r) = admin(&d, "POST", &format!("/v1/endpoints/{id}/replay"), window.clone()).await;
+        assert_eq!((s, r["replayed"].as_u64()), (200, Some(want)), "{id}: {r}");
+    }
+    sink.wait_for("/l7", 2, WAIT).await;
+    sink.wait_for("/all", 6, WAIT).await;
+    sink.wait_for("/bots", 8, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let links = |path: &str| -> Vec<String> {
+        let mut links: Vec<String> = sink
+            .received(path)
+            .iter()
+            .map(|r| r.json()["data"]["link"]["id"].to_string())
+            .collect();
+        links.sort();
+        links
+    };
+    assert_eq!(
+        links("/l7"),
+        ["\"7\"", "\"7\""].map(String::from),
+        "link 7 only, the bot left out"
+    );
+    assert_eq!(links("/all").len(), 6, "no bot and no operational event");
+    assert_eq!(links("/bots").len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linkly_compatible_routes_create_link_and_workspace_hooks() {
     let sink = Sink::start().await;
     let d = Daemon::start(&config_text(""));

@@ -13,7 +13,7 @@ use base64::Engine;
 use clickhook::deliver::format::{render, Format, FormatError, RenderContext};
 use clickhook::deliver::sign::{signature_header, SigningKey};
 use clickhook::enrich::Enricher;
-use clickhook::ingest::click::{prepare, split_body, Framing};
+use clickhook::ingest::click::{prepare, split_body, Framing, StoredFacts};
 use common::hmac_sha256;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
@@ -316,6 +316,17 @@ fn accepted_or_rejected(value: Value, index: usize) -> Result<bool, TestCaseErro
                 c.id
             );
             renders_everywhere(&c.data, &c.id)?;
+            // A replay routes the stored event again: it must read back what ingest routed.
+            let facts = StoredFacts::of(&c.data);
+            prop_assert_eq!(
+                facts,
+                Some(StoredFacts {
+                    link_id: c.link_id.clone(),
+                    workspace_id: c.workspace_id.clone(),
+                    is_bot: c.is_bot,
+                }),
+                "the stored event's routing facts"
+            );
             Ok(true)
         }
     }

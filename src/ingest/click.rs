@@ -40,6 +40,37 @@ pub struct PreparedClick {
     pub data: Vec<u8>,
 }
 
+/// What routing looked at when a stored click came in, read back from its stored JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFacts {
+    pub link_id: String,
+    pub workspace_id: Option<String>,
+    pub is_bot: bool,
+}
+
+impl StoredFacts {
+    /// The facts of a stored event, or `None` when it is not a click (an operational
+    /// event has no `link`). Bot-ness is what enrichment wrote: a `bot_name`, or a
+    /// `device` of `"bot"`.
+    pub fn of(data: &[u8]) -> Option<StoredFacts> {
+        let top = object_members(data).ok()??;
+        let (link, _) = given(&top, "link").filter(|(_, kind)| *kind == Kind::Object)?;
+        let link = object_members(link.get().as_bytes()).ok()??;
+        let link_id = id_text(given(&link, "id")).ok()??;
+        let workspace_id = id_text(given(&link, "workspace_id")).ok()?;
+        let click = given(&top, "click")
+            .and_then(|(raw, _)| object_members(raw.get().as_bytes()).ok().flatten())
+            .unwrap_or_default();
+        let device_is_bot = given(&click, "device").is_some_and(|(raw, _)| raw.get() == r#""bot""#);
+        let named_bot = given(&click, "bot_name").is_some_and(|(_, kind)| kind == Kind::String);
+        Some(StoredFacts {
+            link_id,
+            workspace_id,
+            is_bot: device_is_bot || named_bot,
+        })
+    }
+}
+
 /// How a body frames its clicks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {

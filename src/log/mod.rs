@@ -154,8 +154,15 @@ pub trait ClickLog: Send + Sync + 'static {
     /// Moves every dead letter of the endpoint back to its queue; resolves to how many.
     fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize>;
 
-    /// Queues again every retained event accepted in `[since_ms, until_ms)`.
-    fn replay_window(&self, endpoint: EndpointKey, since_ms: u64, until_ms: u64) -> Ticket<usize>;
+    /// Queues again every retained event accepted in `[since_ms, until_ms)` whose stored JSON
+    /// `wanted` admits (the caller knows which clicks the endpoint takes; the log does not).
+    fn replay_window(
+        &self,
+        endpoint: EndpointKey,
+        since_ms: u64,
+        until_ms: u64,
+        wanted: &dyn Fn(&[u8]) -> bool,
+    ) -> Ticket<usize>;
 
     /// The persistent key of an endpoint id, assigned on first use.
     fn endpoint_key(&self, endpoint_id: &str) -> Result<EndpointKey, LogError>;

@@ -293,6 +293,39 @@ impl SledLog {
         }))
     }
 
+    /// The queue entries a replay of `[since_ms, until_ms)` puts back: one per retained
+    /// event of the window that `wanted` admits.
+    fn replayed(
+        &self,
+        endpoint: EndpointKey,
+        since_ms: u64,
+        until_ms: u64,
+        wanted: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<Step>, LogError> {
+        let mut steps = Vec::new();
+        for kv in self.tree.scan_prefix([EVENT_BATCH]) {
+            let (k, v) = kv?;
+            let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchRecord::decode(&v)) else {
+                continue;
+            };
+            if batch.accepted_ms() < since_ms || batch.accepted_ms() >= until_ms {
+                continue;
+            }
+            for seq in first..first + batch.len() as u64 {
+                let queue = match self.event(seq) {
+                    Ok(ev) => ev.is_some_and(|ev| wanted(&ev.data)),
+                    // Unreadable, it is queued all the same: delivery buries it as a dead
+                    // letter that says why, where a failed replay would say nothing of it.
+                    Err(_) => true,
+                };
+                if queue {
+                    steps.push(Step::Put(endpoint, Pending::fresh(seq)));
+                }
+            }
+        }
+        Ok(steps)
+    }
+
     fn send(&self, op: WriteOp) {
         // A send fails only after close; the op's reply sender is dropped with it, and the
         // waiting ticket then reports the log closed.
@@ -1659,26 +1692,21 @@ impl ClickLog for SledLog {
         ticket
     }
 
-    fn replay_window(&self, endpoint: EndpointKey, since_ms: u64, until_ms: u64) -> Ticket<usize> {
+    fn replay_window(
+        &self,
+        endpoint: EndpointKey,
+        since_ms: u64,
+        until_ms: u64,
+        wanted: &dyn Fn(&[u8]) -> bool,
+    ) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
-        let mut steps = Vec::new();
-        for kv in self.tree.scan_prefix([EVENT_BATCH]) {
-            let (k, v) = match kv {
-                Ok(kv) => kv,
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                    return ticket;
-                }
-            };
-            let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchRecord::decode(&v)) else {
-                continue;
-            };
-            if batch.accepted_ms() >= since_ms && batch.accepted_ms() < until_ms {
-                for seq in first..first + batch.len() as u64 {
-                    steps.push(Step::Put(endpoint, Pending::fresh(seq)));
-                }
+        let steps = match self.replayed(endpoint, since_ms, until_ms, wanted) {
+            Ok(steps) => steps,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return ticket;
             }
-        }
+        };
         let n = steps.len();
         forward(self.apply(steps, true), reply, n);
         ticket
@@ -2641,7 +2669,7 @@ mod tests {
                             }
                         }
                         QueueOp::Replay { ep } => {
-                            log.replay_window(ep, 0, u64::MAX).await.unwrap().unwrap();
+                            log.replay_window(ep, 0, u64::MAX, &|_| true).await.unwrap().unwrap();
                             let queue = model.entry(ep).or_default();
                             for seq in 1..next {
                                 queue.insert(seq, Pending::fresh(seq));
