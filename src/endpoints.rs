@@ -62,11 +62,24 @@ pub struct EndpointSettings {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Newest first; during rotation the previous key signs too. Empty when only `v1a`.
     pub keys: Vec<SigningKey>,
+    /// When the previous key stops signing (Unix ms), checked per request: settings are
+    /// rebuilt only on a change, and the overlap must end on time without one.
+    pub previous_key_until_ms: Option<u64>,
     /// The Ed25519 key when the endpoint wants `v1a` signatures.
     pub asymmetric: Option<AsymmetricKey>,
     pub timeout: Duration,
     pub max_concurrency: usize,
     pub disabled_reason: Option<String>,
+}
+
+impl EndpointSettings {
+    /// The HMAC keys that sign a request sent at `now_ms`.
+    pub fn signing_keys(&self, now_ms: u64) -> &[SigningKey] {
+        match self.previous_key_until_ms {
+            Some(until) if now_ms >= until => &self.keys[..self.keys.len().min(1)],
+            _ => &self.keys,
+        }
+    }
 }
 
 /// One recorded delivery attempt (SPEC §9 "Attempt"). The daemon keeps up to
@@ -673,9 +686,11 @@ impl EndpointRegistry {
             }
         };
         let mut keys = vec![SigningKey::from_secret(&secret).map_err(|e| invalid("secret", e.to_string()))?];
+        let mut previous_key_until_ms = None;
         if source == EndpointSource::Api {
-            if let Some(prev) = self.previous_secret(&config.id)? {
+            if let Some((prev, until_ms)) = self.previous_secret(&config.id)? {
                 keys.push(prev);
+                previous_key_until_ms = Some(until_ms);
             }
         }
         let url: Uri = config.url.parse().map_err(|e| invalid("url", format!("{e}")))?;
@@ -738,19 +753,21 @@ impl EndpointRegistry {
             url,
             headers,
             keys,
+            previous_key_until_ms,
             disabled_reason,
             config,
         })
     }
 
-    fn previous_secret(&self, id: &str) -> Result<Option<SigningKey>, EndpointError> {
+    /// The rotated-out key still in its overlap, with when the overlap ends.
+    fn previous_secret(&self, id: &str) -> Result<Option<(SigningKey, u64)>, EndpointError> {
         let Some(bytes) = self.log.get_setting(&format!("{API_PREFIX}{id}"))? else {
             return Ok(None);
         };
         let stored: StoredApiEndpoint = serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt(e.to_string()))?;
         Ok(stored.previous_secret.and_then(|p| {
             (p.expires_ms > crate::log::now_ms())
-                .then(|| SigningKey::from_secret(&p.secret).ok())
+                .then(|| SigningKey::from_secret(&p.secret).ok().map(|k| (k, p.expires_ms)))
                 .flatten()
         }))
     }
@@ -908,6 +925,30 @@ mod tests {
         assert_eq!(ids, ["evt_5", "evt_4", "evt_3", "evt_2"]);
         assert_eq!((h.delivered, h.failed_attempts), (3, 1));
         assert_eq!(h.success_rate(10, 60), Some(0.5));
+    }
+
+    #[test]
+    fn the_previous_key_stops_signing_when_its_overlap_ends_without_a_rebuild() {
+        let key = |secret: &str| SigningKey::from_secret(secret).unwrap();
+        let (new, old) = (generate_secret(), generate_secret());
+        let config: EndpointConfig =
+            serde_json::from_value(serde_json::json!({"id": "e", "url": "http://127.0.0.1:9/"})).unwrap();
+        let settings = EndpointSettings {
+            url: config.url.parse().unwrap(),
+            config,
+            headers: vec![],
+            keys: vec![key(&new), key(&old)],
+            previous_key_until_ms: Some(1_000),
+            asymmetric: None,
+            timeout: Duration::from_secs(1),
+            max_concurrency: 1,
+            disabled_reason: None,
+        };
+        let signed = |now_ms| crate::deliver::sign::signature_header(settings.signing_keys(now_ms), "msg", 1, b"{}");
+        let both = crate::deliver::sign::signature_header(&[key(&new), key(&old)], "msg", 1, b"{}");
+        let newest = crate::deliver::sign::signature_header(&[key(&new)], "msg", 1, b"{}");
+        assert_eq!(signed(999), both, "inside the overlap both sign");
+        assert_eq!(signed(1_000), newest, "at its end only the new one does");
     }
 
     #[test]

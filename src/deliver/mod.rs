@@ -171,7 +171,8 @@ pub async fn attempt(
 ) -> send::AttemptResult {
     use hyper::header::{HeaderName, HeaderValue};
     let timestamp = chrono::Utc::now().timestamp();
-    let mut signature = sign::signature_header(&settings.keys, webhook_id, timestamp, &body);
+    let keys = settings.signing_keys(crate::log::now_ms());
+    let mut signature = sign::signature_header(keys, webhook_id, timestamp, &body);
     if let Some(key) = &settings.asymmetric {
         if !signature.is_empty() {
             signature.push(' ');
