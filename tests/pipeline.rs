@@ -478,6 +478,58 @@ async fn sigterm_exits_0_and_pending_work_is_delivered_after_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_for_its_retry_goes_out_whole_after_batching_is_turned_off() {
+    let sink = Sink::start().await;
+    sink.script("/b", vec![Answer::Status(500)]);
+    let config = |batch_max: u32| {
+        config_text(&endpoint(
+            "b",
+            &sink.url("/b"),
+            &format!("batch_max = {batch_max}\nbatch_linger = \"100ms\""),
+        )) + "\n[retry]\nschedule = [\"1s\", \"1s\", \"1s\"]\njitter = 0.0\n"
+    };
+    let d = Daemon::start(&config(10));
+    let body = format!("[{},{},{}]", click("1", "w"), click("2", "w"), click("3", "w"));
+    let (s, v) = d.post(&body, "application/json").await;
+    assert_eq!(s, 202, "{v}");
+    let mut ids: Vec<String> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().into())
+        .collect();
+    let first = sink.wait_for("/b", 1, WAIT).await;
+    assert_eq!(
+        sink.event_ids("/b").len(),
+        3,
+        "the three went as one batch, answered 500"
+    );
+    assert_eq!(first.len(), 1);
+    std::fs::write(d.config_path(), config(1)).unwrap();
+    d.signal(libc::SIGHUP);
+    for _ in 0..100 {
+        if d.admin_get("/v1/endpoints/b").await.1["batch_max"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every event of the batch arrives again, each in a body of its own.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut again: Vec<String> = Vec::new();
+    while std::time::Instant::now() < deadline {
+        again = sink.event_ids("/b").split_off(3);
+        again.sort();
+        again.dedup();
+        if again.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ids.sort();
+    assert_eq!(again, ids, "{}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_endpoints_and_keeps_the_old_ones_on_a_bad_file() {
     let sink = Sink::start().await;
     let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));

@@ -381,6 +381,21 @@ impl Worker {
             items: Vec::new(),
             batch: 0,
         });
+        if batch_max <= 1 && job.items.len() > 1 {
+            // A batch from before the endpoint stopped batching: a body without the batch
+            // shape carries one event, so each goes on its own now, the rest next in line.
+            for mut p in job.items.drain(1..).rev() {
+                p.batch = 0;
+                self.ready.push_front(Job {
+                    items: vec![p],
+                    batch: 0,
+                });
+            }
+            job.batch = 0;
+            for p in &mut job.items {
+                p.batch = 0;
+            }
+        }
         if batch_max > 1 && job.batch == 0 {
             while job.items.len() < batch_max && self.ready.front().is_some_and(|j| j.batch == 0) {
                 if let Some(next) = self.ready.pop_front() {
