@@ -11,18 +11,19 @@ use crate::ingest::http::{bearer_matches, json, json_error};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Map, Value};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 pub struct AdminState {
     pub registry: Arc<EndpointRegistry>,
@@ -40,25 +41,64 @@ pub struct AdminState {
 const MAX_CONNECTIONS: usize = 256;
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    accept(&listener, stop, move |req| {
+        let state = state.clone();
+        async move { route(req, &state).await }
+    })
+    .await;
+}
+
+/// Answers on the admin listener while the daemon starts (the log may take a while to
+/// recover): `/healthz` 200, `/readyz` and everything else 503, each on a connection that
+/// closes after it, so no probe stays on this server once it hands the listener back at
+/// `started`.
+pub async fn serve_starting(listener: TcpListener, started: oneshot::Receiver<()>) -> TcpListener {
+    accept(&listener, started, |req: Request<Incoming>| async move {
+        let mut resp = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            _ => {
+                let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is starting", None);
+                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                resp
+            }
+        };
+        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        resp
+    })
+    .await;
+    listener
+}
+
+/// Serves HTTP/1.1 connections with `handle` until `stop` completes.
+async fn accept<H, F>(listener: &TcpListener, stop: impl Future, handle: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut stop = std::pin::pin!(stop);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+            _ = &mut stop => return,
         };
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let state = state.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &state).await) }
+                let answer = handle(req);
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -471,4 +511,46 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        // The connection closes after the answer, so reading to the end ends.
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .expect("the starting server closes its connections")
+            .unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn while_starting_health_is_200_and_the_rest_503_until_the_listener_is_handed_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (started, started_rx) = oneshot::channel();
+        let starting = tokio::spawn(serve_starting(listener, started_rx));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        let api = get(addr, "/v1/endpoints").await;
+        assert!(api.starts_with("HTTP/1.1 503"), "{api}");
+        assert!(api.to_ascii_lowercase().contains("retry-after: 1"), "{api}");
+        started.send(()).unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), starting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            back.local_addr().unwrap(),
+            addr,
+            "the same listener, for the real admin server"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -41,6 +41,8 @@ pub enum ServerError {
     Deliver(#[from] DeliverError),
     #[error(transparent)]
     Enrich(#[from] crate::enrich::EnrichError),
+    #[error("the admin listener's start-up server stopped: {0}")]
+    Admin(String),
 }
 
 /// The daemon's listening sockets, bound before anything else starts so that bind errors
@@ -122,6 +124,11 @@ pub async fn run(
     listeners: Listeners,
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), ServerError> {
+    let http_addr = listeners.http_addr();
+    let admin_addr = listeners.admin_addr();
+    // Probes get answers while the log recovers, which can take a while on a big one.
+    let (started, started_rx) = oneshot::channel();
+    let starting = tokio::spawn(admin::serve_starting(listeners.admin, started_rx));
     let metrics = crate::metrics::install();
     crate::metrics::set_endpoint_series_cap(config.metrics.max_endpoint_series);
     // A configured GeoIP database that cannot be read stops the start: silently running
@@ -211,8 +218,6 @@ pub async fn run(
         },
     });
 
-    let http_addr = listeners.http_addr();
-    let admin_addr = listeners.admin_addr();
     let unix_path = listeners.unix.as_ref().map(|(_, p)| p.clone());
     let max_body = config.ingest.http.max_body.0 as usize;
     let http_task = tokio::spawn(http::serve(
@@ -228,7 +233,9 @@ pub async fn run(
         .unix
         .map(|(l, _)| tokio::spawn(unix::serve(l, ingestor.clone(), max_body, shutdown_rx.clone())));
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin::serve(listeners.admin, admin_state.clone(), admin_stop_rx));
+    let _ = started.send(());
+    let admin_listener = starting.await.map_err(|e| ServerError::Admin(e.to_string()))?;
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), admin_stop_rx));
 
     let housekeeping = tokio::spawn(housekeeping(
         sled_log.clone(),
