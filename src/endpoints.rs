@@ -18,7 +18,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::Uri;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -185,7 +185,10 @@ pub struct LiveEndpoint {
     pub rewind: AtomicBool,
     pub stopping: AtomicBool,
     pub pending: AtomicI64,
-    pub circuit: AtomicU8,
+    circuit: AtomicU8,
+    /// When an open circuit lets its probe through (Unix ms): past it the circuit reads
+    /// half-open, whether or not an attempt has happened since.
+    circuit_open_until_ms: AtomicU64,
     pub metrics: EndpointMetrics,
     pub history: Mutex<EndpointHistory>,
     /// Attempt records this endpoint keeps: [`attempt_history_share`] of the registry's
@@ -207,7 +210,10 @@ impl LiveEndpoint {
         }
     }
 
-    pub fn set_circuit(&self, state: CircuitState) {
+    /// The breaker's state after an attempt, with when an open one half-opens.
+    pub fn set_circuit(&self, state: CircuitState, open_until_ms: Option<u64>) {
+        self.circuit_open_until_ms
+            .store(open_until_ms.unwrap_or(0), Ordering::Relaxed);
         self.circuit.store(state as u8, Ordering::Relaxed);
         self.metrics
             .circuit_open
@@ -216,6 +222,11 @@ impl LiveEndpoint {
 
     pub fn circuit_state(&self) -> CircuitState {
         match self.circuit.load(Ordering::Relaxed) {
+            x if x == CircuitState::Open as u8
+                && crate::log::now_ms() >= self.circuit_open_until_ms.load(Ordering::Relaxed) =>
+            {
+                CircuitState::HalfOpen
+            }
             x if x == CircuitState::Open as u8 => CircuitState::Open,
             x if x == CircuitState::HalfOpen as u8 => CircuitState::HalfOpen,
             _ => CircuitState::Closed,
@@ -646,6 +657,7 @@ impl EndpointRegistry {
             stopping: AtomicBool::new(false),
             pending: AtomicI64::new(0),
             circuit: AtomicU8::new(CircuitState::Closed as u8),
+            circuit_open_until_ms: AtomicU64::new(0),
             metrics: EndpointMetrics::new(&config.id),
             history: Mutex::new(EndpointHistory::default()),
             history_share: self.history_share.clone(),

@@ -636,6 +636,24 @@ async fn the_breaker_opens_after_consecutive_failures_and_stops_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_reads_half_open_once_its_cooldown_is_over() {
+    let sink = Sink::start().await;
+    sink.script("/a", vec![Answer::Status(500), Answer::Status(500)]);
+    sink.default_answer("/a", Answer::Hang);
+    let cfg = config_text(&endpoint("a", &sink.url("/a"), "timeout = \"30s\""))
+        + "\n[retry]\nschedule = [\"20ms\", \"20ms\", \"20ms\"]\njitter = 0.0\n[breaker]\nfailures = 2\ncooldown = \"1s\"\n";
+    let d = Daemon::start(&cfg);
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/a", 2, WAIT).await;
+    let circuit = || async { d.admin_get("/v1/endpoints/a/stats").await.1["circuit"].clone() };
+    assert_eq!(circuit().await, "open");
+    // The probe goes out after the cooldown and hangs: the circuit is half-open meanwhile.
+    let probed = sink.wait_for("/a", 3, WAIT).await;
+    assert_eq!(probed.len(), 3);
+    assert_eq!(circuit().await, "half_open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_events_are_pruned_after_retention() {
     let sink = Sink::start().await;
     let cfg = config_text(&endpoint("a", &sink.url("/a"), ""))

@@ -277,6 +277,14 @@ impl Worker {
         }
     }
 
+    fn report_circuit(&self, now: Instant) {
+        let open_until_ms = self
+            .breaker
+            .reopens_at(now)
+            .map(|at| now_ms() + at.saturating_duration_since(now).as_millis() as u64);
+        self.ep.set_circuit(self.breaker.state(now), open_until_ms);
+    }
+
     fn limiter_wake(&self) -> Option<Instant> {
         let (_, bucket) = self.limiter.as_ref()?;
         (!self.ready.is_empty()).then(|| bucket.next_token_at(Instant::now()))
@@ -536,7 +544,7 @@ impl Worker {
             self.reported_failing = false;
             self.reported_too_long = false;
             self.breaker.on_success();
-            self.ep.set_circuit(self.breaker.state(now));
+            self.report_circuit(now);
             self.completed.extend_from_slice(&seqs);
             let now_ms = now_ms();
             for accepted in accepted_ms {
@@ -560,7 +568,7 @@ impl Worker {
         if self.breaker.on_failure(now) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
-        self.ep.set_circuit(self.breaker.state(now));
+        self.report_circuit(now);
         if self
             .last_failure_log
             .is_none_or(|t| now.duration_since(t) >= FAILURE_LOG_EVERY)
