@@ -1012,6 +1012,13 @@ async fn abuse_limits_slowloris_overlong_socket_lines_and_private_data_files() {
         "{replies:?}"
     );
     assert!(replies[1].starts_with("err line longer"), "{replies:?}");
+    // So is an over-long last line that the stream ends without a newline.
+    let replies = socket_exchange(&d.socket, format!("{}\n{long}", click("3", "w"))).await;
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert!(
+        replies[0].starts_with("ok ") && replies[1].starts_with("err line longer"),
+        "{replies:?}"
+    );
     assert_eq!(d.terminate(), 0);
     // Secrets live in the data directory: it and its files are private to the daemon.
     let data = d.dir.path().join("data");

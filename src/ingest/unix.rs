@@ -90,8 +90,9 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
         let n = n.unwrap_or_default();
         buf.truncate(start + n);
         let closing = n == 0;
-        if closing && !buf.is_empty() && !skipping {
-            // A last line without its newline is still a line.
+        if closing && (!buf.is_empty() || skipping) {
+            // A last line without its newline is still a line, and an over-long one is
+            // still answered.
             buf.push(b'\n');
         }
         // Whole lines go to a parse task of their own, so one connection's clicks are
