@@ -5,6 +5,8 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
@@ -23,6 +25,19 @@ pub enum ClientError {
     Http(String),
     #[error("the daemon closed the connection with {0} lines unanswered")]
     Unanswered(usize),
+}
+
+/// A client for `http://` and `https://` URLs (the daemon may sit behind a TLS proxy),
+/// verifying certificates against the same roots as deliveries.
+fn http_client() -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    // The daemon installs it too; whichever comes first wins, and both pick ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(crate::deliver::send::tls_config())
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(https)
 }
 
 /// What `send` achieved.
@@ -90,7 +105,7 @@ pub async fn send_http<R: AsyncRead + Unpin>(
     token: Option<&str>,
     input: R,
 ) -> Result<SendReport, ClientError> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client = http_client();
     let url = format!("{}/v1/clicks", base.trim_end_matches('/'));
     let mut lines = BufReader::new(input).lines();
     let mut report = SendReport::default();
@@ -152,7 +167,7 @@ pub async fn admin_request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(u16, serde_json::Value), ClientError> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client = http_client();
     let url = format!("{}{}", base.trim_end_matches('/'), path);
     let mut req = hyper::Request::builder()
         .method(method)
@@ -179,4 +194,31 @@ pub async fn admin_request(
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok((status, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn an_https_url_is_spoken_to_in_tls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let first_bytes = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 3];
+            stream.read_exact(&mut head).await.unwrap();
+            head
+        });
+        let input: &[u8] = b"{\"link\":{\"id\":\"1\"}}\n";
+        // No TLS server answers, so the send fails; what matters is how it began.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            send_http(&format!("https://127.0.0.1:{port}"), None, input),
+        )
+        .await;
+        let head = first_bytes.await.unwrap();
+        assert_eq!(head[..2], [0x16, 0x03], "a TLS handshake record, not an HTTP request");
+    }
 }

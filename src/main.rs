@@ -248,11 +248,14 @@ fn send(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &file {
-            Some(path) => Box::new(
-                tokio::fs::File::open(path)
-                    .await
-                    .with_context(|| format!("{}", path.display()))?,
-            ),
+            Some(path) => match tokio::fs::File::open(path).await {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    // A FILE that cannot be read is a bad argument (exit 2), not a failure.
+                    eprintln!("clickhook send: {}: {e}", path.display());
+                    return Ok(ExitCode::from(2));
+                }
+            },
             None => Box::new(tokio::io::stdin()),
         };
         let report = match (socket, url) {

@@ -611,6 +611,14 @@ fn check_config_exit_codes() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "serve with a bad config exits 2");
+    let out = std::process::Command::new(bin())
+        .args(["send", "--socket"])
+        .arg(dir.path().join("none.sock"))
+        .arg(dir.path().join("missing.ndjson"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "send with a FILE it cannot read exits 2");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.ndjson"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -347,7 +347,7 @@ impl tower_service::Service<Uri> for GuardedConnector {
 
 /// One rustls configuration (webpki roots, verification on) for every endpoint: parsing
 /// the root store per endpoint cost ~80 KB each with thousands of endpoints.
-fn tls_config() -> rustls::ClientConfig {
+pub(crate) fn tls_config() -> rustls::ClientConfig {
     static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
