@@ -969,6 +969,17 @@ async fn product_payloads_go_in_through_adapters_and_come_out_unchanged() {
     assert_eq!(back, linkly_in);
     let (s, v) = request("POST", &format!("{}/v1/clicks?format=bitly", d.http), "{}", &[]).await;
     assert_eq!(s, 400, "{v}");
+    // A 400 names the product payload at fault, however many clicks the ones before it held.
+    let mut two: serde_json::Value = serde_json::from_str(include_str!("golden/rebrandly_example.json")).unwrap();
+    let item = two["data"][0].clone();
+    two["data"].as_array_mut().unwrap().push(item);
+    let mut bad = two.clone();
+    bad["data"][1]["timestamp"] = "yesterday".into();
+    let body = serde_json::json!([two, bad]).to_string();
+    let url = format!("{}/v1/clicks?format=rebrandly", d.http);
+    let (s, v) = request("POST", &url, &body, &[("content-type", "application/json")]).await;
+    assert_eq!((s, v["index"].as_u64()), (400, Some(1)), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("timestamp"), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

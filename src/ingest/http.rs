@@ -185,25 +185,23 @@ pub fn prepare_body(
     let items = click::split_body(body, framing)?;
     let received = click::received_now();
     let mut out = Vec::with_capacity(items.len());
-    let mut index = 0;
     for (i, raw) in items.into_iter().enumerate() {
         if matches!(format, Format::Standard) {
             // Clicks already in the model go straight from their text to the stored form.
             out.push(click::prepare_raw(
                 raw.get().as_bytes(),
-                index,
+                i,
                 &ingestor.enricher,
                 &received,
             )?);
-            index += 1;
             continue;
         }
         let at = |message: String| click::ClickError { index: i, message };
         let value = click::parse_one(raw.get().as_bytes()).map_err(at)?;
         let clicks = adapters::adapt(format, value).map_err(|e| at(e.to_string()))?;
         for c in clicks {
-            out.push(click::prepare(c, index, &ingestor.enricher, &received)?);
-            index += 1;
+            // An error names the product payload the sender wrote, not a click it never saw.
+            out.push(click::prepare(c, i, &ingestor.enricher, &received)?);
         }
     }
     Ok(out)
