@@ -107,6 +107,13 @@ async fn over_max_bytes_ingest_answers_503_and_loses_nothing_already_accepted() 
             reply.starts_with("err "),
             "over max_bytes the socket answers err: {reply}"
         );
+        let counted = d
+            .metric_until(
+                "clickhook_ingest_rejected_total{source=\"unix\",reason=\"unavailable\"}",
+                |v| v >= 1.0,
+            )
+            .await;
+        assert_eq!(counted, 1.0, "counted as unavailable, not as an invalid click");
     }
 
     // Crash, bring the endpoint up, restart: everything acknowledged arrives.

@@ -136,7 +136,10 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
     };
     let format = match adapter_format(req.uri().query()) {
         Ok(f) => f,
-        Err(msg) => return json_error(StatusCode::BAD_REQUEST, &msg, None),
+        Err(msg) => {
+            metrics::ingest_rejected(Source::Http, "invalid", 1);
+            return json_error(StatusCode::BAD_REQUEST, &msg, None);
+        }
     };
     let body = match Limited::new(req.into_body(), settings.max_body).collect().await {
         Ok(b) => b.to_bytes(),

@@ -196,11 +196,17 @@ async fn write_replies(
             Some(Ok(s)) => ingestor.wait(s).await,
             Some(Err(e)) => Err(e),
         };
+        // Lines the log could not take are counted under why, as over HTTP.
+        let unavailable_reason = match &ids {
+            Err(IngestError::Unavailable(_)) => "unavailable",
+            _ => "storage",
+        };
         let mut ids = match ids {
             Ok(ids) => Ok(ids.into_iter()),
             Err(e) => Err(e.to_string()),
         };
         let mut rejected = 0;
+        let mut unavailable = 0;
         let mut text = String::new();
         for line in group.lines {
             match (line, &mut ids) {
@@ -214,7 +220,7 @@ async fn write_replies(
                     text.push_str(&ids.next().unwrap_or_default());
                 }
                 (LineResult::Click, Err(e)) => {
-                    rejected += 1;
+                    unavailable += 1;
                     text.push_str("err unavailable: ");
                     text.push_str(e);
                 }
@@ -223,6 +229,9 @@ async fn write_replies(
         }
         if rejected > 0 {
             metrics::ingest_rejected(Source::Unix, "invalid", rejected);
+        }
+        if unavailable > 0 {
+            metrics::ingest_rejected(Source::Unix, unavailable_reason, unavailable);
         }
         if out.write_all(text.as_bytes()).await.is_err() {
             return;
