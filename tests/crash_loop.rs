@@ -5,7 +5,8 @@
 //! replay — and restarted each time. Afterwards every acknowledged click must have reached
 //! both endpoints with a 2xx at least once. It prints acknowledged, delivered, lost (which
 //! must be 0) and duplicates; `CRASH_SEED` replays a run and `CRASH_KILLS` sets the
-//! number of kills (the long version: `loadtest/scripts/crash-loop.sh`, 100 kills).
+//! number of kills (the long version: `loadtest/scripts/crash-loop.sh`, 100 kills). The
+//! kills must stay real SIGKILLs of the real binary; nothing here may stop it gently.
 
 mod common;
 

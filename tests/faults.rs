@@ -8,6 +8,7 @@
 //! them receives every click before any faulty endpoint's first attempt could time out,
 //! and endpoints sharing a receiver's request slots send each request signed when it goes.
 //! The malformed answers come from raw TCP servers written here; the rest from `Sink`.
+//! Nothing of the daemon may be mocked here: every fault is a real socket misbehaving.
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! Regression inputs for the fuzz targets in `fuzz/`: every input a fuzzer ever crashed on,
 //! and the edge cases worth keeping, goes through the very checks of its target here
 //! (`tests/fuzz_bodies`, which the targets themselves call), so a finding stays fixed
-//! without the fuzzer.
+//! without the fuzzer. It must not check anything of its own beside what the targets check.
 
 mod fuzz_bodies;
 

@@ -1,6 +1,6 @@
 //! Short runs of the load generator's `throughput`, `flaky` and `many-endpoints`
 //! scenarios against the real daemon, so the tool cannot rot. They assert what the tool
-//! verifies (nothing lost, every signature valid), never a speed.
+//! verifies (nothing lost, every signature valid). They must never assert a speed.
 
 use clickhook_loadtest::{run_async, Scenario, ScenarioOptions, Transport};
 

@@ -5,7 +5,7 @@
 //! into valid JSON without a panic; a click with every field well typed is never rejected;
 //! the body survives the simd-json framing unchanged; and every signature `SigningKey::sign`
 //! makes verifies with an HMAC-SHA256 written here from RFC 2104, sharing nothing with the
-//! signer.
+//! signer. It must not start the daemon: the properties are of the pure core.
 
 mod common;
 

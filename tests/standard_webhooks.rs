@@ -4,7 +4,7 @@
 //! verifies, a wrong secret or a changed body does not, and during a secret rotation the
 //! request carries two signatures that verify with the old and with the new secret alike.
 //! CI installs the package (`python3 -m pip install standardwebhooks`); without python3 or
-//! the package these tests fail and say so.
+//! the package these tests fail and say so. They must not verify with code of our own.
 
 mod common;
 

@@ -5,7 +5,8 @@
 //! code 1 and an error that names the path, never a panic. A corrupted data directory must
 //! either stop the daemon with a clear error or lose nothing acknowledged; each kind of
 //! damage tested here says which of the two happened. Damaged event bytes in a segment
-//! file are found when delivery reads them, and become dead letters that say so.
+//! file are found when delivery reads them, and become dead letters that say so. The
+//! damage is done to real files on disk, never simulated inside the daemon.
 
 mod common;
 

@@ -660,9 +660,10 @@ struct IdOnly {
     id: String,
 }
 
+/// The envelope's `data`, read for its event ids only.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Data {
+enum DataIds {
     Many(Vec<IdOnly>),
     One(IdOnly),
 }
@@ -671,7 +672,7 @@ enum Data {
 struct Envelope {
     #[serde(rename = "type")]
     kind: String,
-    data: Data,
+    data: DataIds,
 }
 
 const SINGLE_PREFIX: &[u8] = br#"{"type":"link.clicked","#;
@@ -697,11 +698,11 @@ pub fn event_ids(body: &[u8], webhook_id: &str) -> Result<EventIds, String> {
     }
     let envelope: Envelope = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     match (envelope.kind.as_str(), envelope.data) {
-        ("link.clicked.batch", Data::Many(items)) => Ok(EventIds {
+        ("link.clicked.batch", DataIds::Many(items)) => Ok(EventIds {
             ids: items.into_iter().map(|i| i.id).collect(),
             mismatch: false,
         }),
-        ("link.clicked", Data::One(item)) => Ok(EventIds {
+        ("link.clicked", DataIds::One(item)) => Ok(EventIds {
             mismatch: item.id != webhook_id,
             ids: vec![item.id],
         }),

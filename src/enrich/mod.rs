@@ -13,7 +13,7 @@ pub use country::{country_code, country_name};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::path::Path;
-use ua::{Device, UaInfo, UaParser};
+use ua::{Device, ParsedUserAgent, UaParser};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrichError {
@@ -52,7 +52,7 @@ impl Enricher {
             geo.fill(click);
         }
         let parsed = click.string("user_agent").map(|ua| self.ua.parse(&ua));
-        let info: &UaInfo = parsed.as_deref().unwrap_or(&UNKNOWN);
+        let info: &ParsedUserAgent = parsed.as_deref().unwrap_or(&UNKNOWN);
 
         keep_or_insert_pair(click, "browser", &info.browser, &info.browser_version);
         keep_or_insert_pair(click, "os", &info.os, &info.os_version);
@@ -124,7 +124,7 @@ impl ClickObject for Map<String, Value> {
     }
 }
 
-static UNKNOWN: UaInfo = UaInfo {
+static UNKNOWN: ParsedUserAgent = ParsedUserAgent {
     browser: None,
     browser_version: None,
     os: None,

@@ -62,7 +62,7 @@ impl Device {
 
 /// What one user agent says about the visitor.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct UaInfo {
+pub struct ParsedUserAgent {
     /// uap-core family, e.g. "Chrome Mobile"; `None` when unrecognised.
     pub browser: Option<String>,
     pub browser_version: Option<String>,
@@ -77,7 +77,7 @@ pub struct UaInfo {
 
 /// Parses user agents through a bounded cache. Cheap to share between threads.
 pub struct UaParser {
-    cache: Cache<Box<str>, Arc<UaInfo>>,
+    cache: Cache<Box<str>, Arc<ParsedUserAgent>>,
 }
 
 impl std::fmt::Debug for UaParser {
@@ -101,7 +101,7 @@ impl UaParser {
         }
     }
 
-    pub fn parse(&self, ua: &str) -> Arc<UaInfo> {
+    pub fn parse(&self, ua: &str) -> Arc<ParsedUserAgent> {
         let ua = truncate(ua, MAX_UA_BYTES);
         if let Some(hit) = self.cache.get(ua) {
             return hit;
@@ -140,10 +140,10 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Parses without the cache.
-pub fn parse_uncached(ua: &str) -> UaInfo {
+pub fn parse_uncached(ua: &str) -> ParsedUserAgent {
     let ua = ua.trim();
     if ua.is_empty() {
-        return UaInfo::default();
+        return ParsedUserAgent::default();
     }
     let (agent, os, dev) = match extractor() {
         Some(e) => e.extract(ua),
@@ -180,7 +180,7 @@ pub fn parse_uncached(ua: &str) -> UaInfo {
         Device::Bot | Device::Unknown => None,
         _ => vendor(brand, dev.as_ref().and_then(|d| d.model.as_deref())),
     };
-    UaInfo {
+    ParsedUserAgent {
         browser: browser.map(str::to_string),
         browser_version,
         os: os_name.map(str::to_string),
@@ -427,6 +427,6 @@ mod tests {
 
     #[test]
     fn empty_agent_is_unknown() {
-        assert_eq!(parse_uncached("  "), UaInfo::default());
+        assert_eq!(parse_uncached("  "), ParsedUserAgent::default());
     }
 }

@@ -1,7 +1,8 @@
 //! The bodies of the fuzz targets in `fuzz/` (`click_parse`, `ndjson_framing`, `adapters`,
 //! `config_parse`). Each target calls its function here, and `tests/fuzz_regressions.rs`
 //! runs the saved inputs through the same functions, so a finding stays fixed without the
-//! fuzzer and the two can never drift apart.
+//! fuzzer and the two can never drift apart. It must not hold inputs: those live with
+//! the fuzz targets and in `tests/fuzz_regressions.rs`.
 
 use clickhook::config::Config;
 use clickhook::deliver::format::{render, Format, RenderContext};
