@@ -1,14 +1,26 @@
 //! Short runs of the load generator's `throughput`, `flaky` and `many-endpoints`
-//! scenarios against the real daemon, so the tool cannot rot. They assert what the tool
+//! scenarios against the real daemon, and one with the sink's scripted faults (latency,
+//! 410s, an outage), so the tool cannot rot. They assert what the tool
 //! verifies (nothing lost, every signature valid). They must never assert a speed.
 
-use clickhook_loadtest::{run_async, Scenario, ScenarioOptions, Transport};
+use clickhook_loadtest::{run_async, Scenario, ScenarioOptions, SinkScript, Transport};
+use std::time::Duration;
 
-async fn smoke(scenario: Scenario, clicks: u64, transport: Transport) {
+async fn smoke(scenario: Scenario, clicks: u64, transport: Transport) -> clickhook_loadtest::Report {
+    smoke_with(scenario, clicks, transport, SinkScript::default()).await
+}
+
+async fn smoke_with(
+    scenario: Scenario,
+    clicks: u64,
+    transport: Transport,
+    sink: SinkScript,
+) -> clickhook_loadtest::Report {
     let mut options = ScenarioOptions::new(scenario, env!("CARGO_BIN_EXE_clickhook"));
     options.clicks = Some(clicks);
     options.transport = transport;
     options.progress = false;
+    options.sink = sink;
     let report = run_async(options).await.expect("the scenario runs");
     eprintln!("{}", report.render_text());
     assert!(report.passed, "{:?}", report.failures());
@@ -16,6 +28,7 @@ async fn smoke(scenario: Scenario, clicks: u64, transport: Transport) {
     assert_eq!(report.lost, 0);
     assert_eq!(report.bad_signatures, 0);
     assert!(report.delivered >= clicks);
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,7 +43,7 @@ async fn throughput_smoke_over_the_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_smoke_delivers_everything() {
-    smoke(Scenario::Flaky, 1000, Transport::Http).await;
+    smoke(Scenario::Flaky, 3000, Transport::Http).await;
 }
 
 /// 10,000 link-level endpoints, all pointing at the one local sink: every click must
@@ -40,4 +53,28 @@ async fn flaky_smoke_delivers_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_endpoints_smoke_delivers_every_click() {
     smoke(Scenario::ManyEndpoints, 10_000, Transport::Http).await;
+}
+
+/// The sink's scripted faults: every answer late, an endpoint that answers 410, and the
+/// sink down for a moment in the middle of ingest. Everything still arrives at the
+/// endpoint that must receive, and the 410 endpoint was answered 410.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripted_sink_faults_still_deliver_everything() {
+    let mut options = ScenarioOptions::new(Scenario::Throughput, env!("CARGO_BIN_EXE_clickhook"));
+    options.rate = Some(2000);
+    let script = SinkScript {
+        latency: Some(Duration::from_millis(2)),
+        fail_rate: None,
+        gone: 1,
+        outage: Some((Duration::from_millis(300), Duration::from_millis(700))),
+    };
+    options.clicks = Some(3000);
+    options.progress = false;
+    options.sink = script;
+    let report = run_async(options).await.expect("the scenario runs");
+    eprintln!("{}", report.render_text());
+    assert!(report.passed, "{:?}", report.failures());
+    assert_eq!((report.lost, report.clicks_acknowledged), (0, 3000));
+    assert!(report.sink.answered_410 >= 1, "the gone endpoint answered 410");
+    assert_eq!(report.endpoints, 2);
 }

@@ -53,6 +53,10 @@ pub struct DriveOptions {
 pub struct Ack {
     pub id: Box<str>,
     pub link: u64,
+    /// When the click went out (the request, or the socket write, that was answered): the
+    /// daemon accepted it between this and `at_us`, so latency is measured from here.
+    pub sent_us: u64,
+    /// When its acknowledgement was read.
     pub at_us: u64,
 }
 
@@ -61,6 +65,8 @@ pub struct DriveCounters {
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub rejected: AtomicU64,
+    /// Acknowledgements naming another id than the click's own client id.
+    pub client_id_mismatches: AtomicU64,
     /// Deliveries the acknowledged clicks call for (sum of their matching endpoints).
     pub expected_deliveries: AtomicU64,
     /// JSON bytes of the acknowledged clicks.
@@ -76,6 +82,7 @@ impl Default for DriveCounters {
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            client_id_mismatches: AtomicU64::new(0),
             expected_deliveries: AtomicU64::new(0),
             raw_bytes: AtomicU64::new(0),
             first_send_us: AtomicU64::new(u64::MAX),
@@ -143,15 +150,17 @@ impl Shared {
         self.counters.first_send_us.fetch_min(self.clock.now_us(), Relaxed);
     }
 
-    fn note_ack(&self, acks: &mut Vec<Ack>, id: &str, click: &Sent, at_us: u64) {
+    fn note_ack(&self, acks: &mut Vec<Ack>, id: &str, click: &Sent, sent_us: u64, at_us: u64) {
         if let Some(expected) = self.factory.client_id(click.index) {
             if expected != id {
+                self.counters.client_id_mismatches.fetch_add(1, Relaxed);
                 self.counters.error("acknowledged id differs from the client id");
             }
         }
         acks.push(Ack {
             id: id.into(),
             link: click.link,
+            sent_us,
             at_us,
         });
         self.counters.acked.fetch_add(1, Relaxed);
@@ -169,6 +178,8 @@ struct Sent {
     index: u64,
     link: u64,
     bytes: u64,
+    /// When it was written to the socket (HTTP keeps its request's send time itself).
+    sent_us: u64,
 }
 
 /// Sends up to `opts.clicks` clicks and returns every acknowledged one.
@@ -229,6 +240,7 @@ fn build_body(shared: &Shared, range: Range<u64>, body: &mut Vec<u8>, sent: &mut
             index: i,
             link,
             bytes: (body.len() - before) as u64,
+            sent_us: 0,
         });
     }
     if array {
@@ -289,6 +301,7 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
             if let Some(a) = &auth {
                 headers.push(("authorization", a.as_str()));
             }
+            let sent_us = shared.clock.now_us();
             let answer = match c
                 .request(Method::POST, "/v1/clicks", &headers, payload.clone(), ACK_TIMEOUT)
                 .await
@@ -307,7 +320,7 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
                     match serde_json::from_slice::<Accepted>(&answer.body) {
                         Ok(a) if a.ids.len() == sent.len() && a.accepted == sent.len() as u64 => {
                             for (id, click) in a.ids.iter().zip(&sent) {
-                                shared.note_ack(&mut acks, id, click, at_us);
+                                shared.note_ack(&mut acks, id, click, sent_us, at_us);
                             }
                         }
                         Ok(a) => counters.error(format!(
@@ -373,6 +386,7 @@ async fn unix_worker(shared: Arc<Shared>, path: PathBuf) -> Vec<Ack> {
                 index: i,
                 link,
                 bytes: (buf.len() - before) as u64,
+                sent_us: 0,
             });
             buf.push(b'\n');
         }
@@ -387,7 +401,8 @@ async fn unix_worker(shared: Arc<Shared>, path: PathBuf) -> Vec<Ack> {
             }
         }
         // Queue before writing, so a reply can never come for a line the reader does not know.
-        if sent.iter().any(|s| tx.send(*s).is_err()) {
+        let sent_us = shared.clock.now_us();
+        if sent.iter().any(|s| tx.send(Sent { sent_us, ..*s }).is_err()) {
             break;
         }
         shared.note_send(sent.len() as u64);
@@ -438,7 +453,7 @@ async fn unix_reader(
         window.add_permits(1);
         let at_us = shared.clock.now_us();
         match parse_reply(&line) {
-            Reply::Ok(id) => shared.note_ack(&mut acks, id, &click, at_us),
+            Reply::Ok(id) => shared.note_ack(&mut acks, id, &click, click.sent_us, at_us),
             Reply::Err(reason) => {
                 shared.counters.rejected.fetch_add(1, Relaxed);
                 shared.counters.error(format!("err {}", first_words(reason)));

@@ -51,6 +51,6 @@ pub mod verify;
 pub use clock::Clock;
 pub use error::Error;
 pub use report::Report;
-pub use run::{run, run_async, Attach, ScenarioOptions, Transport};
+pub use run::{run, run_async, Attach, ScenarioOptions, SinkScript, Transport};
 pub use scenario::Scenario;
 pub use sink::{Behavior, Mode, Sink, SinkEndpoint, SinkOptions};

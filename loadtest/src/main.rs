@@ -10,7 +10,8 @@ use clickhook_loadtest::clicks::ClickFactory;
 use clickhook_loadtest::clock::{rfc3339, unix_now};
 use clickhook_loadtest::signature::{generate_secret, SigningKey};
 use clickhook_loadtest::{
-    run, Attach, Behavior, Clock, Mode, Scenario, ScenarioOptions, Sink, SinkEndpoint, SinkOptions, Transport,
+    run, Attach, Behavior, Clock, Mode, Scenario, ScenarioOptions, Sink, SinkEndpoint, SinkOptions, SinkScript,
+    Transport,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -111,6 +112,21 @@ struct RunArgs {
     /// No progress line on stderr.
     #[arg(long, short)]
     quiet: bool,
+    /// The sink waits this long before every answer, e.g. 5ms.
+    #[arg(long, value_parser = parse_duration)]
+    sink_latency: Option<Duration>,
+    /// Fraction (0-1) of attempts the sink answers 500, at most 3 times per event.
+    #[arg(long)]
+    sink_fail_rate: Option<f64>,
+    /// Add this many endpoints, taking every click, that answer 410 Gone.
+    #[arg(long, default_value_t = 0)]
+    gone: u32,
+    /// Take the sink down this long after ingest starts (needs --sink-down-for).
+    #[arg(long, value_parser = parse_duration, requires = "sink_down_for")]
+    sink_down_at: Option<Duration>,
+    /// How long the sink stays down (connections refused) before it comes back.
+    #[arg(long, value_parser = parse_duration, requires = "sink_down_at")]
+    sink_down_for: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -130,6 +146,15 @@ struct SinkArgs {
     /// Never answer.
     #[arg(long)]
     hang: bool,
+    /// Answer 410 Gone.
+    #[arg(long, conflicts_with = "hang")]
+    gone: bool,
+    /// Go down (connections refused) this long after starting (needs --down-for).
+    #[arg(long, value_parser = parse_duration, requires = "down_for")]
+    down_after: Option<Duration>,
+    /// How long to stay down before coming back.
+    #[arg(long, value_parser = parse_duration, requires = "down_after")]
+    down_for: Option<Duration>,
     /// Answer with connection: close.
     #[arg(long)]
     no_keep_alive: bool,
@@ -216,6 +241,12 @@ fn scenario(scenario: Scenario, a: RunArgs) -> anyhow::Result<bool> {
         endpoints: a.endpoints,
         links: a.links,
         progress: !a.quiet,
+        sink: SinkScript {
+            latency: a.sink_latency,
+            fail_rate: a.sink_fail_rate,
+            gone: a.gone,
+            outage: a.sink_down_at.zip(a.sink_down_for),
+        },
         ..ScenarioOptions::default()
     };
     let report = run(options).context(format!("scenario {scenario}"))?;
@@ -236,7 +267,11 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
     }
     let secret = a.secret.unwrap_or_else(generate_secret);
     let behavior = Behavior {
-        mode: if a.hang { Mode::Hang } else { Mode::Answer },
+        mode: match (a.hang, a.gone) {
+            (true, _) => Mode::Hang,
+            (_, true) => Mode::Gone,
+            _ => Mode::Answer,
+        },
         latency: a.latency,
         fail_rate: a.fail_rate,
         keep_alive: !a.no_keep_alive,
@@ -259,7 +294,7 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
             check_timestamps: !a.no_timestamp_check,
             ..SinkOptions::new(endpoints, clock)
         };
-        let sink = Sink::start(options).await?;
+        let sink = std::sync::Arc::new(Sink::start(options).await?);
         if let Some(path) = &a.wrk_script {
             std::fs::write(path, wrk_script(&secret)?).with_context(|| format!("writing {}", path.display()))?;
         }
@@ -268,6 +303,14 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
             sink.addr(),
             a.endpoints - 1
         );
+        if let (Some(after), Some(period)) = (a.down_after, a.down_for) {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                eprintln!("sink down for {period:?}");
+                sink.down_for(period);
+            });
+        }
         let until = Instant::now() + a.run_for;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last = 0;

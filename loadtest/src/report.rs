@@ -112,9 +112,14 @@ pub struct Report {
     pub duplicates: u64,
     /// Event ids delivered that were never acknowledged (requests whose fate was unknown).
     pub unexpected_ids: u64,
+    /// Deliveries of acknowledged clicks to endpoints whose filters do not take them.
+    pub misrouted: u64,
+    /// Acknowledgements that named another id than the click's own (`--client-ids`).
+    pub client_id_mismatches: u64,
     pub bad_signatures: u64,
     pub stale_timestamps: u64,
-    /// Acknowledgement to first arrival, over every expected delivery.
+    /// Send to first arrival, over every expected delivery: the daemon accepted each click
+    /// between its send and its acknowledgement, so this bounds accepted → arrived from above.
     pub latency: LatencySummary,
     pub delivered_before_ack: u64,
 
@@ -128,6 +133,9 @@ pub struct Report {
     pub drain_timed_out: bool,
     /// Warnings that do not fail the run.
     pub problems: Vec<String>,
+    /// What went wrong during the run itself (the daemon died, an endpoint could not be
+    /// removed): each fails it.
+    pub run_failures: Vec<String>,
     pub passed: bool,
 }
 
@@ -150,6 +158,36 @@ impl Report {
                 self.stale_timestamps
             ));
         }
+        if self.clicks_acknowledged < self.clicks_sent {
+            f.push(format!(
+                "{} of {} sent clicks were not acknowledged",
+                self.clicks_sent - self.clicks_acknowledged,
+                self.clicks_sent
+            ));
+        }
+        if self.misrouted > 0 {
+            f.push(format!(
+                "{} deliveries went to endpoints whose filters do not take the click",
+                self.misrouted
+            ));
+        }
+        if self.client_id_mismatches > 0 {
+            f.push(format!(
+                "{} acknowledgements named another id than the click's own",
+                self.client_id_mismatches
+            ));
+        }
+        if let Some(o) = &self.daemon.outcome {
+            if o.killed {
+                f.push(format!(
+                    "the daemon ignored SIGTERM for {:.1} s and was killed",
+                    o.shutdown_seconds
+                ));
+            } else if o.exit_code != Some(0) {
+                f.push(format!("the daemon exited with {:?} after SIGTERM, not 0", o.exit_code));
+            }
+        }
+        f.extend(self.run_failures.iter().cloned());
         f
     }
 
@@ -161,13 +199,6 @@ impl Report {
                 "{} of {} clicks were not sent (duration limit or ingest errors)",
                 self.clicks_requested - self.clicks_sent,
                 self.clicks_requested
-            ));
-        }
-        if self.clicks_acknowledged < self.clicks_sent {
-            p.push(format!(
-                "{} of {} sent clicks were not acknowledged",
-                self.clicks_sent - self.clicks_acknowledged,
-                self.clicks_sent
             ));
         }
         if self.unexpected_ids > 0 {
@@ -201,14 +232,6 @@ impl Report {
             p.push("stopped waiting for deliveries at the drain timeout".to_string());
         }
         if let Some(o) = &self.daemon.outcome {
-            if o.killed {
-                p.push(format!(
-                    "daemon ignored SIGTERM for {:.1} s and was killed",
-                    o.shutdown_seconds
-                ));
-            } else if o.exit_code != Some(0) {
-                p.push(format!("daemon exited with {:?} after SIGTERM, not 0", o.exit_code));
-            }
             if o.extra_stdout_lines > 0 {
                 p.push(format!(
                     "daemon wrote {} lines to stdout after its ready line",
@@ -264,8 +287,8 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "verdict    lost {}  duplicates {}  bad signatures {}  stale timestamps {}  unexpected ids {}",
-            self.lost, self.duplicates, self.bad_signatures, self.stale_timestamps, self.unexpected_ids
+            "verdict    lost {}  duplicates {}  bad signatures {}  stale timestamps {}  unexpected ids {}  misrouted {}",
+            self.lost, self.duplicates, self.bad_signatures, self.stale_timestamps, self.unexpected_ids, self.misrouted
         );
         for s in &self.lost_samples {
             let _ = writeln!(t, "           lost {s}");
@@ -273,7 +296,7 @@ impl Report {
         let l = &self.latency;
         let _ = writeln!(
             t,
-            "latency    ack→arrival p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  max {:.1} ms  ({} measured, {} arrived before their ack)",
+            "latency    sent→arrival p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  max {:.1} ms  ({} measured, {} arrived before their ack was read)",
             l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count, self.delivered_before_ack
         );
         for g in &self.groups {
@@ -436,14 +459,36 @@ mod tests {
         r.duplicates = 5;
         r.unexpected_ids = 2;
         r.daemon.outcome = Some(DaemonOutcome {
-            exit_code: Some(1),
+            exit_code: Some(0),
             extra_stdout_lines: 1,
             ..DaemonOutcome::default()
         });
         r.conclude();
         assert!(r.passed);
-        assert_eq!(r.problems.len(), 3, "{:?}", r.problems);
-        assert!(r.render_text().contains("warning    daemon exited with Some(1)"));
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+        assert!(r.render_text().contains("warning    daemon wrote 1 lines to stdout"));
+    }
+
+    #[test]
+    fn misrouting_unacknowledged_clicks_wrong_ids_and_a_bad_exit_fail() {
+        let fails = |change: fn(&mut Report)| {
+            let mut r = good();
+            change(&mut r);
+            r.conclude();
+            assert!(!r.passed, "{:?}", r.failures());
+            r.failures()
+        };
+        assert!(fails(|r| r.misrouted = 1)[0].contains("filters do not take"));
+        assert!(fails(|r| r.clicks_sent += 1)[0].contains("were not acknowledged"));
+        assert!(fails(|r| r.client_id_mismatches = 2)[0].contains("another id"));
+        assert!(fails(|r| r.run_failures.push("the daemon exited during the run".into()))[0].contains("exited"));
+        let exit = fails(|r| {
+            r.daemon.outcome = Some(DaemonOutcome {
+                exit_code: Some(1),
+                ..DaemonOutcome::default()
+            })
+        });
+        assert!(exit[0].contains("exited with Some(1)"), "{exit:?}");
     }
 
     #[test]

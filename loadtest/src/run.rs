@@ -12,9 +12,9 @@ use crate::driver::{drive, DriveCounters, DriveOptions, IngestTarget};
 use crate::http::{loopback_addr, Http1};
 use crate::procstat::{self, Sampler};
 use crate::report::{BacklogReport, DaemonReport, GroupReport, LatencySummary, Report};
-use crate::scenario::{Plan, Routing, Scenario};
+use crate::scenario::{EndpointPlan, Plan, Routing, Scenario, BACKLOG_RETRY};
 use crate::signature::generate_secret;
-use crate::sink::{Sink, SinkEndpoint, SinkOptions};
+use crate::sink::{Behavior, Mode, Sink, SinkEndpoint, SinkOptions};
 use crate::verify::{count_missing, verify};
 use crate::Error;
 use bytes::Bytes;
@@ -116,6 +116,58 @@ pub struct ScenarioOptions {
     pub progress: bool,
     /// How long a started daemon may take to print its ready line.
     pub startup_timeout: Duration,
+    /// Faults added to the scenario's own sink script.
+    pub sink: SinkScript,
+}
+
+/// Faults the command line adds to a scenario's sink script.
+#[derive(Clone, Debug, Default)]
+pub struct SinkScript {
+    /// Added before every answer of the endpoints that must receive.
+    pub latency: Option<Duration>,
+    /// Fraction (0–1) of their attempts answered 500, at most 3 times per event so that
+    /// the retry schedule still delivers everything.
+    pub fail_rate: Option<f64>,
+    /// Extra endpoints, taking every click, that answer 410 Gone: the daemon must disable
+    /// them and deliver everything to the rest all the same.
+    pub gone: u32,
+    /// The sink goes down (connections refused) this long after ingest starts, for this
+    /// long, then comes back; everything must still arrive.
+    pub outage: Option<(Duration, Duration)>,
+}
+
+impl SinkScript {
+    /// The plan with these faults added.
+    fn apply(&self, mut plan: Plan) -> Plan {
+        for e in plan.endpoints.iter_mut().filter(|e| e.expect) {
+            if let Some(latency) = self.latency {
+                e.behavior.latency = latency;
+            }
+            if let Some(rate) = self.fail_rate {
+                e.behavior.fail_rate = rate;
+                if e.behavior.max_failures_per_event == 0 {
+                    e.behavior.max_failures_per_event = 3;
+                }
+            }
+        }
+        for _ in 0..self.gone {
+            plan.endpoints.push(EndpointPlan {
+                group: "gone",
+                links: vec![],
+                behavior: Behavior {
+                    mode: Mode::Gone,
+                    ..Behavior::default()
+                },
+                expect: false,
+                timeout: None,
+            });
+        }
+        if self.outage.is_some() {
+            // Breaker probes during the outage spend attempts: the long schedule outlasts it.
+            plan.retry_schedule = BACKLOG_RETRY.to_vec();
+        }
+        plan
+    }
 }
 
 impl Default for ScenarioOptions {
@@ -138,6 +190,7 @@ impl Default for ScenarioOptions {
             links: None,
             progress: false,
             startup_timeout: Duration::from_secs(30),
+            sink: SinkScript::default(),
         }
     }
 }
@@ -287,6 +340,19 @@ fn check(options: &ScenarioOptions, plan: &Plan) -> Result<(), Error> {
         }
         _ => {}
     }
+    let script = &options.sink;
+    if script.fail_rate.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
+        return bad("--sink-fail-rate must be between 0 and 1".into());
+    }
+    if script.gone > 100 {
+        return bad("--gone must be 0..=100".into());
+    }
+    if script.outage.is_some() && plan.sink_down_during_ingest {
+        return bad("backlog keeps the sink down during ingest already; leave out --sink-down-at".into());
+    }
+    if script.outage.is_some_and(|(_, period)| period.is_zero()) {
+        return bad("--sink-down-for must be longer than 0".into());
+    }
     if options.links.is_some_and(|n| n == 0 || n > MAX_LINKS) {
         return bad(format!("--links must be 1..={MAX_LINKS}"));
     }
@@ -311,6 +377,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         (scenario, _) => Plan::new(scenario),
     };
     check(&options, &plan)?;
+    let plan = options.sink.apply(plan);
     let clicks = options.clicks.unwrap_or(plan.clicks);
     let connections = options.connections.unwrap_or(plan.connections);
     let batch = options.batch.unwrap_or(plan.batch);
@@ -436,6 +503,13 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
     }
 
     phase.store(PHASE_INGEST, Relaxed);
+    let outage = options.sink.outage.map(|(after, period)| {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            sink.down_for(period);
+        })
+    });
     let factory = Arc::new(ClickFactory::new(
         options.links.unwrap_or(plan.links),
         &tag,
@@ -460,6 +534,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         backlog = Some((since.elapsed(), up_us, disk_before));
     }
 
+    // What goes wrong on the way fails the run.
     let mut problems = Vec::new();
     let drain_deadline = Instant::now() + options.drain_timeout.unwrap_or(plan.drain_timeout);
     let expected_total = counters.expected_deliveries.load(Relaxed);
@@ -492,6 +567,9 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
     }
 
     phase.store(PHASE_STOP, Relaxed);
+    if let Some(o) = outage {
+        o.abort();
+    }
     let last_sample = sampler.as_ref().and_then(|s| s.latest());
     let outcome = match daemon.take() {
         Some(d) => Some(d.stop(SHUTDOWN_GRACE).await),
@@ -596,6 +674,8 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         lost_samples: v.lost_samples.iter().map(|(e, id)| format!("{e}:{id}")).collect(),
         duplicates: sink.recorder().duplicates(),
         unexpected_ids: sink.recorder().distinct_ids().saturating_sub(v.matched_ids),
+        misrouted: v.misrouted,
+        client_id_mismatches: counters.client_id_mismatches.load(Relaxed),
         bad_signatures: stats.bad_signatures,
         stale_timestamps: stats.stale_timestamps,
         latency: LatencySummary::from_micros(&v.latency),
@@ -613,10 +693,10 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         wall_seconds: wall.elapsed().as_secs_f64(),
         drain_timed_out,
         problems: Vec::new(),
+        run_failures: problems,
         passed: false,
     };
     report.conclude();
-    report.problems.extend(problems);
     drop(workdir);
     Ok(report)
 }

@@ -104,7 +104,7 @@ const MANY_ENDPOINTS: u32 = 10_000;
 const SHORT_RETRY: [&str; 5] = ["100ms", "200ms", "500ms", "1s", "2s"];
 /// Long enough in steps that breaker probes against a down sink cannot exhaust an event's
 /// attempts during a long ingest, short enough in total that stragglers drain in minutes.
-const BACKLOG_RETRY: [&str; 10] = ["100ms", "200ms", "500ms", "1s", "2s", "5s", "10s", "20s", "30s", "1m"];
+pub const BACKLOG_RETRY: [&str; 10] = ["100ms", "200ms", "500ms", "1s", "2s", "5s", "10s", "20s", "30s", "1m"];
 
 fn fast() -> EndpointPlan {
     EndpointPlan {
@@ -213,6 +213,8 @@ pub struct Routing {
     unfiltered: Vec<u32>,
     by_link: Vec<Vec<u32>>,
     endpoints: usize,
+    /// Every endpoint's link filter (empty: all), expected to receive or not.
+    filters: Vec<Vec<u64>>,
 }
 
 impl Routing {
@@ -236,7 +238,16 @@ impl Routing {
             unfiltered,
             by_link,
             endpoints: plan.endpoints.len(),
+            filters: plan.endpoints.iter().map(|e| e.links.clone()).collect(),
         }
+    }
+
+    /// Whether a click on link `link` may reach `endpoint` at all (its filter takes it),
+    /// whether or not the endpoint must receive it.
+    pub fn may_receive(&self, endpoint: u32, link: u64) -> bool {
+        self.filters
+            .get(endpoint as usize)
+            .is_some_and(|links| links.is_empty() || links.contains(&link))
     }
 
     pub fn expected(&self, link: u64) -> impl Iterator<Item = u32> + '_ {
@@ -284,6 +295,12 @@ mod tests {
         let r = Routing::new(&p);
         assert_eq!(r.expected(99).collect::<Vec<_>>(), vec![99]);
         assert_eq!(r.expected_count(100), 0);
+        assert!(r.may_receive(99, 99) && !r.may_receive(99, 98) && !r.may_receive(100, 99));
+        let hung = Routing::new(&Plan::new(Scenario::SlowEndpoint));
+        assert!(
+            hung.may_receive(9, 5),
+            "the hung endpoint is routed to, though not expected to receive"
+        );
     }
 
     #[test]

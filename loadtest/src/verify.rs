@@ -29,7 +29,9 @@ pub struct Verification {
     pub lost_samples: Vec<(u32, String)>,
     /// Acknowledged clicks that arrived somewhere at all.
     pub matched_ids: u64,
-    /// Ack → first arrival, per (click, endpoint), in microseconds.
+    /// Deliveries of acknowledged clicks to endpoints whose filters do not take them.
+    pub misrouted: u64,
+    /// Send → first arrival, per (click, endpoint), in microseconds.
     pub latency: Histogram<u64>,
     /// Deliveries that arrived before the driver saw their acknowledgement.
     pub before_ack: u64,
@@ -52,6 +54,7 @@ pub fn verify(acks: &[Ack], routing: &Routing, recorder: &Recorder, group_of: &[
         lost: 0,
         lost_samples: Vec::new(),
         matched_ids: 0,
+        misrouted: 0,
         latency: histogram(),
         before_ack: 0,
         last_arrival_us: 0,
@@ -62,6 +65,10 @@ pub fn verify(acks: &[Ack], routing: &Routing, recorder: &Recorder, group_of: &[
             if !hits.is_empty() {
                 v.matched_ids += 1;
             }
+            v.misrouted += hits
+                .iter()
+                .filter(|h| !routing.may_receive(h.endpoint, ack.link))
+                .count() as u64;
             for endpoint in routing.expected(ack.link) {
                 v.expected += 1;
                 let group = group_of.get(endpoint as usize).and_then(|g| v.groups.get_mut(*g));
@@ -72,7 +79,7 @@ pub fn verify(acks: &[Ack], routing: &Routing, recorder: &Recorder, group_of: &[
                         if h.first_us < ack.at_us {
                             v.before_ack += 1;
                         }
-                        let latency = h.first_us.saturating_sub(ack.at_us).clamp(1, MAX_LATENCY_US);
+                        let latency = h.first_us.saturating_sub(ack.sent_us).clamp(1, MAX_LATENCY_US);
                         // In bounds by the clamp above, so recording cannot fail.
                         let _ = v.latency.record(latency);
                         v.last_arrival_us = v.last_arrival_us.max(h.first_us);
@@ -121,6 +128,7 @@ mod tests {
         Ack {
             id: id.into(),
             link,
+            sent_us: at_us,
             at_us,
         }
     }
@@ -171,13 +179,28 @@ mod tests {
     }
 
     #[test]
-    fn early_arrivals_count_as_zero_latency() {
+    fn latency_runs_from_the_send_and_early_arrivals_are_counted() {
         let plan = Plan::new(Scenario::Throughput);
         let routing = Routing::new(&plan);
         let r = Recorder::new();
         r.record(0, "x", 500);
-        let v = verify(&[ack("x", 1, 900)], &routing, &r, &[0], 1);
+        let sent_at_400 = Ack {
+            sent_us: 400,
+            ..ack("x", 1, 900)
+        };
+        let v = verify(&[sent_at_400], &routing, &r, &[0], 1);
         assert_eq!((v.lost, v.before_ack), (0, 1));
-        assert_eq!(v.latency.max(), 1);
+        assert!((99..=101).contains(&v.latency.max()), "{}", v.latency.max());
+    }
+
+    #[test]
+    fn a_delivery_to_an_endpoint_whose_filter_refuses_the_click_is_misrouted() {
+        let plan = Plan::many_endpoints(3);
+        let routing = Routing::new(&plan);
+        let r = Recorder::new();
+        r.record(1, "x", 10);
+        r.record(2, "x", 10);
+        let v = verify(&[ack("x", 1, 5)], &routing, &r, &[0, 0, 0], 1);
+        assert_eq!((v.lost, v.misrouted), (0, 1));
     }
 }
