@@ -293,6 +293,28 @@ impl SledLog {
         }))
     }
 
+    /// The oldest seq some endpoint still waits for: nothing at or after it may be pruned.
+    /// Dead letters carry their own copy and hold nothing back. Any key or value it cannot
+    /// read is an error, never a skip: a skipped endpoint would let its pending events go.
+    fn low_water(&self) -> Result<Seq, LogError> {
+        let unreadable = |what: &str| LogError::Corrupt(format!("{what} unreadable while pruning"));
+        let mut low_water = Seq::MAX;
+        // Route records go in seq order as their entries do, so the oldest holds the oldest.
+        if let Some(k) = self.tree.scan_prefix([ROUTES]).keys().next() {
+            low_water = keys::u64_at(&k?, 1).map_err(|_| unreadable("a route record key"))?;
+        }
+        for key in self.tree.scan_prefix([ENDPOINT_KEY]).values() {
+            let ep: EndpointKey = keys::u32_at(&key?, 0).map_err(|_| unreadable("an endpoint key"))?;
+            if let Some(run) = self.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
+                let (_, v) = run?;
+                // A run's entries are sorted, and each begins with its seq.
+                let first = keys::u64_at(&v, 0).map_err(|_| unreadable("a queue run"))?;
+                low_water = low_water.min(first);
+            }
+        }
+        Ok(low_water)
+    }
+
     /// The queue entries a replay of `[since_ms, until_ms)` puts back: one per retained
     /// event of the window that `wanted` admits.
     fn replayed(
@@ -1786,30 +1808,14 @@ impl ClickLog for SledLog {
     fn prune(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let (reply, ticket) = oneshot::channel();
         let cutoff = now_ms.saturating_sub(retention_ms);
-        // Nothing at or after the oldest pending entry of any endpoint may go: it is still
-        // to be delivered. Dead letters carry their own copy and do not hold events back.
-        let mut low_water = Seq::MAX;
-        let endpoints: Vec<EndpointKey> = self
-            .tree
-            .scan_prefix([ENDPOINT_KEY])
-            .values()
-            .flatten()
-            .filter_map(|k| keys::u32_at(&k, 0).ok())
-            .collect();
-        // Route records go in seq order as their entries do, so the oldest holds the oldest.
-        if let Some(Ok(k)) = self.tree.scan_prefix([ROUTES]).keys().next() {
-            if let Ok(first) = keys::u64_at(&k, 1) {
-                low_water = first;
+        let low_water = match self.low_water() {
+            Ok(seq) => seq,
+            Err(e) => {
+                // Without knowing what is still pending, nothing may go.
+                let _ = reply.send(Err(e));
+                return ticket;
             }
-        }
-        for ep in endpoints {
-            if let Some(Ok((_, v))) = self.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
-                // A run's entries are sorted, and each begins with its seq.
-                if let Ok(first) = keys::u64_at(&v, 0) {
-                    low_water = low_water.min(first);
-                }
-            }
-        }
+        };
         let mut writes = Vec::new();
         let mut pruned = 0u64;
         // Whole batches go, once their last event may.
@@ -2073,6 +2079,27 @@ mod tests {
     }
 
     /// A fresh log holding `n` events (`e0`, `e1`, …) routed nowhere.
+    #[tokio::test]
+    async fn prune_removes_nothing_when_it_cannot_read_what_an_endpoint_waits_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_runs_only(dir.path());
+        let k = log.endpoint_key("ep").unwrap();
+        log.append(vec![event("pending", false, vec![k])])
+            .await
+            .unwrap()
+            .unwrap();
+        // The endpoint's key mapping is damaged: its queue can no longer be found.
+        log.tree
+            .insert(keys::prefixed(ENDPOINT_KEY, b"ep"), &[1u8, 2][..])
+            .unwrap();
+        let later = super::super::now_ms() + 10_000;
+        assert!(
+            log.prune(later, 1_000).await.unwrap().is_err(),
+            "an unreadable key stops the prune"
+        );
+        assert!(log.event(1).unwrap().is_some(), "the pending event stays");
+    }
+
     async fn log_with_events(n: usize) -> (tempfile::TempDir, Arc<SledLog>) {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
