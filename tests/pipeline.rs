@@ -530,6 +530,50 @@ async fn a_batch_waiting_for_its_retry_goes_out_whole_after_batching_is_turned_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_cut_by_a_page_after_a_restart_never_reuses_its_webhook_id() {
+    let sink = Sink::start().await;
+    // The first three requests fail: a batch of one, then the 600 clicks as 512 and 88.
+    sink.script("/b", vec![Answer::Status(500); 3]);
+    let cfg = config_text(&endpoint(
+        "b",
+        &sink.url("/b"),
+        "batch_max = 1000\nbatch_linger = \"300ms\"",
+    )) + "\n[retry]\nschedule = [\"3s\", \"3s\", \"3s\"]\njitter = 0.0\n";
+    let mut d = Daemon::start(&cfg);
+    let (s, v) = d.post(&click("1", "w"), "application/json").await;
+    assert_eq!(s, 202, "{v}");
+    sink.wait_for("/b", 1, WAIT).await;
+    let body = format!("[{}]", vec![click("2", "w"); 600].join(","));
+    let (s, v) = d.post(&body, "application/json").await;
+    assert_eq!(s, 202, "{v}");
+    sink.wait_for("/b", 3, WAIT).await;
+    // After a restart the queue is paged in again, 512 entries a page: the first page holds
+    // the batch of one and all but the last entry of the batch of 512.
+    assert_eq!(d.terminate(), 0);
+    d.spawn();
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        let mut ids = sink.event_ids("/b").split_off(601);
+        ids.sort();
+        ids.dedup();
+        if ids.len() == 601 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answered_200 = sink.received("/b").split_off(3);
+    let mut webhook_ids: Vec<&str> = answered_200.iter().map(|r| r.headers["webhook-id"].as_str()).collect();
+    let mut ids = sink.event_ids("/b").split_off(601);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 601, "every click arrived after the restart");
+    webhook_ids.sort();
+    let requests = webhook_ids.len();
+    webhook_ids.dedup();
+    assert_eq!(webhook_ids.len(), requests, "no webhook-id was used for two bodies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_endpoints_and_keeps_the_old_ones_on_a_bad_file() {
     let sink = Sink::start().await;
     let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));

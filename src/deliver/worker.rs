@@ -62,6 +62,9 @@ struct Worker {
     waiting_jobs: HashMap<u64, Job>,
     next_job_no: u64,
     owned: HashSet<Seq>,
+    /// Batch ids paged in since the queue was last read to its end: a batch cut by a
+    /// page's end must not go out twice under one `webhook-id` with two bodies.
+    batches_paged: HashSet<u64>,
     inflight: JoinSet<Finished>,
     breaker: Breaker,
     limiter: Option<(u32, TokenBucket)>,
@@ -95,6 +98,16 @@ struct Worker {
 /// A wait for a receiver's slot; kept across the loop's turns so it keeps its place.
 type SlotWait = std::pin::Pin<Box<dyn std::future::Future<Output = Option<OriginSlot>> + Send>>;
 
+/// A batch id: random, never 0 (which marks an event sent on its own).
+fn new_batch_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
 /// At most one failure line per endpoint per this interval; the rest are counted.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -119,6 +132,7 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         waiting_jobs: HashMap::new(),
         next_job_no: 0,
         owned: HashSet::new(),
+        batches_paged: HashSet::new(),
         inflight: JoinSet::new(),
         breaker,
         limiter: None,
@@ -156,6 +170,7 @@ impl Worker {
             if self.ep.rewind.swap(false, Ordering::SeqCst) {
                 self.cursor = None;
                 self.caught_up = false;
+                self.batches_paged.clear();
             }
             if !draining {
                 self.page_in();
@@ -233,7 +248,18 @@ impl Worker {
                 });
             }
         }
-        for (batch, items) in batches {
+        for (batch, mut items) in batches {
+            let batch = if self.batches_paged.insert(batch) {
+                batch
+            } else {
+                // The rest of a batch an earlier page began: a receiver that deduplicates
+                // on `webhook-id` would take it for the part already sent, so it gets its own.
+                let fresh = new_batch_id();
+                for p in &mut items {
+                    p.batch = fresh;
+                }
+                fresh
+            };
             let due = items.iter().map(|p| p.due_ms).max().unwrap_or(0);
             let job = Job { items, batch };
             if due > now {
@@ -241,6 +267,10 @@ impl Worker {
             } else {
                 self.push_ready(job);
             }
+        }
+        if self.caught_up {
+            // Read to its end: no batch continues past here.
+            self.batches_paged.clear();
         }
     }
 
@@ -410,12 +440,7 @@ impl Worker {
                     job.items.extend(next.items);
                 }
             }
-            job.batch = loop {
-                let id = rand::random::<u64>();
-                if id != 0 {
-                    break id;
-                }
-            };
+            job.batch = new_batch_id();
             for p in &mut job.items {
                 p.batch = job.batch;
             }

@@ -775,8 +775,14 @@ impl Writer {
                 last_flush = Instant::now();
                 dirty = false;
                 let flushed = self.flush();
-                if flushed.is_ok() {
-                    self.update_marker(closing);
+                match &flushed {
+                    Ok(()) => self.update_marker(closing),
+                    Err(e) => {
+                        // Waiters get the error; what nobody waits for (acknowledged under
+                        // `interval`, or delivery progress) is flushed again next time.
+                        tracing::error!(error = %e, "flushing the log failed");
+                        dirty = true;
+                    }
                 }
                 flushed
             } else {
@@ -925,7 +931,10 @@ impl Writer {
             Ok(()) => (waiting, needs_flush),
             Err(e) => {
                 // Part of the group may be stored: its seqs are not given back (a later
-                // event must not land on a stored one), and every waiter fails.
+                // event must not land on a stored one), and every waiter fails. Progress
+                // and dead letters nobody waits for are lost with it: their entries stay
+                // pending on disk and go out again after a restart.
+                tracing::error!(error = %e, "a write group failed; its appends were refused, and delivery progress in it waits for a restart");
                 for w in waiting {
                     match w {
                         Waiting::Append(reply, _) => {
