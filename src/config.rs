@@ -40,11 +40,18 @@ pub const OPERATIONS_ENDPOINT: &str = "_operations";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct HumanDuration(pub Duration);
 
+/// The longest duration any setting takes: longer ones overflow the clock arithmetic of
+/// timers and deadlines, and no retry, timeout or retention needs them.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 impl HumanDuration {
     pub fn parse(text: &str) -> Result<Self, String> {
-        humantime::parse_duration(text.trim())
-            .map(HumanDuration)
-            .map_err(|e| format!("{text:?} is not a duration like \"250ms\", \"5s\" or \"7d\": {e}"))
+        let d = humantime::parse_duration(text.trim())
+            .map_err(|e| format!("{text:?} is not a duration like \"250ms\", \"5s\" or \"7d\": {e}"))?;
+        if d > MAX_DURATION {
+            return Err(format!("{text:?} is longer than 100 years"));
+        }
+        Ok(HumanDuration(d))
     }
 }
 
@@ -699,6 +706,10 @@ mod tests {
     fn bad_duration_names_the_value() {
         let err = parse("[delivery]\ntimeout = \"5 parsecs\"\n").unwrap_err().to_string();
         assert!(err.contains("5 parsecs") && err.contains("line 2"), "{err}");
+        // Long enough to overflow a deadline: refused at the file, not a panic at the timer.
+        let err = parse("[breaker]\ncooldown = \"300000000000years\"\n").unwrap_err().to_string();
+        assert!(err.contains("longer than 100 years") && err.contains("line 2"), "{err}");
+        assert!(parse("[storage]\nretention = \"3650d\"\n").is_ok());
     }
 
     #[test]
