@@ -707,7 +707,9 @@ mod tests {
         let err = parse("[delivery]\ntimeout = \"5 parsecs\"\n").unwrap_err().to_string();
         assert!(err.contains("5 parsecs") && err.contains("line 2"), "{err}");
         // Long enough to overflow a deadline: refused at the file, not a panic at the timer.
-        let err = parse("[breaker]\ncooldown = \"300000000000years\"\n").unwrap_err().to_string();
+        let err = parse("[breaker]\ncooldown = \"300000000000years\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("longer than 100 years") && err.contains("line 2"), "{err}");
         assert!(parse("[storage]\nretention = \"3650d\"\n").is_ok());
     }
