@@ -294,22 +294,19 @@ impl SledLog {
     }
 
     /// The oldest seq some endpoint still waits for: nothing at or after it may be pruned.
-    /// Dead letters carry their own copy and hold nothing back. Any key or value it cannot
-    /// read is an error, never a skip: a skipped endpoint would let its pending events go.
+    /// Dead letters carry their own copy and hold nothing back. The endpoints come from the
+    /// runs themselves, not from the id mapping, and a key or run it cannot read is an
+    /// error, never a skip: a skipped endpoint would let its pending events go.
     fn low_water(&self) -> Result<Seq, LogError> {
-        let unreadable = |what: &str| LogError::Corrupt(format!("{what} unreadable while pruning"));
         let mut low_water = Seq::MAX;
         // Route records go in seq order as their entries do, so the oldest holds the oldest.
         if let Some(k) = self.tree.scan_prefix([ROUTES]).keys().next() {
-            low_water = keys::u64_at(&k?, 1).map_err(|_| unreadable("a route record key"))?;
+            low_water = keys::u64_at(&k?, 1)?;
         }
-        for key in self.tree.scan_prefix([ENDPOINT_KEY]).values() {
-            let ep: EndpointKey = keys::u32_at(&key?, 0).map_err(|_| unreadable("an endpoint key"))?;
+        for ep in endpoints_with_runs(&self.tree)? {
             if let Some(run) = self.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
-                let (_, v) = run?;
                 // A run's entries are sorted, and each begins with its seq.
-                let first = keys::u64_at(&v, 0).map_err(|_| unreadable("a queue run"))?;
-                low_water = low_water.min(first);
+                low_water = low_water.min(keys::u64_at(&run?.1, 0)?);
             }
         }
         Ok(low_water)
@@ -2087,9 +2084,8 @@ mod tests {
         }
     }
 
-    /// A fresh log holding `n` events (`e0`, `e1`, …) routed nowhere.
     #[tokio::test]
-    async fn prune_removes_nothing_when_it_cannot_read_what_an_endpoint_waits_for() {
+    async fn prune_keeps_a_pending_event_whatever_damage_hides_its_queue() {
         let dir = tempfile::tempdir().unwrap();
         let log = open_runs_only(dir.path());
         let k = log.endpoint_key("ep").unwrap();
@@ -2097,18 +2093,23 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        // The endpoint's key mapping is damaged: its queue can no longer be found.
+        let later = super::super::now_ms() + 10_000;
+        // A damaged id mapping hides nothing: the queue's runs name their endpoint.
         log.tree
             .insert(keys::prefixed(ENDPOINT_KEY, b"ep"), &[1u8, 2][..])
             .unwrap();
-        let later = super::super::now_ms() + 10_000;
+        assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 0);
+        assert!(log.event(1).unwrap().is_some(), "the pending event stays");
+        // A run that cannot be read stops the prune rather than being passed over.
+        log.tree.insert(keys::queue(QUEUE_RUN, k, 1), &[1u8, 2][..]).unwrap();
         assert!(
             log.prune(later, 1_000).await.unwrap().is_err(),
-            "an unreadable key stops the prune"
+            "an unreadable run stops the prune"
         );
         assert!(log.event(1).unwrap().is_some(), "the pending event stays");
     }
 
+    /// A fresh log holding `n` events (`e0`, `e1`, …) routed nowhere.
     async fn log_with_events(n: usize) -> (tempfile::TempDir, Arc<SledLog>) {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
