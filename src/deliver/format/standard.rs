@@ -9,36 +9,38 @@ use std::borrow::Cow;
 
 /// Renders events into the `link.clicked` envelope (or `link.clicked.batch`).
 pub fn render(events: &[&[u8]], ctx: &RenderContext<'_>) -> Result<Vec<u8>, serde_json::Error> {
-    let events = events
+    if ctx.include_ip {
+        return Ok(splice(events, ctx.batch));
+    }
+    let cut = events
         .iter()
-        .map(|event| {
-            if ctx.include_ip {
-                Ok(Cow::Borrowed(*event))
-            } else {
-                without_click_ip(event)
-            }
-        })
+        .map(|event| without_click_ip(event))
         .collect::<Result<Vec<_>, _>>()?;
-    let len: usize = events.iter().map(|e| e.len() + 1).sum::<usize>() + 96;
+    Ok(splice(&cut, ctx.batch))
+}
+
+/// The envelope around the events' bytes as they are.
+fn splice<E: AsRef<[u8]>>(events: &[E], batch: bool) -> Vec<u8> {
+    let len: usize = events.iter().map(|e| e.as_ref().len() + 1).sum::<usize>() + 96;
     let mut out = Vec::with_capacity(len);
-    if ctx.batch {
+    if batch {
         out.extend_from_slice(br#"{"type":"link.clicked.batch","data":["#);
         for (i, event) in events.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(event);
+            out.extend_from_slice(event.as_ref());
         }
         out.extend_from_slice(b"]}");
-        return Ok(out);
+        return out;
     }
-    let event: &[u8] = events.first().map_or(b"null", |e| e);
+    let event: &[u8] = events.first().map_or(b"null", |e| e.as_ref());
     out.extend_from_slice(br#"{"type":"link.clicked","timestamp":"#);
     out.extend_from_slice(timestamp_of(event));
     out.extend_from_slice(br#","data":"#);
     out.extend_from_slice(event);
     out.push(b'}');
-    Ok(out)
+    out
 }
 
 /// The stored event with its `click.ip` member cut out; every other byte stays as stored.
