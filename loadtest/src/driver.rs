@@ -150,7 +150,7 @@ impl Shared {
         self.counters.first_send_us.fetch_min(self.clock.now_us(), Relaxed);
     }
 
-    fn note_ack(&self, acks: &mut Vec<Ack>, id: &str, click: &Sent, sent_us: u64, at_us: u64) {
+    fn note_ack(&self, acks: &mut Vec<Ack>, id: &str, click: &Sent, at_us: u64) {
         if let Some(expected) = self.factory.client_id(click.index) {
             if expected != id {
                 self.counters.client_id_mismatches.fetch_add(1, Relaxed);
@@ -160,7 +160,7 @@ impl Shared {
         acks.push(Ack {
             id: id.into(),
             link: click.link,
-            sent_us,
+            sent_us: click.sent_us,
             at_us,
         });
         self.counters.acked.fetch_add(1, Relaxed);
@@ -178,7 +178,7 @@ struct Sent {
     index: u64,
     link: u64,
     bytes: u64,
-    /// When it was written to the socket (HTTP keeps its request's send time itself).
+    /// When it went out: the start of the request, or the socket write, that was answered.
     sent_us: u64,
 }
 
@@ -302,6 +302,9 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
                 headers.push(("authorization", a.as_str()));
             }
             let sent_us = shared.clock.now_us();
+            for s in sent.iter_mut() {
+                s.sent_us = sent_us;
+            }
             let answer = match c
                 .request(Method::POST, "/v1/clicks", &headers, payload.clone(), ACK_TIMEOUT)
                 .await
@@ -320,7 +323,7 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
                     match serde_json::from_slice::<Accepted>(&answer.body) {
                         Ok(a) if a.ids.len() == sent.len() && a.accepted == sent.len() as u64 => {
                             for (id, click) in a.ids.iter().zip(&sent) {
-                                shared.note_ack(&mut acks, id, click, sent_us, at_us);
+                                shared.note_ack(&mut acks, id, click, at_us);
                             }
                         }
                         Ok(a) => counters.error(format!(
@@ -453,7 +456,7 @@ async fn unix_reader(
         window.add_permits(1);
         let at_us = shared.clock.now_us();
         match parse_reply(&line) {
-            Reply::Ok(id) => shared.note_ack(&mut acks, id, &click, click.sent_us, at_us),
+            Reply::Ok(id) => shared.note_ack(&mut acks, id, &click, at_us),
             Reply::Err(reason) => {
                 shared.counters.rejected.fetch_add(1, Relaxed);
                 shared.counters.error(format!("err {}", first_words(reason)));

@@ -294,7 +294,7 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
             check_timestamps: !a.no_timestamp_check,
             ..SinkOptions::new(endpoints, clock)
         };
-        let sink = std::sync::Arc::new(Sink::start(options).await?);
+        let sink = Sink::start(options).await?;
         if let Some(path) = &a.wrk_script {
             std::fs::write(path, wrk_script(&secret)?).with_context(|| format!("writing {}", path.display()))?;
         }
@@ -304,12 +304,7 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
             a.endpoints - 1
         );
         if let (Some(after), Some(period)) = (a.down_after, a.down_for) {
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                eprintln!("sink down for {period:?}");
-                sink.down_for(period);
-            });
+            sink.outage(after, period);
         }
         let until = Instant::now() + a.run_for;
         let mut tick = tokio::time::interval(Duration::from_secs(1));

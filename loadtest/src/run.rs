@@ -503,13 +503,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
     }
 
     phase.store(PHASE_INGEST, Relaxed);
-    let outage = options.sink.outage.map(|(after, period)| {
-        let sink = sink.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            sink.down_for(period);
-        })
-    });
+    let outage = options.sink.outage.map(|(after, period)| sink.outage(after, period));
     let factory = Arc::new(ClickFactory::new(
         options.links.unwrap_or(plan.links),
         &tag,

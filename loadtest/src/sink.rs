@@ -424,14 +424,16 @@ impl Sink {
         }
     }
 
-    /// Takes the listener down for `period`, then brings it back, in the background.
-    pub fn down_for(&self, period: Duration) {
+    /// In the background: `after` from now, takes the listener down for `period`, then
+    /// brings it back.
+    pub fn outage(&self, after: Duration, period: Duration) -> tokio::task::JoinHandle<()> {
         let state = self.state.clone();
-        state.down.send_replace(true);
         tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            state.down.send_replace(true);
             tokio::time::sleep(period).await;
             state.down.send_replace(false);
-        });
+        })
     }
 
     pub fn recorder(&self) -> &Recorder {
