@@ -171,7 +171,8 @@ pub async fn attempt(
 ) -> send::AttemptResult {
     use hyper::header::{HeaderName, HeaderValue};
     let timestamp = chrono::Utc::now().timestamp();
-    let keys = settings.signing_keys(crate::log::now_ms());
+    // The keys that sign are those of the signed time: the same clock read.
+    let keys = settings.signing_keys(u64::try_from(timestamp).unwrap_or(0).saturating_mul(1000));
     let mut signature = sign::signature_header(keys, webhook_id, timestamp, &body);
     if let Some(key) = &settings.asymmetric {
         if !signature.is_empty() {
