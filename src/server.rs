@@ -397,6 +397,7 @@ async fn housekeeping(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
+    let mut measure_failing = false;
     let prune_every = (retention.as_secs() / 2).clamp(1, 60);
     loop {
         tokio::select! {
@@ -404,20 +405,25 @@ async fn housekeeping(
             _ = shutdown.changed() => return,
         }
         let dir2 = dir.clone();
-        let bytes = tokio::task::spawn_blocking(move || dir_size(&dir2)).await.unwrap_or(0);
-        let over = bytes > max_bytes;
-        if over != gate.over_budget.swap(over, Ordering::Relaxed) {
-            if over {
-                tracing::warn!(
-                    bytes,
-                    max_bytes,
-                    "storage over storage.max_bytes: ingest answers 503 until delivery frees space"
-                );
-            } else {
-                tracing::info!(bytes, "storage back under storage.max_bytes: ingest resumes");
+        let measured = tokio::task::spawn_blocking(move || dir_size(&dir2))
+            .await
+            .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())));
+        match measured {
+            Ok(bytes) => {
+                measure_failing = false;
+                apply_storage_budget(&gate, bytes, max_bytes);
+                crate::metrics::log_gauges(log.event_count(), bytes);
+            }
+            Err(e) => {
+                // An unmeasured directory keeps the gate as it was: reading 0 here would
+                // open it on a full disk, and closing it would refuse clicks over a
+                // transient error.
+                if !measure_failing {
+                    tracing::warn!(error = %e, dir = %dir.display(), "cannot measure the storage directory; storage.max_bytes holds its last verdict");
+                }
+                measure_failing = true;
             }
         }
-        crate::metrics::log_gauges(log.event_count(), bytes);
         // Histogram samples pile up in the recorder until an upkeep folds them into their
         // buckets, and a scrape is not guaranteed: without this, an unscraped daemon grew
         // by some 50 MiB over a million deliveries.
@@ -427,25 +433,83 @@ async fn housekeeping(
             match log.prune(now_ms(), retention.as_millis() as u64).await {
                 Ok(Ok(pruned)) if pruned > 0 => tracing::info!(pruned, "pruned delivered events past retention"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "pruning failed"),
-                _ => {}
+                Ok(Ok(_)) => {}
+                Err(_) => tracing::warn!("pruning got no answer: the log writer has stopped"),
             }
         }
     }
 }
 
-/// The on-disk size of a directory tree, in bytes.
-pub fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                // Allocated blocks, not apparent length: sparse files count as what they use.
-                m.blocks() * 512
+/// Closes or opens ingest on a measured storage size, logging each change once.
+fn apply_storage_budget(gate: &IngestGate, bytes: u64, max_bytes: u64) {
+    let over = bytes > max_bytes;
+    if over != gate.over_budget.swap(over, Ordering::Relaxed) {
+        if over {
+            tracing::warn!(
+                bytes,
+                max_bytes,
+                "storage over storage.max_bytes: ingest answers 503 until delivery frees space"
+            );
+        } else {
+            tracing::info!(bytes, "storage back under storage.max_bytes: ingest resumes");
+        }
+    }
+}
+
+/// The on-disk size of a directory tree, in bytes. Entries that vanish while it walks
+/// (sled removes files as it compacts) count as nothing; any other error is the caller's,
+/// because a size that silently leaves out part of the tree under-reports a full disk.
+pub fn dir_size(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let entries = std::fs::read_dir(path)?;
+    let mut total = 0;
+    for entry in entries {
+        let entry = entry?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        total += if meta.is_dir() {
+            match dir_size(&entry.path()) {
+                Err(e) if vanished(&e) => 0,
+                other => other?,
             }
-            Err(_) => 0,
-        })
-        .sum()
+        } else {
+            // Allocated blocks, not apparent length: sparse files count as what they use.
+            meta.blocks() * 512
+        };
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_size_counts_nested_files_and_refuses_to_guess_about_a_missing_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a"), vec![1u8; 10_000]).unwrap();
+        std::fs::write(dir.path().join("sub/b"), vec![1u8; 20_000]).unwrap();
+        let size = dir_size(dir.path()).unwrap();
+        assert!(size >= 30_000, "both files count, the nested one too: {size}");
+        // The tree's own absence is an error, not 0: 0 would read as "far under
+        // max_bytes" and open ingest on a disk nobody measured.
+        assert!(dir_size(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn the_storage_budget_gate_follows_measurements() {
+        let gate = IngestGate::default();
+        apply_storage_budget(&gate, 2_000, 1_000);
+        assert!(gate.over_budget.load(Ordering::Relaxed));
+        apply_storage_budget(&gate, 1_000, 1_000);
+        assert!(
+            !gate.over_budget.load(Ordering::Relaxed),
+            "at the budget is not over it"
+        );
+    }
 }
