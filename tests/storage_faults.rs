@@ -439,4 +439,9 @@ async fn garbage_in_an_event_segment_turns_its_clicks_into_dead_letters_that_say
         let error = l["last_error"].as_str().unwrap();
         assert!(error.contains("checksum") && error.contains(".seg"), "{error}");
     }
+    let logs = d.logs();
+    assert!(
+        logs.contains("dead letters buried without the event's body"),
+        "the operator is told that letters lack their bodies: {logs}"
+    );
 }

@@ -1636,10 +1636,25 @@ impl ClickLog for SledLog {
     fn bury(&self, endpoint: EndpointKey, letters: Vec<DeadLetter>) {
         let mut steps = Vec::with_capacity(letters.len() * 2);
         let mut leave = Vec::with_capacity(letters.len());
+        // A letter keeps the event's body so that it outlives pruning; an event that cannot
+        // be read any more is buried with `null` there (its error says why), and logged once
+        // per call: a damaged segment can bury thousands at once.
+        let mut no_copy: Option<(u64, String)> = None;
+        let mut no_copy_count = 0usize;
         for letter in letters {
             let record = match self.event(letter.seq) {
                 Ok(Some(ev)) => keys::event_record(ev.accepted_ms, &ev.data),
-                _ => keys::event_record(letter.accepted_ms, b"null"),
+                unreadable => {
+                    no_copy_count += 1;
+                    no_copy.get_or_insert_with(|| {
+                        let why = match unreadable {
+                            Err(e) => e.to_string(),
+                            _ => "no longer in the log".to_owned(),
+                        };
+                        (letter.seq, why)
+                    });
+                    keys::event_record(letter.accepted_ms, b"null")
+                }
             };
             match keys::dead_value(&letter, &record) {
                 Ok(v) => {
@@ -1650,6 +1665,15 @@ impl ClickLog for SledLog {
                     tracing::error!(error = %e, seq = letter.seq, "cannot encode a dead letter; it stays pending")
                 }
             }
+        }
+        if let Some((seq, why)) = no_copy {
+            tracing::warn!(
+                endpoint_key = endpoint,
+                count = no_copy_count,
+                first_seq = seq,
+                error = %why,
+                "dead letters buried without the event's body: it cannot be read"
+            );
         }
         // Every dead letter is written before any entry leaves the queue, so a crash
         // between keeps each event somewhere.
