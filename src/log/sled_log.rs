@@ -138,6 +138,10 @@ pub struct SledLog {
     /// This log's number in [`LAST_BATCH`].
     id: u64,
     endpoint_keys: Mutex<()>,
+    /// Held by a prune from its look at what is pending until its deletions are applied,
+    /// and by a revival or replay from its look at what exists until its writes are queued.
+    /// Without it a prune planned beside a revival deletes the events the revival queues.
+    maintenance: Arc<Mutex<()>>,
 }
 
 /// How many of the latest events [`RecentEvents`] keeps.
@@ -290,26 +294,8 @@ impl SledLog {
             segments: segment_files,
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             endpoint_keys: Mutex::new(()),
+            maintenance: Arc::new(Mutex::new(())),
         }))
-    }
-
-    /// The oldest seq some endpoint still waits for: nothing at or after it may be pruned.
-    /// Dead letters carry their own copy and hold nothing back. The endpoints come from the
-    /// runs themselves, not from the id mapping, and a key or run it cannot read is an
-    /// error, never a skip: a skipped endpoint would let its pending events go.
-    fn low_water(&self) -> Result<Seq, LogError> {
-        let mut low_water = Seq::MAX;
-        // Route records go in seq order as their entries do, so the oldest holds the oldest.
-        if let Some(k) = self.tree.scan_prefix([ROUTES]).keys().next() {
-            low_water = keys::u64_at(&k?, 1)?;
-        }
-        for ep in endpoints_with_runs(&self.tree)? {
-            if let Some(run) = self.tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
-                // A run's entries are sorted, and each begins with its seq.
-                low_water = low_water.min(keys::u64_at(&run?.1, 0)?);
-            }
-        }
-        Ok(low_water)
     }
 
     /// The queue entries a replay of `[since_ms, until_ms)` puts back: one per retained
@@ -487,6 +473,56 @@ fn queue_in_runs(tree: &sled::Tree, entries: Vec<(EndpointKey, Seq)>, records: &
         tree.remove(&keys::routes(*first)[..])?;
     }
     Ok(())
+}
+
+/// The oldest seq some endpoint still waits for: nothing at or after it may be pruned.
+/// Dead letters carry their own copy and hold nothing back. The endpoints come from the
+/// runs themselves, not from the id mapping, and a key or run it cannot read is an error,
+/// never a skip: a skipped endpoint would let its pending events go.
+fn low_water(tree: &sled::Tree) -> Result<Seq, LogError> {
+    let mut low_water = Seq::MAX;
+    // Route records go in seq order as their entries do, so the oldest holds the oldest.
+    if let Some(k) = tree.scan_prefix([ROUTES]).keys().next() {
+        low_water = keys::u64_at(&k?, 1)?;
+    }
+    for ep in endpoints_with_runs(tree)? {
+        if let Some(run) = tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
+            // A run's entries are sorted, and each begins with its seq.
+            low_water = low_water.min(keys::u64_at(&run?.1, 0)?);
+        }
+    }
+    Ok(low_water)
+}
+
+/// The writes of a prune at `cutoff` (accepted before it): whole event batches below the
+/// low water, and expired client ids; with how many events go.
+fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<(Vec<Step>, u64), LogError> {
+    let low_water = low_water(tree)?;
+    let mut writes = Vec::new();
+    let mut pruned = 0u64;
+    // Whole batches go, once their last event may.
+    for kv in tree.scan_prefix([EVENT_BATCH]) {
+        let Ok((k, v)) = kv else { break };
+        let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchRecord::decode(&v)) else {
+            continue;
+        };
+        let last = first + (batch.len() as u64).saturating_sub(1);
+        if last >= low_water || batch.accepted_ms() >= cutoff {
+            break;
+        }
+        writes.push((k.to_vec(), None));
+        pruned += batch.len() as u64;
+    }
+    for kv in tree.scan_prefix([keys::CLIENT_ID_EXPIRY]) {
+        let Ok((k, id)) = kv else { break };
+        let Ok(accepted) = keys::u64_at(&k, 1) else { continue };
+        if accepted >= cutoff {
+            break;
+        }
+        writes.push((keys::prefixed(CLIENT_ID, &id), None));
+        writes.push((k.to_vec(), None));
+    }
+    Ok((Step::raw(writes), pruned))
 }
 
 /// Every endpoint with a queue run, one seek per endpoint.
@@ -1705,6 +1741,10 @@ impl ClickLog for SledLog {
 
     fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
+        let Ok(_guard) = self.maintenance.lock() else {
+            let _ = reply.send(Err(LogError::Storage("maintenance lock poisoned".into())));
+            return ticket;
+        };
         let mut steps = Vec::new();
         let mut requeue = Vec::new();
         let mut buried = Vec::new();
@@ -1752,6 +1792,10 @@ impl ClickLog for SledLog {
         wanted: &dyn Fn(&[u8]) -> bool,
     ) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
+        let Ok(_guard) = self.maintenance.lock() else {
+            let _ = reply.send(Err(LogError::Storage("maintenance lock poisoned".into())));
+            return ticket;
+        };
         let steps = match self.replayed(endpoint, since_ms, until_ms, wanted) {
             Ok(steps) => steps,
             Err(e) => {
@@ -1838,39 +1882,39 @@ impl ClickLog for SledLog {
     fn prune(&self, now_ms: u64, retention_ms: u64) -> Ticket<u64> {
         let (reply, ticket) = oneshot::channel();
         let cutoff = now_ms.saturating_sub(retention_ms);
-        let low_water = match self.low_water() {
-            Ok(seq) => seq,
-            Err(e) => {
-                // Without knowing what is still pending, nothing may go.
-                let _ = reply.send(Err(e));
-                return ticket;
-            }
-        };
-        let mut writes = Vec::new();
-        let mut pruned = 0u64;
-        // Whole batches go, once their last event may.
-        for kv in self.tree.scan_prefix([EVENT_BATCH]) {
-            let Ok((k, v)) = kv else { break };
-            let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchRecord::decode(&v)) else {
-                continue;
-            };
-            let last = first + (batch.len() as u64).saturating_sub(1);
-            if last >= low_water || batch.accepted_ms() >= cutoff {
-                break;
-            }
-            writes.push((k.to_vec(), None));
-            pruned += batch.len() as u64;
+        let tree = self.tree.clone();
+        let tx = self.tx.clone();
+        let maintenance = self.maintenance.clone();
+        // Off the caller's thread: the plan scans every queue, and waits on the writer.
+        let spawned = std::thread::Builder::new()
+            .name("clickhook-prune".into())
+            .spawn(move || {
+                let apply = |steps: Vec<Step>| {
+                    let (reply, ticket) = oneshot::channel();
+                    // A failed send drops the reply; the ticket then reads as closed.
+                    let _ = tx.send(WriteOp::Apply {
+                        steps,
+                        reply: Some(reply),
+                        durable: false,
+                    });
+                    ticket.blocking_recv().unwrap_or(Err(LogError::Closed))
+                };
+                let result = (|| {
+                    let _guard = maintenance
+                        .lock()
+                        .map_err(|_| LogError::Storage("maintenance lock poisoned".into()))?;
+                    // Revivals and replays queued before this prune are applied first, so
+                    // the low water counts their entries.
+                    apply(Vec::new())?;
+                    let (steps, pruned) = prune_plan(&tree, cutoff)?;
+                    apply(steps)?;
+                    Ok(pruned)
+                })();
+                let _ = reply.send(result);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a prune");
         }
-        for kv in self.tree.scan_prefix([keys::CLIENT_ID_EXPIRY]) {
-            let Ok((k, id)) = kv else { break };
-            let Ok(accepted) = keys::u64_at(&k, 1) else { continue };
-            if accepted >= cutoff {
-                break;
-            }
-            writes.push((keys::prefixed(CLIENT_ID, &id), None));
-            writes.push((k.to_vec(), None));
-        }
-        forward(self.apply(Step::raw(writes), false), reply, pruned);
         ticket
     }
 
@@ -2073,6 +2117,57 @@ mod tests {
         // "b", "c" and the second "a" are all past retention now.
         assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 3);
         assert_eq!(log.event_count(), 0);
+    }
+
+    /// A dead letter revived, and a window replayed, while a prune is planned: the prune
+    /// must see the entries queued again, or it deletes the events they need.
+    #[tokio::test]
+    async fn a_prune_racing_a_revival_or_a_replay_keeps_the_events_they_queue() {
+        for replay in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = open(dir.path());
+            let k = log.endpoint_key("ep").unwrap();
+            log.append(vec![event("a", false, vec![k])]).await.unwrap().unwrap();
+            if replay {
+                log.delivered(k, &[1]);
+            } else {
+                log.bury(
+                    k,
+                    vec![DeadLetter {
+                        seq: 1,
+                        event_id: "a".into(),
+                        attempts: 3,
+                        dead_at_ms: 5,
+                        accepted_ms: 1,
+                        last_status: Some(500),
+                        last_error: None,
+                    }],
+                );
+            }
+            log.put_setting("sync", None).await.unwrap().unwrap();
+            // Nothing waits for event 1 now: past retention, a prune may take it.
+            let (release, held) = std::sync::mpsc::channel();
+            log.send(WriteOp::Hold(held));
+            let queued = if replay {
+                log.replay_window(k, 0, u64::MAX, &|_| true)
+            } else {
+                log.revive_dead(k)
+            };
+            let pruned = log.prune(super::super::now_ms() + 10_000, 1_000);
+            release.send(()).unwrap();
+            assert_eq!(queued.await.unwrap().unwrap(), 1);
+            assert_eq!(
+                pruned.await.unwrap().unwrap(),
+                0,
+                "replay {replay}: event 1 is pending again"
+            );
+            assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![Pending::fresh(1)]);
+            let ev = log.event(1).unwrap();
+            assert!(
+                ev.is_some_and(|ev| ev.data.starts_with(br#"{"id":"a""#)),
+                "replay {replay}: the event is kept"
+            );
+        }
     }
 
     #[tokio::test]
