@@ -249,8 +249,14 @@ pub async fn run(
     {
         let registry = registry.clone();
         tokio::spawn(async move {
-            while let Some(event) = worker_events.recv().await {
-                handle_worker_event(&registry, event).await;
+            let mut taken = Vec::new();
+            // Each operational event is a durable append; taking what queued meanwhile
+            // and folding dead letters together keeps this loop up with a storm of them
+            // (a backlog reaching the end of its retries), so the channel stays short.
+            while worker_events.recv_many(&mut taken, WORKER_EVENTS_PER_TURN).await > 0 {
+                for event in coalesce_dead_letters(std::mem::take(&mut taken)) {
+                    handle_worker_event(&registry, event).await;
+                }
             }
         });
     }
@@ -312,6 +318,48 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Worker reports taken from the channel at once.
+const WORKER_EVENTS_PER_TURN: usize = 4096;
+
+/// Event ids in one `endpoint.dead_letter` operational event at most.
+const DEAD_LETTER_IDS_PER_EVENT: usize = 1000;
+
+/// Folds dead-letter reports of one endpoint with the same last error into one, up to
+/// [`DEAD_LETTER_IDS_PER_EVENT`] ids. Any other report is a fence: nothing folds across
+/// it, so an endpoint's reports keep their order.
+fn coalesce_dead_letters(events: Vec<WorkerEvent>) -> Vec<WorkerEvent> {
+    let mut out: Vec<WorkerEvent> = Vec::with_capacity(events.len());
+    let mut open: std::collections::HashMap<(String, Option<String>), usize> = std::collections::HashMap::new();
+    for event in events {
+        let WorkerEvent::DeadLetter {
+            endpoint,
+            event_ids,
+            last_error,
+        } = event
+        else {
+            open.clear();
+            out.push(event);
+            continue;
+        };
+        let key = (endpoint, last_error);
+        if let Some(&at) = open.get(&key) {
+            if let WorkerEvent::DeadLetter { event_ids: ids, .. } = &mut out[at] {
+                if ids.len() + event_ids.len() <= DEAD_LETTER_IDS_PER_EVENT {
+                    ids.extend(event_ids);
+                    continue;
+                }
+            }
+        }
+        open.insert(key.clone(), out.len());
+        out.push(WorkerEvent::DeadLetter {
+            endpoint: key.0,
+            event_ids,
+            last_error: key.1,
+        });
+    }
+    out
 }
 
 /// Acts on what a worker reported: disables endpoints, and tells the operator through
@@ -499,6 +547,66 @@ mod tests {
         // The tree's own absence is an error, not 0: 0 would read as "far under
         // max_bytes" and open ingest on a disk nobody measured.
         assert!(dir_size(&dir.path().join("missing")).is_err());
+    }
+
+    fn dead(endpoint: &str, ids: &[&str], error: &str) -> WorkerEvent {
+        WorkerEvent::DeadLetter {
+            endpoint: endpoint.into(),
+            event_ids: ids.iter().map(|s| s.to_string()).collect(),
+            last_error: Some(error.into()),
+        }
+    }
+
+    fn summary(events: &[WorkerEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                WorkerEvent::DeadLetter {
+                    endpoint,
+                    event_ids,
+                    last_error,
+                } => format!(
+                    "{endpoint} dead {} {}",
+                    event_ids.join(","),
+                    last_error.as_deref().unwrap_or("")
+                ),
+                WorkerEvent::Recovered { endpoint } => format!("{endpoint} recovered"),
+                _ => "other".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dead_letter_reports_fold_per_endpoint_and_error_without_crossing_other_reports() {
+        let events = vec![
+            dead("a", &["1"], "500"),
+            dead("b", &["2"], "500"),
+            dead("a", &["3", "4"], "500"),
+            dead("a", &["5"], "timeout"),
+            WorkerEvent::Recovered { endpoint: "a".into() },
+            dead("a", &["6"], "500"),
+        ];
+        assert_eq!(
+            summary(&coalesce_dead_letters(events)),
+            [
+                "a dead 1,3,4 500",
+                "b dead 2 500",
+                "a dead 5 timeout",
+                "a recovered",
+                "a dead 6 500"
+            ]
+        );
+        // A storm folds into events of at most DEAD_LETTER_IDS_PER_EVENT ids, none lost.
+        let storm: Vec<WorkerEvent> = (0..2500).map(|i| dead("a", &[&i.to_string()], "500")).collect();
+        let folded = coalesce_dead_letters(storm);
+        let sizes: Vec<usize> = folded
+            .iter()
+            .map(|e| match e {
+                WorkerEvent::DeadLetter { event_ids, .. } => event_ids.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
     }
 
     #[test]
