@@ -142,6 +142,8 @@ pub struct SledLog {
     /// and by a revival or replay from its look at what exists until its writes are queued.
     /// Without it a prune planned beside a revival deletes the events the revival queues.
     maintenance: Arc<Mutex<()>>,
+    /// When a prune last said that an endpoint keeps events past retention (0: never).
+    prune_held_warned_ms: Arc<AtomicU64>,
 }
 
 /// How many of the latest events [`RecentEvents`] keeps.
@@ -295,6 +297,7 @@ impl SledLog {
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             endpoint_keys: Mutex::new(()),
             maintenance: Arc::new(Mutex::new(())),
+            prune_held_warned_ms: Arc::new(AtomicU64::new(0)),
         }))
     }
 
@@ -479,8 +482,9 @@ fn queue_in_runs(tree: &sled::Tree, entries: Vec<(EndpointKey, Seq)>, records: &
 /// Dead letters carry their own copy and hold nothing back. The endpoints come from the
 /// runs themselves, not from the id mapping, and a key or run it cannot read is an error,
 /// never a skip: a skipped endpoint would let its pending events go.
-fn low_water(tree: &sled::Tree) -> Result<Seq, LogError> {
+fn low_water(tree: &sled::Tree) -> Result<(Seq, Option<EndpointKey>), LogError> {
     let mut low_water = Seq::MAX;
+    let mut held_by = None;
     // Route records go in seq order as their entries do, so the oldest holds the oldest.
     if let Some(k) = tree.scan_prefix([ROUTES]).keys().next() {
         low_water = keys::u64_at(&k?, 1)?;
@@ -488,18 +492,33 @@ fn low_water(tree: &sled::Tree) -> Result<Seq, LogError> {
     for ep in endpoints_with_runs(tree)? {
         if let Some(run) = tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
             // A run's entries are sorted, and each begins with its seq.
-            low_water = low_water.min(keys::u64_at(&run?.1, 0)?);
+            let oldest = keys::u64_at(&run?.1, 0)?;
+            if oldest < low_water {
+                low_water = oldest;
+                held_by = Some(ep);
+            }
         }
     }
-    Ok(low_water)
+    Ok((low_water, held_by))
+}
+
+/// What a prune writes, and what it could not remove.
+struct PrunePlan {
+    steps: Vec<Step>,
+    /// Events that go.
+    pruned: u64,
+    /// The endpoint whose pending entry keeps events past retention, if one does (and it
+    /// is in a queue run, not a recent route record).
+    held_by: Option<(EndpointKey, Seq)>,
 }
 
 /// The writes of a prune at `cutoff` (accepted before it): whole event batches below the
 /// low water, and expired client ids; with how many events go.
-fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<(Vec<Step>, u64), LogError> {
-    let low_water = low_water(tree)?;
+fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<PrunePlan, LogError> {
+    let (low_water, holder) = low_water(tree)?;
     let mut writes = Vec::new();
     let mut pruned = 0u64;
+    let mut held_by = None;
     // Whole batches go, once their last event may.
     for kv in tree.scan_prefix([EVENT_BATCH]) {
         let Ok((k, v)) = kv else { break };
@@ -507,7 +526,11 @@ fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<(Vec<Step>, u64), LogErr
             continue;
         };
         let last = first + (batch.len() as u64).saturating_sub(1);
-        if last >= low_water || batch.accepted_ms() >= cutoff {
+        if batch.accepted_ms() >= cutoff {
+            break;
+        }
+        if last >= low_water {
+            held_by = holder.map(|ep| (ep, low_water));
             break;
         }
         writes.push((k.to_vec(), None));
@@ -522,8 +545,22 @@ fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<(Vec<Step>, u64), LogErr
         writes.push((keys::prefixed(CLIENT_ID, &id), None));
         writes.push((k.to_vec(), None));
     }
-    Ok((Step::raw(writes), pruned))
+    Ok(PrunePlan {
+        steps: Step::raw(writes),
+        pruned,
+        held_by,
+    })
 }
+
+/// The id an endpoint key was assigned to, for the operator's eyes.
+fn endpoint_id_of(tree: &sled::Tree, key: EndpointKey) -> Option<String> {
+    tree.scan_prefix([ENDPOINT_KEY])
+        .flatten()
+        .find_map(|(k, v)| (v.as_ref() == key.to_be_bytes()).then(|| String::from_utf8_lossy(&k[1..]).into_owned()))
+}
+
+/// How often at most a prune says that an endpoint keeps events past retention.
+const HELD_PRUNE_WARN_EVERY_MS: u64 = 3_600_000;
 
 /// Every endpoint with a queue run, one seek per endpoint.
 fn endpoints_with_runs(tree: &sled::Tree) -> Result<Vec<EndpointKey>, LogError> {
@@ -1885,6 +1922,7 @@ impl ClickLog for SledLog {
         let tree = self.tree.clone();
         let tx = self.tx.clone();
         let maintenance = self.maintenance.clone();
+        let warned = self.prune_held_warned_ms.clone();
         // Off the caller's thread: the plan scans every queue, and waits on the writer.
         let spawned = std::thread::Builder::new()
             .name("clickhook-prune".into())
@@ -1906,9 +1944,21 @@ impl ClickLog for SledLog {
                     // Revivals and replays queued before this prune are applied first, so
                     // the low water counts their entries.
                     apply(Vec::new())?;
-                    let (steps, pruned) = prune_plan(&tree, cutoff)?;
-                    apply(steps)?;
-                    Ok(pruned)
+                    let plan = prune_plan(&tree, cutoff)?;
+                    apply(plan.steps)?;
+                    if let Some((ep, seq)) = plan.held_by {
+                        let last = warned.load(Ordering::Relaxed);
+                        if last == 0 || now_ms.saturating_sub(last) >= HELD_PRUNE_WARN_EVERY_MS {
+                            warned.store(now_ms.max(1), Ordering::Relaxed);
+                            let endpoint = endpoint_id_of(&tree, ep).unwrap_or_else(|| format!("#{ep}"));
+                            tracing::warn!(
+                                endpoint = %endpoint,
+                                seq,
+                                "events past retention are kept: this endpoint still waits for an older one (a disabled endpoint keeps its queue); pruning resumes once it is delivered or dead-lettered, or the endpoint is deleted"
+                            );
+                        }
+                    }
+                    Ok(plan.pruned)
                 })();
                 let _ = reply.send(result);
             });
@@ -2117,6 +2167,29 @@ mod tests {
         // "b", "c" and the second "a" are all past retention now.
         assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 3);
         assert_eq!(log.event_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_prune_names_the_endpoint_whose_pending_entry_keeps_events_past_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_runs_only(dir.path());
+        let held = log.endpoint_key("held").unwrap();
+        let other = log.endpoint_key("other").unwrap();
+        log.append(vec![event("a", false, vec![held])]).await.unwrap().unwrap();
+        log.append(vec![event("b", false, vec![other])]).await.unwrap().unwrap();
+        log.delivered(other, &[2]);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        let later = super::super::now_ms() + 10_000;
+        let plan = prune_plan(&log.tree, later).unwrap();
+        assert_eq!(plan.pruned, 0, "event 1 is pending, and 2 comes after it");
+        assert_eq!(plan.held_by, Some((held, 1)));
+        assert_eq!(endpoint_id_of(&log.tree, held).as_deref(), Some("held"));
+        // Within retention nothing is held back: nothing was due to go.
+        assert_eq!(prune_plan(&log.tree, 0).unwrap().held_by, None);
+        log.delivered(held, &[1]);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        let plan = prune_plan(&log.tree, later).unwrap();
+        assert_eq!((plan.pruned, plan.held_by), (2, None));
     }
 
     /// A dead letter revived, and a window replayed, while a prune is planned: the prune
