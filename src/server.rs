@@ -326,38 +326,53 @@ const WORKER_EVENTS_PER_TURN: usize = 4096;
 /// Event ids in one `endpoint.dead_letter` operational event at most.
 const DEAD_LETTER_IDS_PER_EVENT: usize = 1000;
 
-/// Folds dead-letter reports of one endpoint with the same last error into one, up to
-/// [`DEAD_LETTER_IDS_PER_EVENT`] ids. Any other report is a fence: nothing folds across
-/// it, so an endpoint's reports keep their order.
+/// Folds each dead-letter report into the endpoint's latest one when both carry the same
+/// last error, in events of at most [`DEAD_LETTER_IDS_PER_EVENT`] ids. Only an endpoint's
+/// latest report takes more, and any other kind of report is a fence, so each endpoint's
+/// reports keep their order.
 fn coalesce_dead_letters(events: Vec<WorkerEvent>) -> Vec<WorkerEvent> {
     let mut out: Vec<WorkerEvent> = Vec::with_capacity(events.len());
-    let mut open: std::collections::HashMap<(String, Option<String>), usize> = std::collections::HashMap::new();
+    let mut latest: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for event in events {
         let WorkerEvent::DeadLetter {
             endpoint,
-            event_ids,
+            mut event_ids,
             last_error,
         } = event
         else {
-            open.clear();
+            latest.clear();
             out.push(event);
             continue;
         };
-        let key = (endpoint, last_error);
-        if let Some(&at) = open.get(&key) {
-            if let WorkerEvent::DeadLetter { event_ids: ids, .. } = &mut out[at] {
-                if ids.len() + event_ids.len() <= DEAD_LETTER_IDS_PER_EVENT {
-                    ids.extend(event_ids);
-                    continue;
+        if let Some(&at) = latest.get(&endpoint) {
+            if let WorkerEvent::DeadLetter {
+                event_ids: ids,
+                last_error: error,
+                ..
+            } = &mut out[at]
+            {
+                if *error == last_error {
+                    let room = DEAD_LETTER_IDS_PER_EVENT.saturating_sub(ids.len()).min(event_ids.len());
+                    ids.extend(event_ids.drain(..room));
+                    if event_ids.is_empty() {
+                        continue;
+                    }
                 }
             }
         }
-        open.insert(key.clone(), out.len());
-        out.push(WorkerEvent::DeadLetter {
-            endpoint: key.0,
-            event_ids,
-            last_error: key.1,
-        });
+        loop {
+            let rest = event_ids.split_off(event_ids.len().min(DEAD_LETTER_IDS_PER_EVENT));
+            latest.insert(endpoint.clone(), out.len());
+            out.push(WorkerEvent::DeadLetter {
+                endpoint: endpoint.clone(),
+                event_ids,
+                last_error: last_error.clone(),
+            });
+            if rest.is_empty() {
+                break;
+            }
+            event_ids = rest;
+        }
     }
     out
 }
@@ -453,21 +468,19 @@ async fn housekeeping(
             _ = shutdown.changed() => return,
         }
         let dir2 = dir.clone();
-        let measured = tokio::task::spawn_blocking(move || dir_size(&dir2))
+        let (bytes, error) = tokio::task::spawn_blocking(move || dir_size(&dir2))
             .await
-            .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())));
-        match measured {
-            Ok(bytes) => {
+            .unwrap_or_else(|join| (0, Some(std::io::Error::other(join.to_string()))));
+        apply_storage_budget(&gate, bytes, error.is_none(), max_bytes);
+        match error {
+            None => {
                 measure_failing = false;
-                apply_storage_budget(&gate, bytes, max_bytes);
                 crate::metrics::log_gauges(log.event_count(), bytes);
             }
-            Err(e) => {
-                // An unmeasured directory keeps the gate as it was: reading 0 here would
-                // open it on a full disk, and closing it would refuse clicks over a
-                // transient error.
+            Some(e) => {
+                // Reading the unreadable as 0 would open the gate on a full disk.
                 if !measure_failing {
-                    tracing::warn!(error = %e, dir = %dir.display(), "cannot measure the storage directory; storage.max_bytes holds its last verdict");
+                    tracing::warn!(error = %e, dir = %dir.display(), bytes, "cannot measure all of the storage directory; storage.max_bytes goes by what was read, and holds its last verdict while that is under it");
                 }
                 measure_failing = true;
             }
@@ -482,15 +495,29 @@ async fn housekeeping(
                 Ok(Ok(pruned)) if pruned > 0 => tracing::info!(pruned, "pruned delivered events past retention"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "pruning failed"),
                 Ok(Ok(_)) => {}
-                Err(_) => tracing::warn!("pruning got no answer: the log writer has stopped"),
+                Err(_) => tracing::warn!("pruning got no answer (its thread could not start, or the log closed)"),
             }
         }
     }
 }
 
+/// Whether ingest must stay closed for storage, from a size measured in full
+/// (`complete`) or only in part. A partial size is a lower bound: it can say "over" but
+/// not "under", so short of over it keeps the last verdict.
+fn over_budget_after(was_over: bool, bytes: u64, complete: bool, max_bytes: u64) -> bool {
+    if bytes > max_bytes {
+        true
+    } else if complete {
+        false
+    } else {
+        was_over
+    }
+}
+
 /// Closes or opens ingest on a measured storage size, logging each change once.
-fn apply_storage_budget(gate: &IngestGate, bytes: u64, max_bytes: u64) {
-    let over = bytes > max_bytes;
+fn apply_storage_budget(gate: &IngestGate, bytes: u64, complete: bool, max_bytes: u64) {
+    let was_over = gate.over_budget.load(Ordering::Relaxed);
+    let over = over_budget_after(was_over, bytes, complete, max_bytes);
     if over != gate.over_budget.swap(over, Ordering::Relaxed) {
         if over {
             tracing::warn!(
@@ -504,32 +531,46 @@ fn apply_storage_budget(gate: &IngestGate, bytes: u64, max_bytes: u64) {
     }
 }
 
-/// The on-disk size of a directory tree, in bytes. Entries that vanish while it walks
-/// (sled removes files as it compacts) count as nothing; any other error is the caller's,
-/// because a size that silently leaves out part of the tree under-reports a full disk.
-pub fn dir_size(path: &Path) -> std::io::Result<u64> {
+/// The on-disk size of a directory tree, in bytes, as far as it could be read, and the
+/// first error that kept part of it out. Entries that vanish while it walks (sled removes
+/// files as it compacts) count as nothing and are no error.
+pub fn dir_size(path: &Path) -> (u64, Option<std::io::Error>) {
+    let mut first_error = None;
+    let bytes = match std::fs::read_dir(path) {
+        Ok(entries) => dir_entries_size(entries, &mut first_error),
+        // The tree itself must be there: its absence is an error, not a size of 0.
+        Err(e) => {
+            first_error = Some(e);
+            0
+        }
+    };
+    (bytes, first_error)
+}
+
+fn dir_entries_size(entries: std::fs::ReadDir, first_error: &mut Option<std::io::Error>) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-    let entries = std::fs::read_dir(path)?;
     let mut total = 0;
     for entry in entries {
-        let entry = entry?;
-        let meta = match entry.metadata() {
-            Ok(m) => m,
-            Err(e) if vanished(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        total += if meta.is_dir() {
-            match dir_size(&entry.path()) {
-                Err(e) if vanished(&e) => 0,
-                other => other?,
-            }
-        } else {
+        let read = entry.and_then(|entry| {
+            let meta = entry.metadata()?;
+            let below = if meta.is_dir() {
+                Some(std::fs::read_dir(entry.path())?)
+            } else {
+                None
+            };
+            Ok((meta, below))
+        });
+        match read {
+            Ok((_, Some(below))) => total += dir_entries_size(below, first_error),
             // Allocated blocks, not apparent length: sparse files count as what they use.
-            meta.blocks() * 512
-        };
+            Ok((meta, None)) => total += meta.blocks() * 512,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(total)
+    total
 }
 
 #[cfg(test)]
@@ -542,11 +583,12 @@ mod tests {
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("a"), vec![1u8; 10_000]).unwrap();
         std::fs::write(dir.path().join("sub/b"), vec![1u8; 20_000]).unwrap();
-        let size = dir_size(dir.path()).unwrap();
+        let (size, error) = dir_size(dir.path());
+        assert!(error.is_none(), "{error:?}");
         assert!(size >= 30_000, "both files count, the nested one too: {size}");
         // The tree's own absence is an error, not 0: 0 would read as "far under
         // max_bytes" and open ingest on a disk nobody measured.
-        assert!(dir_size(&dir.path().join("missing")).is_err());
+        assert!(dir_size(&dir.path().join("missing")).1.is_some());
     }
 
     fn dead(endpoint: &str, ids: &[&str], error: &str) -> WorkerEvent {
@@ -607,17 +649,50 @@ mod tests {
             })
             .collect();
         assert_eq!(sizes, [1000, 1000, 500]);
+        // A single report over the bound (a large batch) is split too.
+        let ids: Vec<String> = (0..1500).map(|i| i.to_string()).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let folded = coalesce_dead_letters(vec![dead("a", &["x"], "500"), dead("a", &ids, "500")]);
+        let sizes: Vec<usize> = folded
+            .iter()
+            .map(|e| match e {
+                WorkerEvent::DeadLetter { event_ids, .. } => event_ids.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes, [1000, 501]);
+        // An endpoint's letters fold only into its latest report: 7 comes after 5's
+        // timeout, so it cannot join 1 ahead of it.
+        let events = vec![
+            dead("a", &["1"], "500"),
+            dead("a", &["5"], "timeout"),
+            dead("a", &["7"], "500"),
+        ];
+        assert_eq!(
+            summary(&coalesce_dead_letters(events)),
+            ["a dead 1 500", "a dead 5 timeout", "a dead 7 500"]
+        );
     }
 
     #[test]
-    fn the_storage_budget_gate_follows_measurements() {
-        let gate = IngestGate::default();
-        apply_storage_budget(&gate, 2_000, 1_000);
-        assert!(gate.over_budget.load(Ordering::Relaxed));
-        apply_storage_budget(&gate, 1_000, 1_000);
+    fn a_storage_size_measured_in_part_can_close_ingest_but_never_open_it() {
+        // Measured in full: the size decides.
+        assert!(over_budget_after(false, 2_000, true, 1_000));
         assert!(
-            !gate.over_budget.load(Ordering::Relaxed),
+            !over_budget_after(true, 1_000, true, 1_000),
             "at the budget is not over it"
+        );
+        // In part: over is over, and under keeps the last verdict either way.
+        assert!(over_budget_after(false, 2_000, false, 1_000));
+        assert!(over_budget_after(true, 10, false, 1_000));
+        assert!(!over_budget_after(false, 10, false, 1_000));
+        let gate = IngestGate::default();
+        apply_storage_budget(&gate, 2_000, true, 1_000);
+        assert!(gate.over_budget.load(Ordering::Relaxed));
+        apply_storage_budget(&gate, 0, false, 1_000);
+        assert!(
+            gate.over_budget.load(Ordering::Relaxed),
+            "an unreadable tree is not an empty one"
         );
     }
 }
