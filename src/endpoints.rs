@@ -582,7 +582,8 @@ impl EndpointRegistry {
     /// Queues an endpoint's dead letters again; returns how many.
     pub async fn replay_dead(&self, id: &str) -> Result<usize, EndpointError> {
         let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
-        let n = wait(self.log.revive_dead(live.key)).await?;
+        let (log, key) = (self.log.clone(), live.key);
+        let n = wait_planned(move || log.revive_dead(key)).await?;
         live.add_pending(n as i64);
         Self::rewind(&live);
         Ok(n)
@@ -594,11 +595,12 @@ impl EndpointRegistry {
     pub async fn replay_window(&self, id: &str, since_ms: u64, until_ms: u64) -> Result<usize, EndpointError> {
         let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
         let before = self.log.count_pending(live.key)? as i64;
-        let ticket = {
-            // An index of this endpoint alone, enabled so that a disabled one replays too.
-            let mut config = live.settings().config.clone();
-            config.enabled = true;
-            let index = RoutingIndex::build([(live.key, &config)]);
+        // An index of this endpoint alone, enabled so that a disabled one replays too.
+        let mut config = live.settings().config.clone();
+        config.enabled = true;
+        let index = RoutingIndex::build([(live.key, &config)]);
+        let (log, key) = (self.log.clone(), live.key);
+        let n = wait_planned(move || {
             let wanted = |data: &[u8]| {
                 StoredFacts::of(data).is_some_and(|facts| {
                     let mut routed = Vec::new();
@@ -613,9 +615,9 @@ impl EndpointRegistry {
                     !routed.is_empty()
                 })
             };
-            self.log.replay_window(live.key, since_ms, until_ms, &wanted)
-        };
-        let n = wait(ticket).await?;
+            log.replay_window(key, since_ms, until_ms, &wanted)
+        })
+        .await?;
         // Entries already pending were rewritten, not added: count what the queue grew by.
         let after = self.log.count_pending(live.key)? as i64;
         live.add_pending(after - before);
@@ -896,6 +898,17 @@ struct StoredApiEndpoint {
 
 async fn wait<T>(ticket: crate::log::Ticket<T>) -> Result<T, LogError> {
     ticket.await.map_err(|_| LogError::Closed)?
+}
+
+/// Starts a log write whose planning reads much of the log (a replay, a revival), off the
+/// async workers: it may also wait for a prune under way.
+async fn wait_planned<T: Send + 'static>(
+    start: impl FnOnce() -> crate::log::Ticket<T> + Send + 'static,
+) -> Result<T, LogError> {
+    let ticket = tokio::task::spawn_blocking(start)
+        .await
+        .map_err(|e| LogError::Storage(format!("planning a log write failed: {e}")))?;
+    wait(ticket).await
 }
 
 pub fn now_rfc3339() -> String {

@@ -143,6 +143,14 @@ impl FreshQueues {
         queue.range(from..).take(limit).copied().collect()
     }
 
+    /// The endpoint with the oldest waiting pair, and that pair's seq.
+    pub fn oldest_waiting(&self) -> Option<(EndpointKey, Seq)> {
+        self.queues
+            .iter()
+            .filter_map(|(ep, queue)| queue.front().map(|seq| (*ep, *seq)))
+            .min_by_key(|(_, seq)| *seq)
+    }
+
     pub fn count(&self, ep: EndpointKey) -> usize {
         self.queues.get(&ep).map_or(0, VecDeque::len)
     }

@@ -142,9 +142,18 @@ pub struct SledLog {
     /// and by a revival or replay from its look at what exists until its writes are queued.
     /// Without it a prune planned beside a revival deletes the events the revival queues.
     maintenance: Arc<Mutex<()>>,
-    /// When a prune last said that an endpoint keeps events past retention (0: never).
-    prune_held_warned_ms: Arc<AtomicU64>,
+    /// "An endpoint keeps events past retention", from prunes.
+    prune_held_warning: Arc<RateLimited>,
+    /// "Dead letters buried without the event's body".
+    no_body_warning: RateLimited,
+    /// Tests stop the next prune between its plan and its writes: it tells the first
+    /// sender, and goes on when the receiver gets a message.
+    #[cfg(test)]
+    prune_pause: Arc<Mutex<Option<PrunePause>>>,
 }
+
+#[cfg(test)]
+type PrunePause = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
 
 /// How many of the latest events [`RecentEvents`] keeps.
 const RECENT_EVENTS: usize = 8192;
@@ -297,7 +306,10 @@ impl SledLog {
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             endpoint_keys: Mutex::new(()),
             maintenance: Arc::new(Mutex::new(())),
-            prune_held_warned_ms: Arc::new(AtomicU64::new(0)),
+            prune_held_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
+            no_body_warning: RateLimited::new(10_000),
+            #[cfg(test)]
+            prune_pause: Arc::new(Mutex::new(None)),
         }))
     }
 
@@ -493,7 +505,7 @@ fn low_water(tree: &sled::Tree) -> Result<(Seq, Option<EndpointKey>), LogError> 
         if let Some(run) = tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
             // A run's entries are sorted, and each begins with its seq.
             let oldest = keys::u64_at(&run?.1, 0)?;
-            if oldest < low_water {
+            if oldest < low_water || oldest == low_water && held_by.is_none() {
                 low_water = oldest;
                 held_by = Some(ep);
             }
@@ -502,14 +514,47 @@ fn low_water(tree: &sled::Tree) -> Result<(Seq, Option<EndpointKey>), LogError> 
     Ok((low_water, held_by))
 }
 
+/// A warning said at most once per interval, with how many times it was due meanwhile.
+struct RateLimited {
+    every_ms: u64,
+    /// When it was last said (0: never).
+    last_ms: AtomicU64,
+    due: AtomicU64,
+}
+
+impl RateLimited {
+    const fn new(every_ms: u64) -> RateLimited {
+        RateLimited {
+            every_ms,
+            last_ms: AtomicU64::new(0),
+            due: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one occasion; `Some(occasions since the last time)` when it is to be said.
+    fn due(&self, now_ms: u64) -> Option<u64> {
+        let due = self.due.fetch_add(1, Ordering::Relaxed) + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != 0 && now_ms.saturating_sub(last) < self.every_ms {
+            return None;
+        }
+        // One caller wins the turn; the others count toward the next.
+        self.last_ms
+            .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        self.due.fetch_sub(due, Ordering::Relaxed);
+        Some(due)
+    }
+}
+
 /// What a prune writes, and what it could not remove.
 struct PrunePlan {
     steps: Vec<Step>,
     /// Events that go.
     pruned: u64,
-    /// The endpoint whose pending entry keeps events past retention, if one does (and it
-    /// is in a queue run, not a recent route record).
-    held_by: Option<(EndpointKey, Seq)>,
+    /// The seq whose pending entry keeps events past retention, if one does, with its
+    /// endpoint when a queue run names it (a route record does not).
+    held_at: Option<(Option<EndpointKey>, Seq)>,
 }
 
 /// The writes of a prune at `cutoff` (accepted before it): whole event batches below the
@@ -518,7 +563,7 @@ fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<PrunePlan, LogError> {
     let (low_water, holder) = low_water(tree)?;
     let mut writes = Vec::new();
     let mut pruned = 0u64;
-    let mut held_by = None;
+    let mut held_at = None;
     // Whole batches go, once their last event may.
     for kv in tree.scan_prefix([EVENT_BATCH]) {
         let Ok((k, v)) = kv else { break };
@@ -530,7 +575,7 @@ fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<PrunePlan, LogError> {
             break;
         }
         if last >= low_water {
-            held_by = holder.map(|ep| (ep, low_water));
+            held_at = Some((holder, low_water));
             break;
         }
         writes.push((k.to_vec(), None));
@@ -548,7 +593,7 @@ fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<PrunePlan, LogError> {
     Ok(PrunePlan {
         steps: Step::raw(writes),
         pruned,
-        held_by,
+        held_at,
     })
 }
 
@@ -557,6 +602,14 @@ fn endpoint_id_of(tree: &sled::Tree, key: EndpointKey) -> Option<String> {
     tree.scan_prefix([ENDPOINT_KEY])
         .flatten()
         .find_map(|(k, v)| (v.as_ref() == key.to_be_bytes()).then(|| String::from_utf8_lossy(&k[1..]).into_owned()))
+}
+
+/// The endpoint that keeps events past retention, from where a prune stopped: the queue
+/// run it names, or else (a recent route record held it) the endpoint whose in-memory
+/// entries go back furthest.
+fn holder((in_run, seq): (Option<EndpointKey>, Seq), fresh: &Mutex<FreshQueues>) -> Option<(EndpointKey, Seq)> {
+    let ep = in_run.or_else(|| fresh.lock().ok()?.oldest_waiting().map(|(ep, _)| ep))?;
+    Some((ep, seq))
 }
 
 /// How often at most a prune says that an endpoint keeps events past retention.
@@ -1710,15 +1763,13 @@ impl ClickLog for SledLog {
         let mut steps = Vec::with_capacity(letters.len() * 2);
         let mut leave = Vec::with_capacity(letters.len());
         // A letter keeps the event's body so that it outlives pruning; an event that cannot
-        // be read any more is buried with `null` there (its error says why), and logged once
-        // per call: a damaged segment can bury thousands at once.
+        // be read any more is buried with `null` there (its error says why), and said in a
+        // warning at most every 10 s: a damaged segment can bury thousands, one by one.
         let mut no_copy: Option<(u64, String)> = None;
-        let mut no_copy_count = 0usize;
         for letter in letters {
             let record = match self.event(letter.seq) {
                 Ok(Some(ev)) => keys::event_record(ev.accepted_ms, &ev.data),
                 unreadable => {
-                    no_copy_count += 1;
                     no_copy.get_or_insert_with(|| {
                         let why = match unreadable {
                             Err(e) => e.to_string(),
@@ -1740,13 +1791,15 @@ impl ClickLog for SledLog {
             }
         }
         if let Some((seq, why)) = no_copy {
-            tracing::warn!(
-                endpoint_key = endpoint,
-                count = no_copy_count,
-                first_seq = seq,
-                error = %why,
-                "dead letters buried without the event's body: it cannot be read"
-            );
+            if let Some(calls) = self.no_body_warning.due(super::now_ms()) {
+                tracing::warn!(
+                    endpoint_key = endpoint,
+                    burials = calls,
+                    seq,
+                    error = %why,
+                    "dead letters buried without the event's body: it cannot be read"
+                );
+            }
         }
         // Every dead letter is written before any entry leaves the queue, so a crash
         // between keeps each event somewhere.
@@ -1922,7 +1975,10 @@ impl ClickLog for SledLog {
         let tree = self.tree.clone();
         let tx = self.tx.clone();
         let maintenance = self.maintenance.clone();
-        let warned = self.prune_held_warned_ms.clone();
+        let warning = self.prune_held_warning.clone();
+        let fresh = self.fresh.clone();
+        #[cfg(test)]
+        let pause = self.prune_pause.clone();
         // Off the caller's thread: the plan scans every queue, and waits on the writer.
         let spawned = std::thread::Builder::new()
             .name("clickhook-prune".into())
@@ -1945,11 +2001,14 @@ impl ClickLog for SledLog {
                     // the low water counts their entries.
                     apply(Vec::new())?;
                     let plan = prune_plan(&tree, cutoff)?;
+                    #[cfg(test)]
+                    if let Some(pause) = pause.lock().ok().and_then(|mut p| p.take()) {
+                        let _ = pause.0.send(());
+                        let _ = pause.1.recv();
+                    }
                     apply(plan.steps)?;
-                    if let Some((ep, seq)) = plan.held_by {
-                        let last = warned.load(Ordering::Relaxed);
-                        if last == 0 || now_ms.saturating_sub(last) >= HELD_PRUNE_WARN_EVERY_MS {
-                            warned.store(now_ms.max(1), Ordering::Relaxed);
+                    if let Some((ep, seq)) = plan.held_at.and_then(|held| holder(held, &fresh)) {
+                        if warning.due(now_ms).is_some() {
                             let endpoint = endpoint_id_of(&tree, ep).unwrap_or_else(|| format!("#{ep}"));
                             tracing::warn!(
                                 endpoint = %endpoint,
@@ -2182,14 +2241,93 @@ mod tests {
         let later = super::super::now_ms() + 10_000;
         let plan = prune_plan(&log.tree, later).unwrap();
         assert_eq!(plan.pruned, 0, "event 1 is pending, and 2 comes after it");
-        assert_eq!(plan.held_by, Some((held, 1)));
+        assert_eq!(plan.held_at, Some((Some(held), 1)));
         assert_eq!(endpoint_id_of(&log.tree, held).as_deref(), Some("held"));
         // Within retention nothing is held back: nothing was due to go.
-        assert_eq!(prune_plan(&log.tree, 0).unwrap().held_by, None);
+        assert_eq!(prune_plan(&log.tree, 0).unwrap().held_at, None);
         log.delivered(held, &[1]);
         log.put_setting("sync", None).await.unwrap().unwrap();
         let plan = prune_plan(&log.tree, later).unwrap();
-        assert_eq!((plan.pruned, plan.held_by), (2, None));
+        assert_eq!((plan.pruned, plan.held_at), (2, None));
+    }
+
+    #[tokio::test]
+    async fn a_prune_held_by_entries_still_in_memory_names_their_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let held = log.endpoint_key("held").unwrap();
+        let other = log.endpoint_key("other").unwrap();
+        log.append(vec![event("a", false, vec![held, other])])
+            .await
+            .unwrap()
+            .unwrap();
+        log.delivered(other, &[1]);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        let plan = prune_plan(&log.tree, super::super::now_ms() + 10_000).unwrap();
+        assert_eq!(
+            plan.held_at,
+            Some((None, 1)),
+            "a route record, not a run, holds event 1"
+        );
+        assert_eq!(holder(plan.held_at.unwrap(), &log.fresh), Some((held, 1)));
+    }
+
+    #[test]
+    fn a_rate_limited_warning_is_said_once_per_interval_with_the_count_between() {
+        let warning = RateLimited::new(1_000);
+        assert_eq!(warning.due(5_000), Some(1));
+        assert_eq!(warning.due(5_500), None);
+        assert_eq!(warning.due(5_900), None);
+        assert_eq!(warning.due(6_000), Some(3), "this one and the two held back");
+        assert_eq!(warning.due(6_001), None);
+    }
+
+    /// A revival that plans while a prune has planned but not yet written must wait for
+    /// it: else it finds the event still there, does not restore it, and the prune then
+    /// deletes it under the entry it queued.
+    #[tokio::test]
+    async fn a_revival_waits_for_a_prune_between_its_plan_and_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let k = log.endpoint_key("ep").unwrap();
+        log.append(vec![event("a", false, vec![k])]).await.unwrap().unwrap();
+        log.bury(
+            k,
+            vec![DeadLetter {
+                seq: 1,
+                event_id: "a".into(),
+                attempts: 3,
+                dead_at_ms: 5,
+                accepted_ms: 1,
+                last_status: Some(500),
+                last_error: None,
+            }],
+        );
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        let (planned_tx, planned) = std::sync::mpsc::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel();
+        *log.prune_pause.lock().unwrap() = Some((planned_tx, resume_rx));
+        let pruned = log.prune(super::super::now_ms() + 10_000, 1_000);
+        planned.recv().unwrap();
+        let reviving = {
+            let log = log.clone();
+            std::thread::spawn(move || log.revive_dead(k))
+        };
+        // Time for a revival that did not wait to plan and queue its writes.
+        std::thread::sleep(Duration::from_millis(200));
+        resume.send(()).unwrap();
+        assert_eq!(
+            pruned.await.unwrap().unwrap(),
+            1,
+            "the prune planned before the revival"
+        );
+        assert_eq!(reviving.join().unwrap().await.unwrap().unwrap(), 1);
+        assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![Pending::fresh(1)]);
+        let ev = log.event(1).unwrap();
+        assert!(
+            ev.is_some_and(|ev| ev.data.starts_with(br#"{"id":"a""#)),
+            "the revival restored the event from its letter"
+        );
     }
 
     /// A dead letter revived, and a window replayed, while a prune is planned: the prune
