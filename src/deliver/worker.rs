@@ -12,9 +12,11 @@ use super::{DeliveryPolicy, WorkerEvent};
 use crate::endpoints::{AttemptRecord, EndpointSettings, LiveEndpoint};
 use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use hyper::Uri;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -515,7 +517,7 @@ impl Worker {
         let client = self.client.clone();
         let settings = settings.clone();
         self.inflight.spawn(async move {
-            let result = super::attempt(&client, &settings, &webhook_id, body, slot).await;
+            let result = unless_panicked(super::attempt(&client, &settings, &webhook_id, body, slot)).await;
             Finished {
                 job,
                 result,
@@ -737,6 +739,38 @@ impl Worker {
     }
 }
 
+/// The attempt's result, or a failed attempt in place of one that panicked. The job then
+/// takes the usual failure path (retried on the schedule, then a dead letter), where a
+/// lost task would have left its entries owned by nobody until a restart. The outcome
+/// labels (SPEC §9) have no place for a fault of our own: it counts with `network`, the
+/// request's fate being unknown, and its error says what it was.
+async fn unless_panicked(attempt: impl std::future::Future<Output = AttemptResult>) -> AttemptResult {
+    AssertUnwindSafe(attempt)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| panicked_attempt(panic.as_ref()))
+}
+
+fn panicked_attempt(panic: &(dyn std::any::Any + Send)) -> AttemptResult {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    tracing::error!(
+        panic = what,
+        "a delivery attempt panicked; it counts as failed and is retried"
+    );
+    AttemptResult {
+        outcome: Outcome::Network,
+        status: None,
+        latency: Duration::ZERO,
+        error: Some(format!("internal error: the attempt panicked ({what})")),
+        retry_after: None,
+        body: Bytes::new(),
+    }
+}
+
 /// The stored event starts with `{"id":"…"`; reads that id without parsing the rest.
 pub(crate) fn event_id_of(data: &[u8]) -> String {
     let rest = data.strip_prefix(br#"{"id":"#).unwrap_or(b"");
@@ -762,6 +796,29 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_attempt_becomes_a_failed_attempt_that_is_retried() {
+        let attempt = async {
+            if event_id_of(b"{}").is_empty() {
+                panic!("boom");
+            }
+            AttemptResult {
+                outcome: Outcome::Success,
+                status: Some(200),
+                latency: Duration::ZERO,
+                error: None,
+                retry_after: None,
+                body: Bytes::new(),
+            }
+        };
+        let result = unless_panicked(attempt).await;
+        assert_eq!(result.outcome, Outcome::Network);
+        assert_eq!(
+            result.error.as_deref(),
+            Some("internal error: the attempt panicked (boom)")
+        );
+    }
 
     #[test]
     fn event_id_is_read_from_the_stored_prefix() {
