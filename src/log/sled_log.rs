@@ -91,6 +91,9 @@ enum WriteOp {
     /// durable, and the route records stay as they are, for the next open to recover.
     #[cfg(test)]
     Crash(Reply<()>),
+    /// Fails the group it is in, as a storage error would.
+    #[cfg(test)]
+    Fail,
 }
 
 /// One write of an [`WriteOp::Apply`].
@@ -146,6 +149,7 @@ pub struct SledLog {
     prune_held_warning: Arc<RateLimited>,
     /// "Dead letters buried without the event's body".
     no_body_warning: RateLimited,
+    failed_groups: Arc<AtomicU64>,
     /// Tests stop the next prune between its plan and its writes: it tells the first
     /// sender, and goes on when the receiver gets a message.
     #[cfg(test)]
@@ -277,6 +281,7 @@ impl SledLog {
         let events = Arc::new(AtomicU64::new(count));
         let recent = Arc::new(RecentEvents::new());
         let (tx, rx) = crossbeam_channel::unbounded();
+        let failed_groups = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             db,
             tree: tree.clone(),
@@ -290,6 +295,7 @@ impl SledLog {
             dir: path.to_path_buf(),
             marker_written: marker,
             last_marker: Instant::now(),
+            failed_groups: failed_groups.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("clickhook-log-writer".into())
@@ -308,6 +314,7 @@ impl SledLog {
             maintenance: Arc::new(Mutex::new(())),
             prune_held_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
             no_body_warning: RateLimited::new(10_000),
+            failed_groups,
             #[cfg(test)]
             prune_pause: Arc::new(Mutex::new(None)),
         }))
@@ -792,6 +799,8 @@ struct Writer {
     /// The next seq the marker file records, and when it was last written.
     marker_written: Seq,
     last_marker: Instant,
+    /// Groups that failed: their delivery progress is lost (see [`ClickLog::failed_write_groups`]).
+    failed_groups: Arc<AtomicU64>,
 }
 
 /// Events at most in one [`AppendSet`], unless one append alone has more. An append of
@@ -984,7 +993,7 @@ impl Writer {
                     #[cfg(test)]
                     WriteOp::Crash(reply) => waiting.push(Waiting::Close(reply)),
                     #[cfg(test)]
-                    WriteOp::Hold(_) => {}
+                    WriteOp::Hold(_) | WriteOp::Fail => {}
                 }
                 continue;
             }
@@ -1027,6 +1036,8 @@ impl Writer {
                 }
                 #[cfg(test)]
                 WriteOp::Crash(reply) => waiting.push(Waiting::Close(reply)),
+                #[cfg(test)]
+                WriteOp::Fail => result = Err(LogError::Storage("a failure for the test".into())),
             }
         }
         if result.is_ok() {
@@ -1056,8 +1067,9 @@ impl Writer {
                 // Part of the group may be stored: its seqs are not given back (a later
                 // event must not land on a stored one), and every waiter fails. Progress
                 // and dead letters nobody waits for are lost with it: their entries stay
-                // pending on disk and go out again after a restart.
-                tracing::error!(error = %e, "a write group failed; its appends were refused, and delivery progress in it waits for a restart");
+                // pending on disk, and the count tells delivery to read its queues again.
+                self.failed_groups.fetch_add(1, Ordering::Release);
+                tracing::error!(error = %e, "a write group failed; its appends were refused, and the delivery progress in it is lost: every queue is read again");
                 for w in waiting {
                     match w {
                         Waiting::Append(reply, _) => {
@@ -2031,6 +2043,10 @@ impl ClickLog for SledLog {
         self.events.load(Ordering::Relaxed)
     }
 
+    fn failed_write_groups(&self) -> u64 {
+        self.failed_groups.load(Ordering::Acquire)
+    }
+
     fn close(&self) -> Ticket<()> {
         let (reply, ticket) = oneshot::channel();
         self.send(WriteOp::Close(reply));
@@ -2249,6 +2265,41 @@ mod tests {
         log.put_setting("sync", None).await.unwrap().unwrap();
         let plan = prune_plan(&log.tree, later).unwrap();
         assert_eq!((plan.pruned, plan.held_at), (2, None));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_group_is_counted_and_its_lost_progress_leaves_entries_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let k = log.endpoint_key("ep").unwrap();
+        log.append(vec![event("a", false, vec![k]), event("b", false, vec![k])])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(log.failed_write_groups(), 0);
+        // Delivery of 1 and a failure in one group: the progress is lost with the group.
+        let (release, held) = std::sync::mpsc::channel();
+        log.send(WriteOp::Hold(held));
+        log.delivered(k, &[1]);
+        log.send(WriteOp::Fail);
+        let refused = log.put_setting("after", Some(vec![1]));
+        release.send(()).unwrap();
+        assert!(
+            refused.await.unwrap().is_err(),
+            "a waiter in the failed group hears of it"
+        );
+        assert_eq!(
+            log.failed_write_groups(),
+            1,
+            "delivery reads its queues again when this moves"
+        );
+        let pending: Vec<Seq> = log.pending_after(k, None, 10).unwrap().iter().map(|p| p.seq).collect();
+        assert_eq!(pending, [1, 2], "1 is pending again, for a re-read to find");
+        // The next group goes through, and the count stays.
+        log.delivered(k, &[1]);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![Pending::fresh(2)]);
+        assert_eq!(log.failed_write_groups(), 1);
     }
 
     #[tokio::test]
