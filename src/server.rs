@@ -652,6 +652,17 @@ mod tests {
             .collect()
     }
 
+    /// The number of event ids in each report.
+    fn id_counts(events: &[WorkerEvent]) -> Vec<usize> {
+        events
+            .iter()
+            .map(|e| match e {
+                WorkerEvent::DeadLetter { event_ids, .. } => event_ids.len(),
+                _ => 0,
+            })
+            .collect()
+    }
+
     #[test]
     fn dead_letter_reports_fold_per_endpoint_and_error_without_crossing_other_reports() {
         let events = vec![
@@ -674,27 +685,12 @@ mod tests {
         );
         // A storm folds into events of at most DEAD_LETTER_IDS_PER_EVENT ids, none lost.
         let storm: Vec<WorkerEvent> = (0..2500).map(|i| dead("a", &[&i.to_string()], "500")).collect();
-        let folded = coalesce_dead_letters(storm);
-        let sizes: Vec<usize> = folded
-            .iter()
-            .map(|e| match e {
-                WorkerEvent::DeadLetter { event_ids, .. } => event_ids.len(),
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(sizes, [1000, 1000, 500]);
+        assert_eq!(id_counts(&coalesce_dead_letters(storm)), [1000, 1000, 500]);
         // A single report over the bound (a large batch) is split too.
         let ids: Vec<String> = (0..1500).map(|i| i.to_string()).collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let folded = coalesce_dead_letters(vec![dead("a", &["x"], "500"), dead("a", &ids, "500")]);
-        let sizes: Vec<usize> = folded
-            .iter()
-            .map(|e| match e {
-                WorkerEvent::DeadLetter { event_ids, .. } => event_ids.len(),
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(sizes, [1000, 501]);
+        assert_eq!(id_counts(&folded), [1000, 501]);
         // An endpoint's letters fold only into its latest report: 7 comes after 5's
         // timeout, so it cannot join 1 ahead of it.
         let events = vec![

@@ -2267,8 +2267,21 @@ mod tests {
         assert_eq!((plan.pruned, plan.held_at), (2, None));
     }
 
-    #[tokio::test]
-    async fn a_failed_write_group_is_counted_and_its_lost_progress_leaves_entries_pending() {
+    /// A dead letter of `seq` after three attempts, the last answered 500.
+    fn letter(seq: Seq, event_id: &str) -> DeadLetter {
+        DeadLetter {
+            seq,
+            event_id: event_id.into(),
+            attempts: 3,
+            dead_at_ms: 5,
+            accepted_ms: 1,
+            last_status: Some(500),
+            last_error: None,
+        }
+    }
+
+    /// A log with events "a" and "b" (seqs 1 and 2) queued for endpoint `ep`.
+    async fn two_events_for_one_endpoint() -> (tempfile::TempDir, Arc<SledLog>, EndpointKey) {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
         let k = log.endpoint_key("ep").unwrap();
@@ -2276,6 +2289,12 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        (dir, log, k)
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_group_is_counted_and_its_lost_progress_leaves_entries_pending() {
+        let (_dir, log, k) = two_events_for_one_endpoint().await;
         assert_eq!(log.failed_write_groups(), 0);
         // Delivery of 1 and a failure in one group: the progress is lost with the group.
         let (release, held) = std::sync::mpsc::channel();
@@ -2338,23 +2357,7 @@ mod tests {
     /// deletes it under the entry it queued.
     #[tokio::test]
     async fn a_revival_waits_for_a_prune_between_its_plan_and_its_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path());
-        let k = log.endpoint_key("ep").unwrap();
-        log.append(vec![event("a", false, vec![k])]).await.unwrap().unwrap();
-        log.bury(
-            k,
-            vec![DeadLetter {
-                seq: 1,
-                event_id: "a".into(),
-                attempts: 3,
-                dead_at_ms: 5,
-                accepted_ms: 1,
-                last_status: Some(500),
-                last_error: None,
-            }],
-        );
-        log.put_setting("sync", None).await.unwrap().unwrap();
+        let (_dir, log, k) = one_event_done_with(true).await;
         let (planned_tx, planned) = std::sync::mpsc::channel();
         let (resume, resume_rx) = std::sync::mpsc::channel();
         *log.prune_pause.lock().unwrap() = Some((planned_tx, resume_rx));
@@ -2373,12 +2376,34 @@ mod tests {
             "the prune planned before the revival"
         );
         assert_eq!(reviving.join().unwrap().await.unwrap().unwrap(), 1);
-        assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![Pending::fresh(1)]);
-        let ev = log.event(1).unwrap();
-        assert!(
-            ev.is_some_and(|ev| ev.data.starts_with(br#"{"id":"a""#)),
-            "the revival restored the event from its letter"
+        assert_queued_again_and_kept(&log, k, "the revival restored the event from its letter");
+    }
+
+    /// A log whose one event ("a", seq 1) went to `ep` and was delivered there, or buried
+    /// (`dead`): nothing waits for it, and a prune past retention may take it.
+    async fn one_event_done_with(dead: bool) -> (tempfile::TempDir, Arc<SledLog>, EndpointKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let k = log.endpoint_key("ep").unwrap();
+        log.append(vec![event("a", false, vec![k])]).await.unwrap().unwrap();
+        if dead {
+            log.bury(k, vec![letter(1, "a")]);
+        } else {
+            log.delivered(k, &[1]);
+        }
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        (dir, log, k)
+    }
+
+    /// Event 1 is queued for `k` again, and its body is there to send.
+    fn assert_queued_again_and_kept(log: &SledLog, k: EndpointKey, why: &str) {
+        assert_eq!(
+            log.pending_after(k, None, 10).unwrap(),
+            vec![Pending::fresh(1)],
+            "{why}"
         );
+        let ev = log.event(1).unwrap();
+        assert!(ev.is_some_and(|ev| ev.data.starts_with(br#"{"id":"a""#)), "{why}");
     }
 
     /// A dead letter revived, and a window replayed, while a prune is planned: the prune
@@ -2386,28 +2411,7 @@ mod tests {
     #[tokio::test]
     async fn a_prune_racing_a_revival_or_a_replay_keeps_the_events_they_queue() {
         for replay in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let log = open(dir.path());
-            let k = log.endpoint_key("ep").unwrap();
-            log.append(vec![event("a", false, vec![k])]).await.unwrap().unwrap();
-            if replay {
-                log.delivered(k, &[1]);
-            } else {
-                log.bury(
-                    k,
-                    vec![DeadLetter {
-                        seq: 1,
-                        event_id: "a".into(),
-                        attempts: 3,
-                        dead_at_ms: 5,
-                        accepted_ms: 1,
-                        last_status: Some(500),
-                        last_error: None,
-                    }],
-                );
-            }
-            log.put_setting("sync", None).await.unwrap().unwrap();
-            // Nothing waits for event 1 now: past retention, a prune may take it.
+            let (_dir, log, k) = one_event_done_with(!replay).await;
             let (release, held) = std::sync::mpsc::channel();
             log.send(WriteOp::Hold(held));
             let queued = if replay {
@@ -2423,24 +2427,13 @@ mod tests {
                 0,
                 "replay {replay}: event 1 is pending again"
             );
-            assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![Pending::fresh(1)]);
-            let ev = log.event(1).unwrap();
-            assert!(
-                ev.is_some_and(|ev| ev.data.starts_with(br#"{"id":"a""#)),
-                "replay {replay}: the event is kept"
-            );
+            assert_queued_again_and_kept(&log, k, &format!("replay {replay}: the event is kept"));
         }
     }
 
     #[tokio::test]
     async fn held_back_delivery_progress_is_applied_without_a_later_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path());
-        let k = log.endpoint_key("ep").unwrap();
-        log.append(vec![event("a", false, vec![k]), event("b", false, vec![k])])
-            .await
-            .unwrap()
-            .unwrap();
+        let (_dir, log, k) = two_events_for_one_endpoint().await;
         log.delivered(k, &[1]);
         log.reschedule(
             k,
