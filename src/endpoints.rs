@@ -625,14 +625,6 @@ impl EndpointRegistry {
         Ok(n)
     }
 
-    /// Makes every worker read its queue from the start again: a failed write lost
-    /// delivery progress, so entries a worker took as done are pending on disk again.
-    pub fn rewind_all(&self) {
-        for live in self.all() {
-            Self::rewind(&live);
-        }
-    }
-
     /// Makes the worker read its queue from the start again (entries came back behind it).
     fn rewind(live: &LiveEndpoint) {
         live.rewind.store(true, Ordering::SeqCst);

@@ -246,11 +246,6 @@ pub async fn run(
         gate.clone(),
         shutdown_rx.clone(),
     ));
-    let rereads = tokio::spawn(reread_queues_after_failed_writes(
-        sled_log.clone(),
-        registry.clone(),
-        shutdown_rx.clone(),
-    ));
     {
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -310,7 +305,6 @@ pub async fn run(
     let _ = delivery_stop_tx.send(true);
     registry.shutdown().await;
     let _ = housekeeping.await;
-    let _ = rereads.await;
     if let Some(w) = watchdog {
         let _ = w.await;
     }
@@ -450,34 +444,6 @@ fn start_watchdog(mut shutdown: watch::Receiver<bool>) -> Option<tokio::task::Jo
             }
         }
     }))
-}
-
-/// Once a second: when a log write group failed since the last look, its delivery
-/// progress is lost and its entries are pending on disk again, behind the workers'
-/// cursors; every worker reads its queue again, so they go out without a restart (some
-/// twice, which at-least-once allows).
-async fn reread_queues_after_failed_writes(
-    log: Arc<SledLog>,
-    registry: Arc<EndpointRegistry>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut seen = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let failed = log.failed_write_groups();
-        if failed != seen {
-            seen = failed;
-            tracing::warn!(
-                failed_groups = failed,
-                "log writes failed: every endpoint reads its queue again"
-            );
-            registry.rewind_all();
-        }
-    }
 }
 
 /// Once a second: measure the storage directory against `max_bytes` (ingest answers 503

@@ -182,11 +182,6 @@ pub trait ClickLog: Send + Sync + 'static {
     /// Retained events (the `clickhook_log_events` gauge).
     fn event_count(&self) -> u64;
 
-    /// Write groups that failed since the log opened. Delivery progress in a failed group
-    /// (entries delivered, rescheduled or buried) is lost and its entries are pending again
-    /// on disk: when this moves, delivery must read its queues from the start.
-    fn failed_write_groups(&self) -> u64;
-
     /// Flushes and stops the writer; later writes fail with [`LogError::Closed`].
     fn close(&self) -> Ticket<()>;
 }

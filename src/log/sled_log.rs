@@ -44,6 +44,9 @@ const LAZY_FLUSH: Duration = Duration::from_millis(200);
 /// for longer.
 const DEFER_PROGRESS: Duration = Duration::from_millis(10);
 
+/// How long the writes of a failed group wait at most before they are tried again.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(1);
+
 /// Entries per queue run an append writes, and half the size past which a rewritten run
 /// is split: small enough that rewriting a run for a few completions stays cheap, large
 /// enough that a batch of clicks costs one write per endpoint.
@@ -97,6 +100,7 @@ enum WriteOp {
 }
 
 /// One write of an [`WriteOp::Apply`].
+#[derive(Clone)]
 enum Step {
     /// A raw key write; `None` removes the key.
     Raw(Vec<u8>, Option<Vec<u8>>),
@@ -149,7 +153,6 @@ pub struct SledLog {
     prune_held_warning: Arc<RateLimited>,
     /// "Dead letters buried without the event's body".
     no_body_warning: RateLimited,
-    failed_groups: Arc<AtomicU64>,
     /// Tests stop the next prune between its plan and its writes: it tells the first
     /// sender, and goes on when the receiver gets a message.
     #[cfg(test)]
@@ -281,7 +284,6 @@ impl SledLog {
         let events = Arc::new(AtomicU64::new(count));
         let recent = Arc::new(RecentEvents::new());
         let (tx, rx) = crossbeam_channel::unbounded();
-        let failed_groups = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             db,
             tree: tree.clone(),
@@ -295,7 +297,7 @@ impl SledLog {
             dir: path.to_path_buf(),
             marker_written: marker,
             last_marker: Instant::now(),
-            failed_groups: failed_groups.clone(),
+            failure_warning: RateLimited::new(10_000),
         };
         let handle = std::thread::Builder::new()
             .name("clickhook-log-writer".into())
@@ -314,7 +316,6 @@ impl SledLog {
             maintenance: Arc::new(Mutex::new(())),
             prune_held_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
             no_body_warning: RateLimited::new(10_000),
-            failed_groups,
             #[cfg(test)]
             prune_pause: Arc::new(Mutex::new(None)),
         }))
@@ -799,8 +800,8 @@ struct Writer {
     /// The next seq the marker file records, and when it was last written.
     marker_written: Seq,
     last_marker: Instant,
-    /// Groups that failed: their delivery progress is lost (see [`ClickLog::failed_write_groups`]).
-    failed_groups: Arc<AtomicU64>,
+    /// "A write group failed", said at most every 10 s while writes keep failing.
+    failure_warning: RateLimited,
 }
 
 /// Events at most in one [`AppendSet`], unless one append alone has more. An append of
@@ -898,7 +899,13 @@ impl Writer {
             deferred_since = None;
             let closing = ops.iter().any(WriteOp::stops_writer);
             let applied_any = !ops.is_empty();
-            let (waiting, needs_flush) = self.commit(ops);
+            let (waiting, needs_flush, retry) = self.commit(ops);
+            if !retry.is_empty() {
+                // Tried again with the next group, and alone after a pause: a failing
+                // disk is not hammered in a loop.
+                deferred = retry;
+                deferred_since = Some(Instant::now() + RETRY_FAILED_AFTER);
+            }
             dirty |= applied_any;
             let flush_now = closing
                 || (self.options.fsync == FsyncMode::Always && needs_flush)
@@ -968,8 +975,10 @@ impl Writer {
     }
 
     /// Applies one group of operations, in order. Returns the replies to send once
-    /// durable, and whether anything in the group asked for durability.
-    fn commit(&mut self, ops: Vec<WriteOp>) -> (Vec<Waiting>, bool) {
+    /// durable, whether anything in the group asked for durability, and, when the group
+    /// failed, the writes nobody waits for (delivery progress, dead letters) to try again:
+    /// each sets a queue entry to a state, so writing it twice does no harm.
+    fn commit(&mut self, ops: Vec<WriteOp>) -> (Vec<Waiting>, bool, Vec<WriteOp>) {
         let mut waiting = Vec::with_capacity(ops.len());
         let mut needs_flush = false;
         let mut counts = EventCounts::default();
@@ -982,13 +991,14 @@ impl Writer {
         let mut appends: Option<AppendSet> = None;
         let mut closing = false;
         let mut result = Ok(());
+        let mut again = Vec::new();
         for op in ops {
             if result.is_err() {
-                // The group failed: what is left only needs its waiter answered.
+                // The group failed: what is left needs its waiter answered, or another try.
                 match op {
                     WriteOp::Append(_, reply) => waiting.push(Waiting::Append(reply, Vec::new())),
                     WriteOp::Apply { reply: Some(reply), .. } => waiting.push(Waiting::Apply(reply)),
-                    WriteOp::Apply { reply: None, .. } | WriteOp::Progress { .. } => {}
+                    op @ (WriteOp::Apply { reply: None, .. } | WriteOp::Progress { .. }) => again.push(op),
                     WriteOp::Close(reply) => waiting.push(Waiting::Close(reply)),
                     #[cfg(test)]
                     WriteOp::Crash(reply) => waiting.push(Waiting::Close(reply)),
@@ -1018,12 +1028,24 @@ impl Writer {
                 }
                 WriteOp::Apply { steps, reply, durable } => {
                     needs_flush |= durable;
-                    result = self
-                        .write_gathered(&mut appends)
-                        .and_then(|_| self.change_queues(std::mem::take(&mut progress)))
-                        .and_then(|_| self.apply_steps(steps, &mut counts));
-                    if let Some(reply) = reply {
-                        waiting.push(Waiting::Apply(reply));
+                    // Dead letters are few: a copy to try again costs little.
+                    let unwaited = reply.is_none().then(|| steps.clone());
+                    result = self.write_gathered(&mut appends);
+                    if result.is_ok() {
+                        result = self.change_queues(&progress);
+                        if result.is_ok() {
+                            progress.clear();
+                            result = self.apply_steps(steps, &mut counts);
+                        }
+                    }
+                    match reply {
+                        Some(reply) => waiting.push(Waiting::Apply(reply)),
+                        None if result.is_err() => again.push(WriteOp::Apply {
+                            steps: unwaited.unwrap_or_default(),
+                            reply: None,
+                            durable,
+                        }),
+                        None => {}
                     }
                 }
                 WriteOp::Close(reply) => {
@@ -1043,10 +1065,14 @@ impl Writer {
         if result.is_ok() {
             // On close every entry still waiting moves to its run: a record left behind
             // would queue again, at the next open, the entries delivered since.
-            result = self
-                .write_gathered(&mut appends)
-                .and_then(|_| self.change_queues(progress))
-                .and_then(|_| if closing { self.move_to_runs() } else { Ok(()) });
+            result = self.write_gathered(&mut appends);
+            if result.is_ok() {
+                result = self.change_queues(&progress);
+                if result.is_ok() {
+                    progress.clear();
+                    result = if closing { self.move_to_runs() } else { Ok(()) };
+                }
+            }
         }
         if result.is_ok() && self.next_seq != seq_before {
             result = self
@@ -1062,14 +1088,23 @@ impl Writer {
             Ordering::Relaxed,
         );
         match result {
-            Ok(()) => (waiting, needs_flush),
+            Ok(()) => (waiting, needs_flush, Vec::new()),
             Err(e) => {
                 // Part of the group may be stored: its seqs are not given back (a later
                 // event must not land on a stored one), and every waiter fails. Progress
-                // and dead letters nobody waits for are lost with it: their entries stay
-                // pending on disk, and the count tells delivery to read its queues again.
-                self.failed_groups.fetch_add(1, Ordering::Release);
-                tracing::error!(error = %e, "a write group failed; its appends were refused, and the delivery progress in it is lost: every queue is read again");
+                // not yet written goes first into the list to try again, being the oldest.
+                let mut by_endpoint: BTreeMap<EndpointKey, Vec<(Seq, Option<Pending>)>> = BTreeMap::new();
+                for ((ep, seq), change) in progress {
+                    by_endpoint.entry(ep).or_default().push((seq, change));
+                }
+                let mut retry: Vec<WriteOp> = by_endpoint
+                    .into_iter()
+                    .map(|(endpoint, changes)| WriteOp::Progress { endpoint, changes })
+                    .collect();
+                retry.extend(again);
+                if let Some(times) = self.failure_warning.due(super::now_ms()) {
+                    tracing::error!(error = %e, groups = times, "a write group failed; its appends were refused, and its delivery progress and dead letters are tried again");
+                }
                 for w in waiting {
                     match w {
                         Waiting::Append(reply, _) => {
@@ -1080,7 +1115,7 @@ impl Writer {
                         }
                     }
                 }
-                (Vec::new(), false)
+                (Vec::new(), false, retry)
             }
         }
     }
@@ -1243,23 +1278,23 @@ impl Writer {
                     queued.insert((ep, seq), None);
                 }
                 Step::Raw(k, v) => {
-                    self.change_queues(std::mem::take(&mut queued))?;
+                    self.change_queues(&std::mem::take(&mut queued))?;
                     self.raw_write(k, v, counts)?;
                 }
                 Step::ForgetFresh(ep) => {
-                    self.change_queues(std::mem::take(&mut queued))?;
+                    self.change_queues(&std::mem::take(&mut queued))?;
                     self.forget_fresh(ep)?;
                 }
             }
         }
-        self.change_queues(queued)
+        self.change_queues(&queued)
     }
 
     /// Applies queue changes to fresh entries and runs. A delivered fresh entry only
     /// leaves memory. An entry given state (retried, queued again) goes to its run, and
     /// leaves memory only after that write, so a reader (memory first, then sled) sees it
     /// once or twice between, never not at all.
-    fn change_queues(&mut self, changes: BTreeMap<(EndpointKey, Seq), Option<Pending>>) -> Result<(), LogError> {
+    fn change_queues(&mut self, changes: &BTreeMap<(EndpointKey, Seq), Option<Pending>>) -> Result<(), LogError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -1267,7 +1302,7 @@ impl Writer {
         let mut leaving = Vec::new();
         {
             let mut fresh = lock(&self.fresh);
-            for ((ep, seq), change) in changes {
+            for (&(ep, seq), &change) in changes {
                 match change {
                     // A delivered fresh entry has no run to leave; an endpoint without
                     // runs has nothing to take it out of.
@@ -2043,10 +2078,6 @@ impl ClickLog for SledLog {
         self.events.load(Ordering::Relaxed)
     }
 
-    fn failed_write_groups(&self) -> u64 {
-        self.failed_groups.load(Ordering::Acquire)
-    }
-
     fn close(&self) -> Ticket<()> {
         let (reply, ticket) = oneshot::channel();
         self.send(WriteOp::Close(reply));
@@ -2293,13 +2324,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_write_group_is_counted_and_its_lost_progress_leaves_entries_pending() {
+    async fn the_progress_and_dead_letters_of_a_failed_write_group_are_written_later() {
         let (_dir, log, k) = two_events_for_one_endpoint().await;
-        assert_eq!(log.failed_write_groups(), 0);
-        // Delivery of 1 and a failure in one group: the progress is lost with the group.
+        // A delivery, a burial and a failure in one group.
         let (release, held) = std::sync::mpsc::channel();
         log.send(WriteOp::Hold(held));
         log.delivered(k, &[1]);
+        log.bury(k, vec![letter(2, "b")]);
         log.send(WriteOp::Fail);
         let refused = log.put_setting("after", Some(vec![1]));
         release.send(()).unwrap();
@@ -2307,18 +2338,24 @@ mod tests {
             refused.await.unwrap().is_err(),
             "a waiter in the failed group hears of it"
         );
-        assert_eq!(
-            log.failed_write_groups(),
-            1,
-            "delivery reads its queues again when this moves"
-        );
-        let pending: Vec<Seq> = log.pending_after(k, None, 10).unwrap().iter().map(|p| p.seq).collect();
-        assert_eq!(pending, [1, 2], "1 is pending again, for a re-read to find");
-        // The next group goes through, and the count stays.
-        log.delivered(k, &[1]);
+        // Nothing is sent again by delivery: the writer tries its own writes again with the
+        // next group, or alone after a pause.
         log.put_setting("sync", None).await.unwrap().unwrap();
-        assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![Pending::fresh(2)]);
-        assert_eq!(log.failed_write_groups(), 1);
+        assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![], "1 delivered, 2 buried");
+        assert_eq!(log.count_dead(k).unwrap(), 1);
+        assert_eq!(log.dead_letters(k, 10).unwrap()[0].event_id, "b");
+        // Alone: a failed group with only progress in it is written without another write.
+        let (_dir, log, k) = two_events_for_one_endpoint().await;
+        let (release, held) = std::sync::mpsc::channel();
+        log.send(WriteOp::Hold(held));
+        log.delivered(k, &[1, 2]);
+        log.send(WriteOp::Fail);
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.pending_after(k, None, 10).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the progress is never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
