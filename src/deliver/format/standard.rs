@@ -7,57 +7,54 @@ use super::RenderContext;
 use crate::ingest::click::object_members;
 use std::borrow::Cow;
 
-/// Renders events into the `link.clicked` envelope (or `link.clicked.batch`).
+/// Renders events into the `link.clicked` envelope (or `link.clicked.batch`), each event's
+/// bytes written once, straight into the body.
 pub fn render(events: &[&[u8]], ctx: &RenderContext<'_>) -> Result<Vec<u8>, serde_json::Error> {
-    if ctx.include_ip {
-        return Ok(splice(events, ctx.batch));
-    }
-    let cut = events
-        .iter()
-        .map(|event| without_click_ip(event))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(splice(&cut, ctx.batch))
-}
-
-/// The envelope around the events' bytes as they are.
-fn splice<E: AsRef<[u8]>>(events: &[E], batch: bool) -> Vec<u8> {
-    let len: usize = events.iter().map(|e| e.as_ref().len() + 1).sum::<usize>() + 96;
+    let len: usize = events.iter().map(|e| e.len() + 1).sum::<usize>() + 96;
     let mut out = Vec::with_capacity(len);
-    if batch {
+    let write = |out: &mut Vec<u8>, event: &[u8]| {
+        if ctx.include_ip {
+            out.extend_from_slice(event);
+            Ok(())
+        } else {
+            write_without_click_ip(out, event)
+        }
+    };
+    if ctx.batch {
         out.extend_from_slice(br#"{"type":"link.clicked.batch","data":["#);
         for (i, event) in events.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(event.as_ref());
+            write(&mut out, event)?;
         }
         out.extend_from_slice(b"]}");
-        return out;
+        return Ok(out);
     }
-    let event: &[u8] = events.first().map_or(b"null", |e| e.as_ref());
+    let event: &[u8] = events.first().copied().unwrap_or(b"null");
     out.extend_from_slice(br#"{"type":"link.clicked","timestamp":"#);
     out.extend_from_slice(timestamp_of(event));
     out.extend_from_slice(br#","data":"#);
-    out.extend_from_slice(event);
+    write(&mut out, event)?;
     out.push(b'}');
-    out
+    Ok(out)
 }
 
-/// The stored event with its `click.ip` member cut out; every other byte stays as stored.
-fn without_click_ip(event: &[u8]) -> Result<Cow<'_, [u8]>, serde_json::Error> {
+/// Writes the stored event with its `click.ip` member cut out; every other byte stays as
+/// stored.
+fn write_without_click_ip(out: &mut Vec<u8>, event: &[u8]) -> Result<(), serde_json::Error> {
     match compact::click_ip(event) {
-        Some(None) => Ok(Cow::Borrowed(event)),
+        Some(None) => out.extend_from_slice(event),
         Some(Some(cut)) => {
-            let mut out = Vec::with_capacity(event.len());
             out.extend_from_slice(&event[..cut.start]);
             out.extend_from_slice(&event[cut.end..]);
-            Ok(Cow::Owned(out))
         }
-        None => without_click_ip_parsed(event),
+        None => out.extend_from_slice(&without_click_ip_parsed(event)?),
     }
+    Ok(())
 }
 
-/// The same as [`without_click_ip`] for JSON of any layout: the members' boundaries come
+/// The same as [`write_without_click_ip`] for JSON of any layout: the members' boundaries come
 /// from serde_json, as ingest reads them (as raw text, each name once). Events the log
 /// wrote never need it.
 fn without_click_ip_parsed(event: &[u8]) -> Result<Cow<'_, [u8]>, serde_json::Error> {
@@ -329,6 +326,10 @@ mod tests {
                 r#"{"link":{"ip":"5.6.7.8","s":"\"ip\":\"9\""},"click":{"r":"\"ip\":1"},"metadata":{"ip":"x"}}"#,
             ),
         ];
+        let without_click_ip = |event: &[u8]| {
+            let mut out = Vec::new();
+            write_without_click_ip(&mut out, event).map(|()| out)
+        };
         for (stored, expected) in cases {
             let out = without_click_ip(stored.as_bytes()).unwrap();
             assert_eq!(std::str::from_utf8(&out).unwrap(), expected, "from {stored}");
@@ -340,7 +341,7 @@ mod tests {
         assert_eq!(compact::click_ip(spaced), None);
         assert_eq!(&*without_click_ip(spaced).unwrap(), br#"{ "click" : {"a":1} }"#);
         let untouched = br#"{"link":{"ip":"5.6.7.8"},"click":{"a":1}}"#;
-        assert!(matches!(without_click_ip(untouched).unwrap(), Cow::Borrowed(_)));
+        assert_eq!(without_click_ip(untouched).unwrap(), untouched);
         assert!(
             without_click_ip(br#"{"click":{"ip":"#).is_err(),
             "a damaged event is an error, not a pass"
