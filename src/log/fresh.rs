@@ -255,10 +255,11 @@ impl FreshQueues {
                     _ => queues.push((ep, vec![seq])),
                 }
             }
-            let waiting: usize = queues.iter().map(|(_, seqs)| seqs.len()).sum();
-            self.listed = self.listed.saturating_sub(record.listed()) + waiting;
-            self.waiting = self.waiting.saturating_sub(record.waiting) + waiting;
-            record.waiting = waiting;
+            // Only delivered pairs go: what waits stays as counted.
+            debug_assert_eq!(queues.iter().map(|(_, seqs)| seqs.len()).sum::<usize>(), record.waiting);
+            self.listed = self
+                .listed
+                .saturating_sub(record.listed().saturating_sub(record.waiting));
             record.endpoints = queues.iter().map(|(ep, seqs)| (*ep, seqs.len())).collect();
             rewrites.push((first, queues));
         }

@@ -155,7 +155,8 @@ pub trait ClickLog: Send + Sync + 'static {
     fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize>;
 
     /// Queues again every retained event accepted in `[since_ms, until_ms)` whose stored JSON
-    /// `wanted` admits (the caller knows which clicks the endpoint takes; the log does not).
+    /// `wanted` admits (the caller knows which clicks the endpoint takes; the log does not),
+    /// and every one it cannot read, for delivery to bury as a dead letter that says why.
     fn replay_window(
         &self,
         endpoint: EndpointKey,

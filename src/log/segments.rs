@@ -175,14 +175,15 @@ impl SegmentWriter {
     /// each went, in order, with the accepted_ms and count read from its header. They land
     /// in one segment, a new one when the current is full. On an error nothing is named:
     /// the next write goes over the failed one's bytes.
-    pub fn append(&mut self, batches: &[Vec<u8>]) -> Result<Vec<BatchPointer>, LogError> {
-        let total: u64 = batches.iter().map(|v| v.len() as u64).sum();
+    pub fn append<B: AsRef<[u8]>>(&mut self, batches: &[B]) -> Result<Vec<BatchPointer>, LogError> {
+        let total: u64 = batches.iter().map(|v| v.as_ref().len() as u64).sum();
         if self.len > 0 && self.len + total > self.segment_bytes {
             self.rotate()?;
         }
         let mut bytes = Vec::with_capacity(total as usize);
         let mut pointers = Vec::with_capacity(batches.len());
         for value in batches {
+            let value = value.as_ref();
             let view = BatchView::decode(value)?;
             pointers.push(BatchPointer {
                 segment: self.current,

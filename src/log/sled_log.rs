@@ -100,7 +100,6 @@ enum WriteOp {
 }
 
 /// One write of an [`WriteOp::Apply`].
-#[derive(Clone)]
 enum Step {
     /// A raw key write; `None` removes the key.
     Raw(Vec<u8>, Option<Vec<u8>>),
@@ -220,10 +219,10 @@ pub struct SledOptions {
     pub fresh_repeat_max: usize,
 }
 
-/// The fresh entries, whoever held the lock last: nothing panics while holding it, and
-/// its state stays whole between calls.
-fn lock(fresh: &Mutex<FreshQueues>) -> MutexGuard<'_, FreshQueues> {
-    fresh.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The fresh entries (or the maintenance lock), whoever held the lock last: nothing
+/// panics while holding it, and its state stays whole between calls.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl SledLog {
@@ -264,7 +263,7 @@ impl SledLog {
         migrate_single_entries(&db, &tree)?;
         move_routes_to_runs(&db, &tree)?;
         let mut fresh = FreshQueues::default();
-        for ep in endpoints_with_runs(&tree)? {
+        for (ep, _) in endpoints_with_runs(&tree)? {
             fresh.runs_written(ep);
         }
         let fresh = Arc::new(Mutex::new(fresh));
@@ -297,7 +296,7 @@ impl SledLog {
             dir: path.to_path_buf(),
             marker_written: marker,
             last_marker: Instant::now(),
-            failure_warning: RateLimited::new(10_000),
+            failure_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
         };
         let handle = std::thread::Builder::new()
             .name("clickhook-log-writer".into())
@@ -315,14 +314,14 @@ impl SledLog {
             endpoint_keys: Mutex::new(()),
             maintenance: Arc::new(Mutex::new(())),
             prune_held_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
-            no_body_warning: RateLimited::new(10_000),
+            no_body_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
             #[cfg(test)]
             prune_pause: Arc::new(Mutex::new(None)),
         }))
     }
 
     /// The queue entries a replay of `[since_ms, until_ms)` puts back: one per retained
-    /// event of the window that `wanted` admits.
+    /// event of the window that `wanted` admits, and one per event it cannot read.
     fn replayed(
         &self,
         endpoint: EndpointKey,
@@ -361,14 +360,20 @@ impl SledLog {
     }
 
     fn apply(&self, steps: Vec<Step>, durable: bool) -> Ticket<()> {
-        let (reply, ticket) = oneshot::channel();
-        self.send(WriteOp::Apply {
-            steps,
-            reply: Some(reply),
-            durable,
-        });
-        ticket
+        apply_via(&self.tx, steps, durable)
     }
+}
+
+/// Queues `steps` to the writer; the ticket resolves once they are applied (and durable,
+/// if asked). A failed send drops the reply, and the ticket then reports the log closed.
+fn apply_via(tx: &Sender<WriteOp>, steps: Vec<Step>, durable: bool) -> Ticket<()> {
+    let (reply, ticket) = oneshot::channel();
+    let _ = tx.send(WriteOp::Apply {
+        steps,
+        reply: Some(reply),
+        durable,
+    });
+    ticket
 }
 
 impl Drop for SledLog {
@@ -509,14 +514,12 @@ fn low_water(tree: &sled::Tree) -> Result<(Seq, Option<EndpointKey>), LogError> 
     if let Some(k) = tree.scan_prefix([ROUTES]).keys().next() {
         low_water = keys::u64_at(&k?, 1)?;
     }
-    for ep in endpoints_with_runs(tree)? {
-        if let Some(run) = tree.scan_prefix(keys::queue_prefix(QUEUE_RUN, ep)).next() {
-            // A run's entries are sorted, and each begins with its seq.
-            let oldest = keys::u64_at(&run?.1, 0)?;
-            if oldest < low_water || oldest == low_water && held_by.is_none() {
-                low_water = oldest;
-                held_by = Some(ep);
-            }
+    for (ep, first_run) in endpoints_with_runs(tree)? {
+        // A run's entries are sorted, and each begins with its seq.
+        let oldest = keys::u64_at(&first_run, 0)?;
+        if oldest < low_water || oldest == low_water && held_by.is_none() {
+            low_water = oldest;
+            held_by = Some(ep);
         }
     }
     Ok((low_water, held_by))
@@ -612,24 +615,31 @@ fn endpoint_id_of(tree: &sled::Tree, key: EndpointKey) -> Option<String> {
         .find_map(|(k, v)| (v.as_ref() == key.to_be_bytes()).then(|| String::from_utf8_lossy(&k[1..]).into_owned()))
 }
 
-/// The endpoint that keeps events past retention, from where a prune stopped: the queue
-/// run it names, or else (a recent route record held it) the endpoint whose in-memory
-/// entries go back furthest.
+/// The endpoint that keeps events past retention, and its oldest waiting seq, from where
+/// a prune stopped: the queue run it names, or else (a recent route record held it) the
+/// endpoint whose in-memory entries go back furthest.
 fn holder((in_run, seq): (Option<EndpointKey>, Seq), fresh: &Mutex<FreshQueues>) -> Option<(EndpointKey, Seq)> {
-    let ep = in_run.or_else(|| fresh.lock().ok()?.oldest_waiting().map(|(ep, _)| ep))?;
-    Some((ep, seq))
+    match in_run {
+        Some(ep) => Some((ep, seq)),
+        None => lock(fresh).oldest_waiting(),
+    }
 }
+
+/// How often at most a failing write, or a burial without the event's body, is logged.
+const STORAGE_WARN_EVERY_MS: u64 = 10_000;
 
 /// How often at most a prune says that an endpoint keeps events past retention.
 const HELD_PRUNE_WARN_EVERY_MS: u64 = 3_600_000;
 
-/// Every endpoint with a queue run, one seek per endpoint.
-fn endpoints_with_runs(tree: &sled::Tree) -> Result<Vec<EndpointKey>, LogError> {
+/// Every endpoint with a queue run, with its first run (its oldest entries); one seek
+/// per endpoint.
+fn endpoints_with_runs(tree: &sled::Tree) -> Result<Vec<(EndpointKey, sled::IVec)>, LogError> {
     let mut out = Vec::new();
     let mut from = Bound::Included(vec![QUEUE_RUN]);
     while let Some(kv) = tree.range((from, Bound::Excluded(vec![QUEUE_RUN + 1]))).next() {
-        let ep = keys::endpoint_of_queue_key(&kv?.0)?;
-        out.push(ep);
+        let (k, first_run) = kv?;
+        let ep = keys::endpoint_of_queue_key(&k)?;
+        out.push((ep, first_run));
         from = match ep.checked_add(1) {
             Some(next) => Bound::Included(keys::queue_prefix(QUEUE_RUN, next).to_vec()),
             None => break,
@@ -800,7 +810,8 @@ struct Writer {
     /// The next seq the marker file records, and when it was last written.
     marker_written: Seq,
     last_marker: Instant,
-    /// "A write group failed", said at most every 10 s while writes keep failing.
+    /// "A write group failed" and "flushing the log failed", said at most every
+    /// [`STORAGE_WARN_EVERY_MS`] while writes keep failing.
     failure_warning: RateLimited,
 }
 
@@ -901,8 +912,9 @@ impl Writer {
             let applied_any = !ops.is_empty();
             let (waiting, needs_flush, retry) = self.commit(ops);
             if !retry.is_empty() {
-                // Tried again with the next group, and alone after a pause: a failing
-                // disk is not hammered in a loop.
+                // Tried again with the next group that carries more than progress, or
+                // else after a pause, so a failing disk is not hammered in a loop. The
+                // pause is a `deferred_since` in the future: `elapsed()` reads 0 until then.
                 deferred = retry;
                 deferred_since = Some(Instant::now() + RETRY_FAILED_AFTER);
             }
@@ -919,7 +931,9 @@ impl Writer {
                     Err(e) => {
                         // Waiters get the error; what nobody waits for (acknowledged under
                         // `interval`, or delivery progress) is flushed again next time.
-                        tracing::error!(error = %e, "flushing the log failed");
+                        if let Some(times) = self.failure_warning.due(super::now_ms()) {
+                            tracing::error!(error = %e, times, "flushing the log failed");
+                        }
                         dirty = true;
                     }
                 }
@@ -1028,20 +1042,13 @@ impl Writer {
                 }
                 WriteOp::Apply { steps, reply, durable } => {
                     needs_flush |= durable;
-                    // Dead letters are few: a copy to try again costs little.
-                    let unwaited = reply.is_none().then(|| steps.clone());
-                    result = self.write_gathered(&mut appends);
-                    if result.is_ok() {
-                        result = self.change_queues(&progress);
-                        if result.is_ok() {
-                            progress.clear();
-                            result = self.apply_steps(steps, &mut counts);
-                        }
-                    }
+                    result = self
+                        .write_pending(&mut appends, &mut progress)
+                        .and_then(|_| self.apply_steps(&steps, &mut counts));
                     match reply {
                         Some(reply) => waiting.push(Waiting::Apply(reply)),
                         None if result.is_err() => again.push(WriteOp::Apply {
-                            steps: unwaited.unwrap_or_default(),
+                            steps,
                             reply: None,
                             durable,
                         }),
@@ -1065,14 +1072,13 @@ impl Writer {
         if result.is_ok() {
             // On close every entry still waiting moves to its run: a record left behind
             // would queue again, at the next open, the entries delivered since.
-            result = self.write_gathered(&mut appends);
-            if result.is_ok() {
-                result = self.change_queues(&progress);
-                if result.is_ok() {
-                    progress.clear();
-                    result = if closing { self.move_to_runs() } else { Ok(()) };
+            result = self.write_pending(&mut appends, &mut progress).and_then(|_| {
+                if closing {
+                    self.move_to_runs()
+                } else {
+                    Ok(())
                 }
-            }
+            });
         }
         if result.is_ok() && self.next_seq != seq_before {
             result = self
@@ -1093,14 +1099,17 @@ impl Writer {
                 // Part of the group may be stored: its seqs are not given back (a later
                 // event must not land on a stored one), and every waiter fails. Progress
                 // not yet written goes first into the list to try again, being the oldest.
-                let mut by_endpoint: BTreeMap<EndpointKey, Vec<(Seq, Option<Pending>)>> = BTreeMap::new();
+                let mut retry: Vec<WriteOp> = Vec::new();
+                // Sorted by endpoint first: one op per endpoint.
                 for ((ep, seq), change) in progress {
-                    by_endpoint.entry(ep).or_default().push((seq, change));
+                    match retry.last_mut() {
+                        Some(WriteOp::Progress { endpoint, changes }) if *endpoint == ep => changes.push((seq, change)),
+                        _ => retry.push(WriteOp::Progress {
+                            endpoint: ep,
+                            changes: vec![(seq, change)],
+                        }),
+                    }
                 }
-                let mut retry: Vec<WriteOp> = by_endpoint
-                    .into_iter()
-                    .map(|(endpoint, changes)| WriteOp::Progress { endpoint, changes })
-                    .collect();
                 retry.extend(again);
                 if let Some(times) = self.failure_warning.due(super::now_ms()) {
                     tracing::error!(error = %e, groups = times, "a write group failed; its appends were refused, and its delivery progress and dead letters are tried again");
@@ -1265,25 +1274,38 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes what a group gathered so far: its appends, then its delivery progress, which
+    /// is left in `progress` if the write fails (for another try) and cleared if not.
+    fn write_pending(
+        &mut self,
+        appends: &mut Option<AppendSet>,
+        progress: &mut BTreeMap<(EndpointKey, Seq), Option<Pending>>,
+    ) -> Result<(), LogError> {
+        self.write_gathered(appends)?;
+        self.change_queues(progress)?;
+        progress.clear();
+        Ok(())
+    }
+
     /// Applies steps in order. Queue changes in a row go to their runs together, so a
     /// replay or revival rewrites each run once rather than once per entry.
-    fn apply_steps(&mut self, steps: Vec<Step>, counts: &mut EventCounts) -> Result<(), LogError> {
+    fn apply_steps(&mut self, steps: &[Step], counts: &mut EventCounts) -> Result<(), LogError> {
         let mut queued: BTreeMap<(EndpointKey, Seq), Option<Pending>> = BTreeMap::new();
         for step in steps {
             match step {
                 Step::Put(ep, p) => {
-                    queued.insert((ep, p.seq), Some(p));
+                    queued.insert((*ep, p.seq), Some(*p));
                 }
                 Step::Remove(ep, seq) => {
-                    queued.insert((ep, seq), None);
+                    queued.insert((*ep, *seq), None);
                 }
                 Step::Raw(k, v) => {
                     self.change_queues(&std::mem::take(&mut queued))?;
-                    self.raw_write(k, v, counts)?;
+                    self.raw_write(k, v.as_deref(), counts)?;
                 }
                 Step::ForgetFresh(ep) => {
                     self.change_queues(&std::mem::take(&mut queued))?;
-                    self.forget_fresh(ep)?;
+                    self.forget_fresh(*ep)?;
                 }
             }
         }
@@ -1420,7 +1442,7 @@ impl Writer {
 
     /// One key written as given, except an event batch: its bytes go to a segment and
     /// sled gets a pointer, and a removed batch's segment learns it has one batch fewer.
-    fn raw_write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, counts: &mut EventCounts) -> Result<(), LogError> {
+    fn raw_write(&mut self, key: &[u8], value: Option<&[u8]>, counts: &mut EventCounts) -> Result<(), LogError> {
         if key.first() != Some(&EVENT_BATCH) {
             match value {
                 Some(v) => self.tree.insert(key, v)?,
@@ -1428,7 +1450,7 @@ impl Writer {
             };
             return Ok(());
         }
-        let first = keys::u64_at(&key, 1)?;
+        let first = keys::u64_at(key, 1)?;
         match value {
             Some(v) => {
                 let at = self.segments.append(&[v])?[0];
@@ -1878,10 +1900,7 @@ impl ClickLog for SledLog {
 
     fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
-        let Ok(_guard) = self.maintenance.lock() else {
-            let _ = reply.send(Err(LogError::Storage("maintenance lock poisoned".into())));
-            return ticket;
-        };
+        let _planning = lock(&self.maintenance);
         let mut steps = Vec::new();
         let mut requeue = Vec::new();
         let mut buried = Vec::new();
@@ -1929,10 +1948,7 @@ impl ClickLog for SledLog {
         wanted: &dyn Fn(&[u8]) -> bool,
     ) -> Ticket<usize> {
         let (reply, ticket) = oneshot::channel();
-        let Ok(_guard) = self.maintenance.lock() else {
-            let _ = reply.send(Err(LogError::Storage("maintenance lock poisoned".into())));
-            return ticket;
-        };
+        let _planning = lock(&self.maintenance);
         let steps = match self.replayed(endpoint, since_ms, until_ms, wanted) {
             Ok(steps) => steps,
             Err(e) => {
@@ -2030,20 +2046,9 @@ impl ClickLog for SledLog {
         let spawned = std::thread::Builder::new()
             .name("clickhook-prune".into())
             .spawn(move || {
-                let apply = |steps: Vec<Step>| {
-                    let (reply, ticket) = oneshot::channel();
-                    // A failed send drops the reply; the ticket then reads as closed.
-                    let _ = tx.send(WriteOp::Apply {
-                        steps,
-                        reply: Some(reply),
-                        durable: false,
-                    });
-                    ticket.blocking_recv().unwrap_or(Err(LogError::Closed))
-                };
+                let apply = |steps| apply_via(&tx, steps, false).blocking_recv().unwrap_or(Err(LogError::Closed));
                 let result = (|| {
-                    let _guard = maintenance
-                        .lock()
-                        .map_err(|_| LogError::Storage("maintenance lock poisoned".into()))?;
+                    let _planning = lock(&maintenance);
                     // Revivals and replays queued before this prune are applied first, so
                     // the low water counts their entries.
                     apply(Vec::new())?;
@@ -2054,15 +2059,15 @@ impl ClickLog for SledLog {
                         let _ = pause.1.recv();
                     }
                     apply(plan.steps)?;
-                    if let Some((ep, seq)) = plan.held_at.and_then(|held| holder(held, &fresh)) {
-                        if warning.due(now_ms).is_some() {
-                            let endpoint = endpoint_id_of(&tree, ep).unwrap_or_else(|| format!("#{ep}"));
-                            tracing::warn!(
-                                endpoint = %endpoint,
-                                seq,
-                                "events past retention are kept: this endpoint still waits for an older one (a disabled endpoint keeps its queue); pruning resumes once it is delivered or dead-lettered, or the endpoint is deleted"
-                            );
-                        }
+                    // Hourly at most: naming the endpoint may scan every in-memory queue.
+                    let held = plan.held_at.filter(|_| warning.due(now_ms).is_some());
+                    if let Some((ep, seq)) = held.and_then(|held| holder(held, &fresh)) {
+                        let endpoint = endpoint_id_of(&tree, ep).unwrap_or_else(|| format!("#{ep}"));
+                        tracing::warn!(
+                            endpoint = %endpoint,
+                            seq,
+                            "events past retention are kept: this endpoint still waits for an older one (a disabled endpoint keeps its queue); pruning resumes once it is delivered or dead-lettered, or the endpoint is deleted"
+                        );
                     }
                     Ok(plan.pruned)
                 })();
