@@ -18,7 +18,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::Uri;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -185,9 +185,9 @@ pub struct LiveEndpoint {
     pub rewind: AtomicBool,
     pub stopping: AtomicBool,
     pub pending: AtomicI64,
-    circuit: AtomicU8,
-    /// When an open circuit lets its probe through (Unix ms): past it the circuit reads
-    /// half-open, whether or not an attempt has happened since.
+    /// When the breaker lets (or let) its probe through, in Unix ms; 0 while it is closed.
+    /// The circuit's state follows from it alone: open before it, half-open after,
+    /// whether or not an attempt has happened since.
     circuit_open_until_ms: AtomicU64,
     pub metrics: EndpointMetrics,
     pub history: Mutex<EndpointHistory>,
@@ -210,26 +210,20 @@ impl LiveEndpoint {
         }
     }
 
-    /// The breaker's state after an attempt, with when an open one half-opens.
-    pub fn set_circuit(&self, state: CircuitState, open_until_ms: Option<u64>) {
-        self.circuit_open_until_ms
-            .store(open_until_ms.unwrap_or(0), Ordering::Relaxed);
-        self.circuit.store(state as u8, Ordering::Relaxed);
-        self.metrics
-            .circuit_open
-            .set(if state == CircuitState::Closed { 0.0 } else { 1.0 });
+    /// The breaker after an attempt: when its circuit lets a probe through, if it is not
+    /// closed.
+    pub fn set_circuit(&self, open_until_ms: Option<u64>) {
+        // 0 marks closed; a real time is never 0.
+        let until = open_until_ms.map_or(0, |ms| ms.max(1));
+        self.circuit_open_until_ms.store(until, Ordering::Relaxed);
+        self.metrics.circuit_open.set(if until == 0 { 0.0 } else { 1.0 });
     }
 
     pub fn circuit_state(&self) -> CircuitState {
-        match self.circuit.load(Ordering::Relaxed) {
-            x if x == CircuitState::Open as u8
-                && crate::log::now_ms() >= self.circuit_open_until_ms.load(Ordering::Relaxed) =>
-            {
-                CircuitState::HalfOpen
-            }
-            x if x == CircuitState::Open as u8 => CircuitState::Open,
-            x if x == CircuitState::HalfOpen as u8 => CircuitState::HalfOpen,
-            _ => CircuitState::Closed,
+        match self.circuit_open_until_ms.load(Ordering::Relaxed) {
+            0 => CircuitState::Closed,
+            until if crate::log::now_ms() < until => CircuitState::Open,
+            _ => CircuitState::HalfOpen,
         }
     }
 
@@ -658,7 +652,6 @@ impl EndpointRegistry {
             rewind: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             pending: AtomicI64::new(0),
-            circuit: AtomicU8::new(CircuitState::Closed as u8),
             circuit_open_until_ms: AtomicU64::new(0),
             metrics: EndpointMetrics::new(&config.id),
             history: Mutex::new(EndpointHistory::default()),

@@ -97,6 +97,12 @@ impl Breaker {
         self.open_until.filter(|until| now < *until)
     }
 
+    /// When the circuit opened last lets (or let) its probe through; `None` while closed.
+    /// [`Breaker::state`] follows from it alone.
+    pub fn open_until(&self) -> Option<Instant> {
+        self.open_until
+    }
+
     pub fn on_success(&mut self) {
         self.consecutive = 0;
         self.open_until = None;

@@ -312,9 +312,9 @@ impl Worker {
     fn report_circuit(&self, now: Instant) {
         let open_until_ms = self
             .breaker
-            .reopens_at(now)
+            .open_until()
             .map(|at| now_ms() + at.saturating_duration_since(now).as_millis() as u64);
-        self.ep.set_circuit(self.breaker.state(now), open_until_ms);
+        self.ep.set_circuit(open_until_ms);
     }
 
     fn limiter_wake(&self) -> Option<Instant> {
