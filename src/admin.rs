@@ -52,20 +52,19 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: 
 }
 
 /// Answers on the admin listener while the daemon starts (the log may take a while to
-/// recover): `/healthz` 200, `/readyz` and everything else 503, each on a connection that
-/// closes after it, so no probe stays on this server once it hands the listener back at
-/// `started`.
+/// recover): `/healthz` 200, `/readyz` and everything else 503 with `Retry-After: 1`, each
+/// on a connection that closes after it, so no probe stays on this server once it hands
+/// the listener back at `started`.
 pub async fn serve_starting(listener: TcpListener, started: oneshot::Receiver<()>) -> TcpListener {
     accept(&listener, started, |req: Request<Incoming>| async move {
         let mut resp = match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
-            _ => {
-                let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is starting", None);
-                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                resp
-            }
+            _ => json_error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is starting", None),
         };
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         resp
     })
@@ -538,7 +537,9 @@ mod tests {
         let (started, started_rx) = oneshot::channel();
         let starting = tokio::spawn(serve_starting(listener, started_rx));
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
-        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        let ready = get(addr, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+        assert!(ready.to_ascii_lowercase().contains("retry-after: 1"), "{ready}");
         let api = get(addr, "/v1/endpoints").await;
         assert!(api.starts_with("HTTP/1.1 503"), "{api}");
         assert!(api.to_ascii_lowercase().contains("retry-after: 1"), "{api}");

@@ -5,8 +5,10 @@
 //! [`route`] chose; [`deliver`] drains each endpoint's queue. [`config`], [`endpoints`],
 //! [`admin`] and [`metrics`] stand beside that flow; [`server`] wires it all together and
 //! [`client`] is the reference ingest client behind `clickhook send`. The library must not
-//! read the process's arguments or environment, install signal handlers or exit: that is
-//! the binary's edge (`main.rs`), so tests and embedders drive the whole daemon on port 0.
+//! read the process's arguments or environment (systemd's notify socket aside, which
+//! [`server`] tells of readiness and the watchdog when it is set), install signal
+//! handlers or exit: that is the binary's edge (`main.rs`), so tests and embedders drive
+//! the whole daemon on port 0.
 
 pub mod admin;
 pub mod client;

@@ -254,7 +254,7 @@ pub async fn run(
             // and folding dead letters together keeps this loop up with a storm of them
             // (a backlog reaching the end of its retries), so the channel stays short.
             while worker_events.recv_many(&mut taken, WORKER_EVENTS_PER_TURN).await > 0 {
-                for event in coalesce_dead_letters(std::mem::take(&mut taken)) {
+                for event in coalesce_dead_letters(taken.drain(..)) {
                     handle_worker_event(&registry, event).await;
                 }
             }
@@ -328,50 +328,47 @@ const DEAD_LETTER_IDS_PER_EVENT: usize = 1000;
 
 /// Folds each dead-letter report into the endpoint's latest one when both carry the same
 /// last error, in events of at most [`DEAD_LETTER_IDS_PER_EVENT`] ids. Only an endpoint's
-/// latest report takes more, and any other kind of report is a fence, so each endpoint's
-/// reports keep their order.
-fn coalesce_dead_letters(events: Vec<WorkerEvent>) -> Vec<WorkerEvent> {
-    let mut out: Vec<WorkerEvent> = Vec::with_capacity(events.len());
+/// latest report takes more, and any other kind of report from it is a fence, so each
+/// endpoint's reports keep their order.
+fn coalesce_dead_letters(events: impl IntoIterator<Item = WorkerEvent>) -> Vec<WorkerEvent> {
+    let mut out: Vec<WorkerEvent> = Vec::new();
     let mut latest: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for event in events {
         let WorkerEvent::DeadLetter {
             endpoint,
-            mut event_ids,
+            event_ids,
             last_error,
         } = event
         else {
-            latest.clear();
+            latest.remove(event.endpoint());
             out.push(event);
             continue;
         };
-        if let Some(&at) = latest.get(&endpoint) {
-            if let WorkerEvent::DeadLetter {
-                event_ids: ids,
-                last_error: error,
-                ..
-            } = &mut out[at]
-            {
-                if *error == last_error {
-                    let room = DEAD_LETTER_IDS_PER_EVENT.saturating_sub(ids.len()).min(event_ids.len());
-                    ids.extend(event_ids.drain(..room));
-                    if event_ids.is_empty() {
-                        continue;
-                    }
-                }
-            }
-        }
+        let mut ids = event_ids.into_iter().peekable();
         loop {
-            let rest = event_ids.split_off(event_ids.len().min(DEAD_LETTER_IDS_PER_EVENT));
-            latest.insert(endpoint.clone(), out.len());
-            out.push(WorkerEvent::DeadLetter {
-                endpoint: endpoint.clone(),
-                event_ids,
-                last_error: last_error.clone(),
-            });
-            if rest.is_empty() {
+            let takes_more = |report: &WorkerEvent| {
+                matches!(report, WorkerEvent::DeadLetter { event_ids, last_error: error, .. }
+                    if *error == last_error && event_ids.len() < DEAD_LETTER_IDS_PER_EVENT)
+            };
+            let at = match latest.get(&endpoint) {
+                Some(&at) if takes_more(&out[at]) => at,
+                _ => {
+                    latest.insert(endpoint.clone(), out.len());
+                    out.push(WorkerEvent::DeadLetter {
+                        endpoint: endpoint.clone(),
+                        event_ids: Vec::new(),
+                        last_error: last_error.clone(),
+                    });
+                    out.len() - 1
+                }
+            };
+            if let WorkerEvent::DeadLetter { event_ids: into, .. } = &mut out[at] {
+                let room = DEAD_LETTER_IDS_PER_EVENT - into.len();
+                into.extend(ids.by_ref().take(room));
+            }
+            if ids.peek().is_none() {
                 break;
             }
-            event_ids = rest;
         }
     }
     out
@@ -447,8 +444,8 @@ fn start_watchdog(mut shutdown: watch::Receiver<bool>) -> Option<tokio::task::Jo
 }
 
 /// Once a second: measure the storage directory against `max_bytes` (ingest answers 503
-/// above it) and publish the log gauges. Prune past retention once a minute, or every
-/// half retention when that is shorter.
+/// above it) and publish the log gauges (when the whole directory could be measured).
+/// Prune past retention once a minute, or every half retention when that is shorter.
 async fn housekeeping(
     log: Arc<SledLog>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -505,13 +502,7 @@ async fn housekeeping(
 /// (`complete`) or only in part. A partial size is a lower bound: it can say "over" but
 /// not "under", so short of over it keeps the last verdict.
 fn over_budget_after(was_over: bool, bytes: u64, complete: bool, max_bytes: u64) -> bool {
-    if bytes > max_bytes {
-        true
-    } else if complete {
-        false
-    } else {
-        was_over
-    }
+    bytes > max_bytes || (!complete && was_over)
 }
 
 /// Closes or opens ingest on a measured storage size, logging each change once.
@@ -534,7 +525,7 @@ fn apply_storage_budget(gate: &IngestGate, bytes: u64, complete: bool, max_bytes
 /// The on-disk size of a directory tree, in bytes, as far as it could be read, and the
 /// first error that kept part of it out. Entries that vanish while it walks (sled removes
 /// files as it compacts) count as nothing and are no error.
-pub fn dir_size(path: &Path) -> (u64, Option<std::io::Error>) {
+fn dir_size(path: &Path) -> (u64, Option<std::io::Error>) {
     let mut first_error = None;
     let bytes = match std::fs::read_dir(path) {
         Ok(entries) => dir_entries_size(entries, &mut first_error),
@@ -657,6 +648,16 @@ mod tests {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let folded = coalesce_dead_letters(vec![dead("a", &["x"], "500"), dead("a", &ids, "500")]);
         assert_eq!(id_counts(&folded), [1000, 501]);
+        // Another endpoint's report is no fence for this one's letters.
+        let events = vec![
+            dead("a", &["1"], "500"),
+            WorkerEvent::Recovered { endpoint: "b".into() },
+            dead("a", &["2"], "500"),
+        ];
+        assert_eq!(
+            summary(&coalesce_dead_letters(events)),
+            ["a dead 1,2 500", "b recovered"]
+        );
         // An endpoint's letters fold only into its latest report: 7 comes after 5's
         // timeout, so it cannot join 1 ahead of it.
         let events = vec![

@@ -55,6 +55,19 @@ pub enum WorkerEvent {
     },
 }
 
+impl WorkerEvent {
+    /// The endpoint the report is about.
+    pub fn endpoint(&self) -> &str {
+        match self {
+            WorkerEvent::Gone { endpoint }
+            | WorkerEvent::Failing { endpoint, .. }
+            | WorkerEvent::FailingTooLong { endpoint }
+            | WorkerEvent::Recovered { endpoint }
+            | WorkerEvent::DeadLetter { endpoint, .. } => endpoint,
+        }
+    }
+}
+
 /// Settings shared by every worker.
 #[derive(Clone)]
 pub struct DeliveryPolicy {
@@ -193,13 +206,10 @@ pub async fn attempt(
     }
     match send::build_request(&settings.url, &settings.headers, &headers, body) {
         Ok(request) => client.send(request, settings.timeout, slot).await,
-        Err(e) => send::AttemptResult {
-            outcome: send::Outcome::Network,
-            status: None,
-            latency: Duration::ZERO,
-            error: Some(format!("cannot build the request: {e}")),
-            retry_after: None,
-            body: bytes::Bytes::new(),
-        },
+        Err(e) => send::AttemptResult::unanswered(
+            send::Outcome::Network,
+            Duration::ZERO,
+            format!("cannot build the request: {e}"),
+        ),
     }
 }

@@ -91,6 +91,20 @@ pub struct AttemptResult {
     pub body: Bytes,
 }
 
+impl AttemptResult {
+    /// An attempt that got no answer: a timeout, or a failure on our side or the network's.
+    pub fn unanswered(outcome: Outcome, latency: Duration, error: String) -> AttemptResult {
+        AttemptResult {
+            outcome,
+            status: None,
+            latency,
+            error: Some(error),
+            retry_after: None,
+            body: Bytes::new(),
+        }
+    }
+}
+
 /// Which destination addresses may be connected to.
 #[derive(Debug, Clone, Default)]
 pub struct AddressPolicy {
@@ -539,25 +553,12 @@ impl EndpointClient {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, retry_after, Bytes::from(kept)))
         };
         match tokio::time::timeout(timeout, exchange).await {
-            Err(_) => AttemptResult {
-                outcome: Outcome::Timeout,
-                status: None,
-                latency: started.elapsed(),
-                error: Some(format!(
-                    "no complete answer within {}",
-                    humantime::format_duration(timeout)
-                )),
-                retry_after: None,
-                body: Bytes::new(),
-            },
-            Ok(Err(e)) => AttemptResult {
-                outcome: Outcome::Network,
-                status: None,
-                latency: started.elapsed(),
-                error: Some(error_chain(e.as_ref())),
-                retry_after: None,
-                body: Bytes::new(),
-            },
+            Err(_) => AttemptResult::unanswered(
+                Outcome::Timeout,
+                started.elapsed(),
+                format!("no complete answer within {}", humantime::format_duration(timeout)),
+            ),
+            Ok(Err(e)) => AttemptResult::unanswered(Outcome::Network, started.elapsed(), error_chain(e.as_ref())),
             Ok(Ok((status, retry_after, body))) => {
                 let outcome = Outcome::of_status(status);
                 AttemptResult {

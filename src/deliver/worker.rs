@@ -432,9 +432,7 @@ impl Worker {
                 });
             }
             job.batch = 0;
-            for p in &mut job.items {
-                p.batch = 0;
-            }
+            job.items[0].batch = 0;
         }
         if batch_max > 1 && job.batch == 0 {
             while job.items.len() < batch_max && self.ready.front().is_some_and(|j| j.batch == 0) {
@@ -752,23 +750,17 @@ async fn unless_panicked(attempt: impl std::future::Future<Output = AttemptResul
 }
 
 fn panicked_attempt(panic: &(dyn std::any::Any + Send)) -> AttemptResult {
+    // The panic hook has printed the panic already; the attempt's error carries it on.
     let what = panic
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("no message");
-    tracing::error!(
-        panic = what,
-        "a delivery attempt panicked; it counts as failed and is retried"
-    );
-    AttemptResult {
-        outcome: Outcome::Network,
-        status: None,
-        latency: Duration::ZERO,
-        error: Some(format!("internal error: the attempt panicked ({what})")),
-        retry_after: None,
-        body: Bytes::new(),
-    }
+    AttemptResult::unanswered(
+        Outcome::Network,
+        Duration::ZERO,
+        format!("internal error: the attempt panicked ({what})"),
+    )
 }
 
 /// The stored event starts with `{"id":"…"`; reads that id without parsing the rest.
