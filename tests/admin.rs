@@ -174,12 +174,7 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
         .map(|x| x["event_id"].as_str().unwrap().to_string())
         .collect();
     dead_ids.sort();
-    let mut ids: Vec<String> = v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_string())
-        .collect();
+    let mut ids: Vec<String> = accepted_ids(&v);
     ids.sort();
     assert_eq!(dead_ids, ids);
     assert_eq!(dead[0]["last_status"], 500);

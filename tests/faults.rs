@@ -253,13 +253,7 @@ async fn post_clicks(d: &Daemon, n: usize, tag: &str) -> Vec<String> {
         );
         let (status, v) = d.post(&body, "application/json").await;
         assert_eq!(status, 202, "ingest must accept the clicks: {v}");
-        ids.extend(
-            v["ids"]
-                .as_array()
-                .expect("ids in a 202")
-                .iter()
-                .map(|x| x.as_str().unwrap().to_string()),
-        );
+        ids.extend(accepted_ids(&v));
     }
     ids
 }

@@ -267,12 +267,7 @@ async fn forty_clicks_stored_and_stopped(addr: std::net::SocketAddr) -> (Daemon,
     );
     let (status, v) = d.post(&body, "application/json").await;
     assert_eq!(status, 202, "{v}");
-    let accepted: Vec<String> = v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_string())
-        .collect();
+    let accepted: Vec<String> = accepted_ids(&v);
     assert_eq!(d.terminate(), 0, "clean stop:\n{}", d.logs());
     (d, accepted)
 }

@@ -166,13 +166,11 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
             StatusCode::ACCEPTED,
             &serde_json::json!({ "accepted": accepted, "ids": ids }),
         ),
-        Err(IngestError::Unavailable(why)) => {
-            metrics::ingest_rejected(Source::Http, "unavailable", 1);
-            unavailable(why)
-        }
         Err(e) => {
-            tracing::error!(error = %e, "an append failed; the request is answered 503 and nothing was acknowledged");
-            metrics::ingest_rejected(Source::Http, "storage", 1);
+            if let IngestError::Storage(_) = e {
+                tracing::error!(error = %e, "an append failed; the request is answered 503 and nothing was acknowledged");
+            }
+            metrics::ingest_rejected(Source::Http, e.metric_reason(), 1);
             unavailable(&e.to_string())
         }
     }

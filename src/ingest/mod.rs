@@ -31,6 +31,16 @@ pub enum IngestError {
     Storage(#[from] LogError),
 }
 
+impl IngestError {
+    /// The `reason` label of `clickhook_ingest_rejected_total` for clicks refused so.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            IngestError::Unavailable(_) => "unavailable",
+            IngestError::Storage(_) => "storage",
+        }
+    }
+}
+
 /// Whether ingest may accept clicks now.
 #[derive(Debug, Default)]
 pub struct IngestGate {

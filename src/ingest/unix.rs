@@ -197,10 +197,7 @@ async fn write_replies(
             Some(Err(e)) => Err(e),
         };
         // Lines the log could not take are counted under why, as over HTTP.
-        let unavailable_reason = match &ids {
-            Err(IngestError::Unavailable(_)) => "unavailable",
-            _ => "storage",
-        };
+        let unavailable_reason = ids.as_ref().err().map_or("storage", IngestError::metric_reason);
         let mut ids = match ids {
             Ok(ids) => Ok(ids.into_iter()),
             Err(e) => Err(e.to_string()),

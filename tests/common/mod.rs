@@ -444,6 +444,16 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
     check()
 }
 
+/// The click ids of an ingest answer (a 202's `ids`), in input order.
+pub fn accepted_ids(answer: &serde_json::Value) -> Vec<String> {
+    answer["ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("ids in a 202: {answer}"))
+        .iter()
+        .map(|id| id.as_str().expect("ids are strings").to_string())
+        .collect()
+}
+
 pub fn click(link: &str, workspace: &str) -> String {
     format!(
         r#"{{"link":{{"id":"{link}","workspace_id":"{workspace}","slug":"abc"}},"click":{{"country":"US","user_agent":"Mozilla/5.0"}}}}"#
