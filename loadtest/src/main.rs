@@ -304,7 +304,12 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
             a.endpoints - 1
         );
         if let (Some(after), Some(period)) = (a.down_after, a.down_for) {
-            sink.outage(after, period);
+            let outage = sink.outage(after, period);
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = outage.await {
+                    eprintln!("the scripted outage: {e}");
+                }
+            });
         }
         let until = Instant::now() + a.run_for;
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -139,6 +139,20 @@ pub struct Report {
     pub passed: bool,
 }
 
+/// "`n` `what`", when `n` is not 0.
+fn counted(out: &mut Vec<String>, n: u64, what: &str) {
+    if n > 0 {
+        out.push(format!("{n} {what}"));
+    }
+}
+
+/// "`want - have` of `want` `what`", when `have` falls short.
+fn short_of(out: &mut Vec<String>, have: u64, want: u64, what: &str) {
+    if have < want {
+        out.push(format!("{} of {want} {what}", want - have));
+    }
+}
+
 impl Report {
     /// Why the run fails; empty when it passes.
     pub fn failures(&self) -> Vec<String> {
@@ -146,37 +160,29 @@ impl Report {
         if self.clicks_acknowledged == 0 {
             f.push("no click was acknowledged".to_string());
         }
-        if self.lost > 0 {
-            f.push(format!("{} acknowledged deliveries never arrived", self.lost));
-        }
-        if self.bad_signatures > 0 {
-            f.push(format!("{} requests had a bad signature", self.bad_signatures));
-        }
-        if self.stale_timestamps > 0 {
-            f.push(format!(
-                "{} requests had a timestamp more than 5 minutes off",
-                self.stale_timestamps
-            ));
-        }
-        if self.clicks_acknowledged < self.clicks_sent {
-            f.push(format!(
-                "{} of {} sent clicks were not acknowledged",
-                self.clicks_sent - self.clicks_acknowledged,
-                self.clicks_sent
-            ));
-        }
-        if self.misrouted > 0 {
-            f.push(format!(
-                "{} deliveries went to endpoints whose filters do not take the click",
-                self.misrouted
-            ));
-        }
-        if self.client_id_mismatches > 0 {
-            f.push(format!(
-                "{} acknowledgements named another id than the click's own",
-                self.client_id_mismatches
-            ));
-        }
+        counted(&mut f, self.lost, "acknowledged deliveries never arrived");
+        counted(&mut f, self.bad_signatures, "requests had a bad signature");
+        counted(
+            &mut f,
+            self.stale_timestamps,
+            "requests had a timestamp more than 5 minutes off",
+        );
+        short_of(
+            &mut f,
+            self.clicks_acknowledged,
+            self.clicks_sent,
+            "sent clicks were not acknowledged",
+        );
+        counted(
+            &mut f,
+            self.misrouted,
+            "deliveries went to endpoints whose filters do not take the click",
+        );
+        counted(
+            &mut f,
+            self.client_id_mismatches,
+            "acknowledgements named another id than the click's own",
+        );
         if let Some(o) = &self.daemon.outcome {
             if o.killed {
                 f.push(format!(
@@ -194,40 +200,33 @@ impl Report {
     /// Fills `problems` and `passed` from the figures.
     pub fn conclude(&mut self) {
         let mut p = Vec::new();
-        if self.clicks_sent < self.clicks_requested {
-            p.push(format!(
-                "{} of {} clicks were not sent (duration limit or ingest errors)",
-                self.clicks_requested - self.clicks_sent,
-                self.clicks_requested
-            ));
-        }
-        if self.unexpected_ids > 0 {
-            p.push(format!(
-                "{} event ids arrived that were never acknowledged",
-                self.unexpected_ids
-            ));
-        }
-        if self.sink.header_problems > 0 {
-            p.push(format!(
-                "{} requests lacked content-type application/json or a clickhook/ user agent",
-                self.sink.header_problems
-            ));
-        }
-        if self.sink.id_mismatches > 0 {
-            p.push(format!(
-                "{} single-event bodies had a data.id other than their webhook-id",
-                self.sink.id_mismatches
-            ));
-        }
-        if self.sink.unparsable > 0 {
-            p.push(format!("{} bodies had no readable event ids", self.sink.unparsable));
-        }
-        if self.sink.answered_404 > 0 {
-            p.push(format!(
-                "{} requests went to paths that are no endpoint",
-                self.sink.answered_404
-            ));
-        }
+        short_of(
+            &mut p,
+            self.clicks_sent,
+            self.clicks_requested,
+            "clicks were not sent (duration limit or ingest errors)",
+        );
+        counted(
+            &mut p,
+            self.unexpected_ids,
+            "event ids arrived that were never acknowledged",
+        );
+        counted(
+            &mut p,
+            self.sink.header_problems,
+            "requests lacked content-type application/json or a clickhook/ user agent",
+        );
+        counted(
+            &mut p,
+            self.sink.id_mismatches,
+            "single-event bodies had a data.id other than their webhook-id",
+        );
+        counted(&mut p, self.sink.unparsable, "bodies had no readable event ids");
+        counted(
+            &mut p,
+            self.sink.answered_404,
+            "requests went to paths that are no endpoint",
+        );
         if self.drain_timed_out {
             p.push("stopped waiting for deliveries at the drain timeout".to_string());
         }

@@ -529,7 +529,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
     }
 
     // What goes wrong on the way fails the run.
-    let mut problems = Vec::new();
+    let mut failures = Vec::new();
     let drain_deadline = Instant::now() + options.drain_timeout.unwrap_or(plan.drain_timeout);
     let expected_total = counters.expected_deliveries.load(Relaxed);
     let mut next_full_check = Instant::now();
@@ -550,7 +550,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         }
         if let Some(d) = daemon.as_mut() {
             if !d.alive() {
-                problems.push(format!(
+                failures.push(format!(
                     "the daemon exited during the run; stderr ends with:\n{}",
                     d.stderr_tail()
                 ));
@@ -562,7 +562,13 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
 
     phase.store(PHASE_STOP, Relaxed);
     if let Some(o) = outage {
-        o.abort();
+        if o.is_finished() {
+            if let Ok(Err(e)) = o.await {
+                failures.push(format!("the scripted outage: {e}"));
+            }
+        } else {
+            o.abort();
+        }
     }
     let last_sample = sampler.as_ref().and_then(|s| s.latest());
     let outcome = match daemon.take() {
@@ -572,7 +578,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
     let disk_after = workdir.as_ref().map_or(0, |d| disk_usage(&d.path().join("data")));
     if let Some(mut r) = registered.take() {
         for e in r.delete().await {
-            problems.push(format!("could not delete endpoint: {e}"));
+            failures.push(format!("could not delete endpoint: {e}"));
         }
     }
     if let Some(p) = progress {
@@ -687,7 +693,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         wall_seconds: wall.elapsed().as_secs_f64(),
         drain_timed_out,
         problems: Vec::new(),
-        run_failures: problems,
+        run_failures: failures,
         passed: false,
     };
     report.conclude();

@@ -349,6 +349,21 @@ pub struct Sink {
     addr: SocketAddr,
 }
 
+/// See [`Sink::set_down`].
+async fn set_listener_down(state: &State, addr: SocketAddr, down: bool) -> Result<(), Error> {
+    state.down.send_replace(down);
+    let mut listening = state.listening.subscribe();
+    let reached = tokio::time::timeout(Duration::from_secs(10), listening.wait_for(|l| *l != down)).await;
+    match reached {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(Error::Sink(format!(
+            "listener on {addr} did not go {} within 10 s ({} bind errors)",
+            if down { "down" } else { "up" },
+            state.bind_errors.load(Relaxed)
+        ))),
+    }
+}
+
 impl Sink {
     /// Binds the listener and starts serving. Errors when the address is not loopback or
     /// cannot be bound, or a secret is malformed.
@@ -410,29 +425,18 @@ impl Sink {
     /// Down: the listener is closed (connections are refused) and open connections are cut.
     /// Up: the same port is bound again. Returns once the listener is in the asked state.
     pub async fn set_down(&self, down: bool) -> Result<(), Error> {
-        self.state.down.send_replace(down);
-        let mut listening = self.state.listening.subscribe();
-        let reached = tokio::time::timeout(Duration::from_secs(10), listening.wait_for(|l| *l != down)).await;
-        match reached {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(Error::Sink(format!(
-                "listener on {} did not go {} within 10 s ({} bind errors)",
-                self.addr,
-                if down { "down" } else { "up" },
-                self.state.bind_errors.load(Relaxed)
-            ))),
-        }
+        set_listener_down(&self.state, self.addr, down).await
     }
 
     /// In the background: `after` from now, takes the listener down for `period`, then
-    /// brings it back.
-    pub fn outage(&self, after: Duration, period: Duration) -> tokio::task::JoinHandle<()> {
-        let state = self.state.clone();
+    /// brings it back; the task ends with an error if the listener did not follow.
+    pub fn outage(&self, after: Duration, period: Duration) -> tokio::task::JoinHandle<Result<(), Error>> {
+        let (state, addr) = (self.state.clone(), self.addr);
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            state.down.send_replace(true);
+            set_listener_down(&state, addr, true).await?;
             tokio::time::sleep(period).await;
-            state.down.send_replace(false);
+            set_listener_down(&state, addr, false).await
         })
     }
 
