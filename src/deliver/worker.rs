@@ -29,6 +29,7 @@ const PAGE: usize = 512;
 /// (they wait on disk) until retries drain.
 const MAX_WAITING: usize = 100_000;
 
+#[derive(Clone)]
 pub(crate) struct WorkerContext {
     pub log: Arc<dyn ClickLog>,
     pub policy: DeliveryPolicy,
@@ -113,7 +114,61 @@ fn new_batch_id() -> u64 {
 /// At most one failure line per endpoint per this interval; the rest are counted.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// The first pause before a worker that panicked starts again; it doubles with each
+/// panic in a row, up to [`RESTART_AFTER_MAX`].
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+const RESTART_AFTER_MAX: Duration = Duration::from_secs(60);
+
+/// Runs the endpoint's worker until the endpoint stops or the daemon shuts down.
 pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
+    let stopped = {
+        let (ep, shutdown) = (ep.clone(), ctx.shutdown.clone());
+        move || ep.stopping.load(Ordering::SeqCst) || *shutdown.borrow()
+    };
+    let id = ep.id.clone();
+    restarting_after_panics(&id, || run_once(ep.clone(), ctx.clone()), stopped).await;
+}
+
+/// Runs `worker` again whenever it panics, after a pause that doubles with each panic
+/// in a row. A panicked worker's entries are still pending in the log, so the next run
+/// reads them again: its attempts in flight and its unwritten progress are sent again,
+/// which at-least-once delivery allows, where a worker left dead would have stopped
+/// the endpoint until a restart of the daemon.
+async fn restarting_after_panics<F: std::future::Future<Output = ()>>(
+    endpoint: &str,
+    mut worker: impl FnMut() -> F,
+    stopped: impl Fn() -> bool,
+) {
+    let mut pause = RESTART_AFTER;
+    loop {
+        let panic = match AssertUnwindSafe(worker()).catch_unwind().await {
+            Ok(()) => return,
+            Err(panic) => panic,
+        };
+        if stopped() {
+            return;
+        }
+        tracing::error!(
+            endpoint,
+            panic = panic_message(panic.as_ref()),
+            restart_in_ms = pause.as_millis() as u64,
+            "the endpoint's worker panicked; it starts again from its queue in the log"
+        );
+        let until = tokio::time::Instant::now() + pause;
+        // Checked every tick, so that a shutdown or a stop need not wait out the pause.
+        while !stopped() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(RESTART_TICK.min(until - tokio::time::Instant::now())).await;
+        }
+        if stopped() {
+            return;
+        }
+        pause = (pause * 2).min(RESTART_AFTER_MAX);
+    }
+}
+
+const RESTART_TICK: Duration = Duration::from_millis(100);
+
+async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
     let settings = ep.settings();
     let client = EndpointClient::for_this_thread(
         &ctx.policy.addresses,
@@ -502,9 +557,27 @@ impl Worker {
             include_ip: settings.config.include_ip,
             batch: batched,
         };
-        let body = match format::render(settings.config.format, &refs, &ctx) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => {
+        let rendered =
+            std::panic::catch_unwind(AssertUnwindSafe(|| format::render(settings.config.format, &refs, &ctx)));
+        let body = match rendered {
+            Ok(Ok(b)) => Bytes::from(b),
+            Err(panic) => {
+                // A renderer that panics on these events fails their attempt, so they
+                // take the way of retries and then dead letters instead of taking the
+                // worker down again on every restart.
+                let result = panicked_attempt(panic.as_ref());
+                self.inflight.spawn(async move {
+                    drop(slot);
+                    Finished {
+                        job,
+                        result,
+                        event_ids,
+                        accepted_ms,
+                    }
+                });
+                return;
+            }
+            Ok(Err(e)) => {
                 tracing::error!(endpoint = %self.ep.id, error = %e, "cannot render; the events stay queued");
                 let due = now_ms() + 60_000;
                 self.wait(job, due);
@@ -751,16 +824,20 @@ async fn unless_panicked(attempt: impl std::future::Future<Output = AttemptResul
 
 fn panicked_attempt(panic: &(dyn std::any::Any + Send)) -> AttemptResult {
     // The panic hook has printed the panic already; the attempt's error carries it on.
-    let what = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message");
+    let what = panic_message(panic);
     AttemptResult::unanswered(
         Outcome::Network,
         Duration::ZERO,
         format!("internal error: the attempt panicked ({what})"),
     )
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 /// The stored event starts with `{"id":"…"`; reads that id without parsing the rest.
@@ -788,6 +865,201 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clickhook_loadtest::http::Http1;
+    use hyper::Method;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A receiver that answers every request 200 and keeps the bodies, in order.
+    async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let kept = bodies.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < end + 4 + length {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body: Vec<u8> = buf.drain(..end + 4 + length).skip(end + 4).collect();
+                        kept.lock().unwrap().push(String::from_utf8(body).unwrap());
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, bodies)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renderer_that_panics_fails_its_events_and_the_endpoint_delivers_the_rest() {
+        let (sink, bodies) = receiver().await;
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"
+[storage]
+path = "data"
+[ingest.http]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[delivery]
+allow_private_networks = true
+[retry]
+schedule = ["10ms", "10ms"]
+jitter = 0.0
+[[endpoints]]
+id = "e"
+url = "http://{sink}/e"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+"#
+        );
+        let path = dir.path().join("config.toml");
+        let config = crate::config::Config::parse(&text, &path).unwrap();
+        let listeners = crate::server::bind(&config).await.unwrap();
+        let (ingest, admin) = (listeners.http_addr().unwrap(), listeners.admin_addr().unwrap());
+        let (control, control_rx) = mpsc::channel(1);
+        let daemon = tokio::spawn(crate::server::run(config, listeners, control_rx));
+
+        let panics = std::str::from_utf8(format::PANICS).unwrap();
+        let clicks = format!(
+            r#"[{{"link":{{"id":"{panics}","workspace_id":"w"}}}},{{"link":{{"id":"fine","workspace_id":"w"}}}}]"#
+        );
+        let mut http = Http1::connect(ingest).await.unwrap();
+        let accepted = http
+            .request(
+                Method::POST,
+                "/v1/clicks",
+                &[("content-type", "application/json")],
+                clicks.into(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(accepted.status, 202, "{:?}", accepted.body);
+        let answer: serde_json::Value = serde_json::from_slice(&accepted.body).unwrap();
+        let ids: Vec<&str> = answer["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap())
+            .collect();
+
+        // The endpoint's first attempt is the panicking event's, so without the guard the
+        // worker would die on it, and again on every restart, before the second went out.
+        let mut admin_http = Http1::connect(admin).await.unwrap();
+        let mut dead = serde_json::Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let answer = admin_http
+                .request(
+                    Method::GET,
+                    "/v1/endpoints/e/dead",
+                    &[],
+                    Bytes::new(),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            dead = serde_json::from_slice(&answer.body).unwrap();
+            let delivered = bodies.lock().unwrap().iter().any(|b| b.contains(ids[1]));
+            if delivered && dead.as_array().is_some_and(|d| !d.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            bodies.lock().unwrap().iter().any(|b| b.contains(ids[1])),
+            "the second click arrives"
+        );
+        assert!(
+            !bodies.lock().unwrap().iter().any(|b| b.contains(ids[0])),
+            "nothing went out for the first"
+        );
+        let dead = dead.as_array().unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0]["event_id"], ids[0]);
+        assert_eq!(dead[0]["attempts"], 3, "the first try and both retries");
+        let error = dead[0]["last_error"].as_str().unwrap();
+        assert!(error.contains("panicked"), "{error}");
+
+        control.send(crate::server::Control::Shutdown).await.unwrap();
+        daemon.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_panics_starts_again_after_a_growing_pause() {
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let mut starts = Vec::new();
+        restarting_after_panics(
+            "e",
+            || {
+                starts.push(started.elapsed());
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if run < 3 {
+                        panic!("worker bug {run}");
+                    }
+                }
+            },
+            || false,
+        )
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 4, "three panics, then a run that ends");
+        let secs: Vec<u64> = starts.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, [0, 1, 3, 7], "pauses of 1, 2 and 4 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_endpoint_is_not_started_again_and_does_not_wait_out_the_pause() {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        let stopper = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            stopper.store(true, Ordering::SeqCst);
+        });
+        let started = tokio::time::Instant::now();
+        restarting_after_panics(
+            "e",
+            || {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async { panic!("worker bug") }
+            },
+            || stop.load(Ordering::SeqCst),
+        )
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     #[tokio::test]
     async fn a_panicking_attempt_becomes_a_failed_attempt_that_is_retried() {
