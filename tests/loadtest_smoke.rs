@@ -29,6 +29,9 @@ async fn checked_run(options: ScenarioOptions) -> clickhook_loadtest::Report {
     assert_eq!(report.lost, 0);
     assert_eq!(report.bad_signatures, 0);
     assert!(report.delivered >= clicks);
+    // A started daemon is measured twice: once started, once at the end.
+    let (start, all) = (report.daemon.startup_cpu_seconds, report.daemon.cpu_seconds);
+    assert!(start.zip(all).is_some_and(|(s, a)| s <= a), "{start:?} of {all:?}");
     report
 }
 

@@ -32,7 +32,7 @@ r = json.load(open(sys.argv[1]))
 l = r["latency"]
 print(f'  ingest {r["ingest_rate"]:.0f}/s  delivery {r["delivery_rate"]:.0f}/s  delivered {r["delivered"]}/{r["expected_deliveries"]}'
       f'  lost {r["lost"]}  dup {r["duplicates"]}  p50 {l.get("p50_ms")} ms  p99 {l.get("p99_ms")} ms  p99.9 {l.get("p999_ms")} ms'
-      f'  daemon cpu {r["daemon"].get("cpu_seconds")} s  peak rss {r["daemon"].get("peak_rss_bytes", 0)/2**20:.0f} MiB  passed {r["passed"]}')
+      f'  daemon cpu {r["daemon"].get("cpu_seconds")} s (starting {r["daemon"].get("startup_cpu_seconds")} s)  peak rss {r["daemon"].get("peak_rss_bytes", 0)/2**20:.0f} MiB  passed {r["passed"]}')
 for g in r.get("groups", []):
     print(f'  group {g.get("name")}: {g.get("delivered")} delivered, {g.get("delivery_rate", 0):.0f}/s')
 if r.get("backlog"):

@@ -481,6 +481,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         // Measure the daemon at work, not finishing its start.
         procstat::wait_until_quiet(p, QUIET_WINDOW, 0.05, QUIET_LIMIT).await;
     }
+    let startup_cpu_seconds = pid.and_then(|p| procstat::sample(p).ok()).map(|s| s.cpu_seconds);
     let sampler = pid.map(|p| Arc::new(Sampler::start(p)));
     let counters = Arc::new(DriveCounters::default());
     let routing = Arc::new(Routing::new(&plan));
@@ -686,6 +687,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         daemon: DaemonReport {
             pid,
             cpu_seconds: last_sample.map(|s| s.cpu_seconds),
+            startup_cpu_seconds,
             peak_rss_bytes: last_sample.map(|s| s.peak_rss_bytes),
             outcome,
         },
