@@ -492,7 +492,9 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
             let key = format!("endpoints[{i}]");
-            validate_endpoint(ep).map_err(|(field, why)| ConfigError::invalid(file, format!("{key}.{field}"), why))?;
+            validate_endpoint(ep)
+                .and_then(|()| not_reserved(&ep.id))
+                .map_err(|(field, why)| ConfigError::invalid(file, format!("{key}.{field}"), why))?;
             if !self.delivery.allow_private_networks {
                 if let Some(ip) = private_destination(&ep.url, &allowed) {
                     return Err(ConfigError::invalid(
@@ -584,6 +586,16 @@ impl Config {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         }
     }
+}
+
+/// Refuses the id of the internal operations endpoint for an endpoint of the user's:
+/// ids name queues, so two endpoints of one id would drain one queue, and the
+/// operations endpoint sends stored events whole, the visitor IP included.
+pub fn not_reserved(id: &str) -> Result<(), (&'static str, String)> {
+    if id == OPERATIONS_ENDPOINT {
+        return Err(("id", format!("{id:?} is reserved for the [operations] endpoint")));
+    }
+    Ok(())
 }
 
 /// Checks one endpoint definition; on failure returns the field and why.
@@ -762,5 +774,14 @@ mod tests {
     fn duplicate_endpoint_ids_are_refused() {
         let t = "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\n[[endpoints]]\nid = \"a\"\nurl = \"http://y\"\n";
         assert!(parse(t).unwrap_err().to_string().contains("endpoints[1].id"));
+    }
+
+    #[test]
+    fn the_operations_endpoint_id_is_refused_for_an_endpoint() {
+        let t = "[[endpoints]]\nid = \"_operations\"\nurl = \"http://x\"\n";
+        let err = parse(t).unwrap_err().to_string();
+        assert!(err.contains("endpoints[0].id") && err.contains("reserved"), "{err}");
+        let ops = "[operations]\nurl = \"https://ops.example/\"\n";
+        assert!(parse(ops).is_ok(), "the operations endpoint itself takes it");
     }
 }

@@ -4,7 +4,7 @@
 //! routing index swapped in on every change. It must not send requests or touch queues
 //! directly: workers do the first, the log the second.
 
-use crate::config::{validate_endpoint, EndpointConfig};
+use crate::config::{not_reserved, validate_endpoint, EndpointConfig};
 use crate::deliver::policy::CircuitState;
 use crate::deliver::send::Outcome;
 use crate::deliver::sign::{generate_secret, AsymmetricKey, SigningKey};
@@ -345,26 +345,36 @@ impl EndpointRegistry {
             .filter(|(_, ep)| ep.source == EndpointSource::Api)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut stopped = Vec::new();
+        // Everything that can refuse the file runs before anything changes, so that a
+        // refused reload leaves the old endpoints in force, with no worker started.
+        if let Some(ep) = endpoints.iter().find(|ep| by_id.contains_key(&ep.id)) {
+            return Err(EndpointError::Exists(ep.id.clone()));
+        }
+        let mut changed = Vec::new();
+        let mut started = Vec::new();
         for ep in endpoints {
-            if by_id.contains_key(&ep.id) {
-                return Err(EndpointError::Exists(ep.id.clone()));
-            }
             match current.by_id.get(&ep.id) {
                 Some(live) if live.source == EndpointSource::Config => {
                     if live.settings().config != *ep {
-                        let settings = self.settings_for(ep, live.source).await?;
-                        live.settings.store(Arc::new(settings));
-                        live.wake.notify_one();
+                        changed.push((live.clone(), self.settings_for(ep, live.source).await?));
                     }
                     by_id.insert(ep.id.clone(), live.clone());
                 }
                 _ => {
-                    let live = self.make_live(ep, EndpointSource::Config, now_rfc3339()).await?;
-                    by_id.insert(ep.id.clone(), live);
+                    let live = self.prepare_live(ep, EndpointSource::Config, now_rfc3339()).await?;
+                    by_id.insert(ep.id.clone(), live.clone());
+                    started.push(live);
                 }
             }
         }
+        for (live, settings) in changed {
+            live.settings.store(Arc::new(settings));
+            live.wake.notify_one();
+        }
+        for live in &started {
+            self.start_worker(live);
+        }
+        let mut stopped = Vec::new();
         for (id, live) in &current.by_id {
             if !by_id.contains_key(id) {
                 stopped.push(live.clone());
@@ -380,7 +390,9 @@ impl EndpointRegistry {
     /// Adds an endpoint at run time and persists it.
     pub async fn create(&self, mut config: EndpointConfig) -> Result<Arc<LiveEndpoint>, EndpointError> {
         let _guard = self.change.lock().await;
-        validate_endpoint(&config).map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
+        validate_endpoint(&config)
+            .and_then(|()| not_reserved(&config.id))
+            .map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
         if self.get(&config.id).is_some() {
             return Err(EndpointError::Exists(config.id));
         }
@@ -413,6 +425,10 @@ impl EndpointRegistry {
             };
             if by_id.contains_key(&stored.config.id) {
                 tracing::warn!(endpoint = %stored.config.id, "an API endpoint has the id of a config endpoint; the config one wins");
+                continue;
+            }
+            if let Err((_, why)) = not_reserved(&stored.config.id) {
+                tracing::error!(endpoint = %stored.config.id, why, "skipping a stored API endpoint; delete it through the API");
                 continue;
             }
             let live = self
@@ -639,6 +655,18 @@ impl EndpointRegistry {
         source: EndpointSource,
         created_at: String,
     ) -> Result<Arc<LiveEndpoint>, EndpointError> {
+        let live = self.prepare_live(config, source, created_at).await?;
+        self.start_worker(&live);
+        Ok(live)
+    }
+
+    /// An endpoint ready to run, its worker not started yet.
+    async fn prepare_live(
+        &self,
+        config: &EndpointConfig,
+        source: EndpointSource,
+        created_at: String,
+    ) -> Result<Arc<LiveEndpoint>, EndpointError> {
         let key = self.log.endpoint_key(&config.id)?;
         let settings = self.settings_for(config, source).await?;
         let pending = self.log.count_pending(key)? as i64;
@@ -658,11 +686,14 @@ impl EndpointRegistry {
             history_share: self.history_share.clone(),
         });
         live.add_pending(pending);
+        Ok(live)
+    }
+
+    fn start_worker(&self, live: &Arc<LiveEndpoint>) {
         let handle = self.dispatcher.start(live.clone());
         if let Ok(mut workers) = self.workers.lock() {
-            workers.insert(key, handle);
+            workers.insert(live.key, handle);
         }
-        Ok(live)
     }
 
     /// Derives an endpoint's settings: defaults, its secret (from the file, the API

@@ -50,6 +50,15 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
     assert_eq!(s, 409, "duplicate id");
     let (s, bad) = admin(&d, "POST", "/v1/endpoints", json!({"id": "bad", "url": "ftp://x"})).await;
     assert_eq!(s, 400, "{bad}");
+    let (s, reserved) = admin(
+        &d,
+        "POST",
+        "/v1/endpoints",
+        json!({"id": "_operations", "url": sink.url("/ops")}),
+    )
+    .await;
+    assert_eq!(s, 400, "the operations endpoint's id is taken: {reserved}");
+    assert!(reserved.to_string().contains("id"), "{reserved}");
     let (s, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().unwrap().len(), 2);

@@ -575,6 +575,60 @@ async fn sighup_reloads_endpoints_and_keeps_the_old_ones_on_a_bad_file() {
     assert_eq!(sink.received("/b").len(), 1);
 }
 
+/// A file refused for an id an API endpoint holds changes nothing, even in the
+/// endpoints listed before that id: not a URL, and no worker for a new endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_changes_no_endpoint_before_the_refusal() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("a", &sink.url("/a"), "")));
+    let created = request(
+        "POST",
+        &format!("{}/v1/endpoints", d.admin),
+        &format!(
+            r#"{{"id": "hooks", "url": "{}", "links": ["none"]}}"#,
+            sink.url("/hooks")
+        ),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(created.0, 201, "{}", created.1);
+    let clashing = endpoint("a", &sink.url("/a-moved"), "")
+        + &endpoint("new", &sink.url("/new"), "")
+        + &endpoint("hooks", &sink.url("/hooks"), "");
+    std::fs::write(d.config_path(), config_text(&clashing)).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        eventually(WAIT, || d.logs().contains("reload refused")).await,
+        "{}",
+        d.logs()
+    );
+    let (status, answer) = d.post(&click("1", "w"), "application/json").await;
+    assert_eq!(status, 202, "{answer}");
+    sink.wait_for("/a", 1, WAIT).await;
+    assert!(sink.received("/a-moved").is_empty(), "a kept its URL");
+    assert_eq!(d.admin_get("/v1/endpoints/new").await.0, 404);
+
+    // The next good file starts `new` once: one worker, one delivery per click.
+    let good = endpoint("a", &sink.url("/a"), "") + &endpoint("new", &sink.url("/new"), "");
+    std::fs::write(d.config_path(), config_text(&good)).unwrap();
+    d.signal(libc::SIGHUP);
+    let mut started = false;
+    for _ in 0..100 {
+        if d.admin_get("/v1/endpoints/new").await.0 == 200 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started, "{}", d.logs());
+    let (status, _) = d.post(&click("2", "w"), "application/json").await;
+    assert_eq!(status, 202);
+    sink.wait_for("/new", 1, WAIT).await;
+    sink.wait_for("/a", 2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received("/new").len(), 1, "one worker for new");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_answers_503_with_retry_after_over_max_bytes() {
     let cfg = config_text("").replace("path = \"data\"", "path = \"data\"\nmax_bytes = \"1KiB\"");

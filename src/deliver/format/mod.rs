@@ -66,12 +66,12 @@ pub enum FormatError {
     NoBatchShape(&'static str),
 }
 
-/// Renders `events` (each the stored `data` JSON of one click) as one request body.
 /// In the crate's own tests, an event holding this makes every renderer panic, standing
 /// in for a renderer's bug that the worker must survive.
 #[cfg(test)]
 pub(crate) const PANICS: &[u8] = b"renderer-panics-here";
 
+/// Renders `events` (each the stored `data` JSON of one click) as one request body.
 pub fn render(format: Format, events: &[&[u8]], ctx: &RenderContext<'_>) -> Result<Vec<u8>, FormatError> {
     if ctx.batch && !format.supports_batch() {
         return Err(FormatError::NoBatchShape(format.as_str()));
