@@ -629,6 +629,57 @@ async fn a_refused_reload_changes_no_endpoint_before_the_refusal() {
     assert_eq!(sink.received("/new").len(), 1, "one worker for new");
 }
 
+/// A client that hangs up before its answer may still have had its clicks stored; those
+/// must reach their endpoints without waiting for the next click there. A restart shows
+/// what the log holds: every stored click goes out then, so one that arrives only after
+/// the restart was stored and left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_of_a_client_that_hung_up_before_its_answer_are_delivered() {
+    use tokio::io::AsyncWriteExt;
+    let sink = Sink::start().await;
+    let mut endpoints = String::new();
+    for n in 0..20 {
+        endpoints += &endpoint(
+            &format!("e{n}"),
+            &sink.url(&format!("/e{n}")),
+            &format!("links = [\"l{n}\"]"),
+        );
+    }
+    let mut d = Daemon::start(&config_text(&endpoints));
+    let addr = d.http.trim_start_matches("http://").to_string();
+    for n in 0..20 {
+        let body = click(&format!("l{n}"), "w");
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!(
+            "POST /v1/clicks HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // Gone before the answer, while the append may wait for its flush.
+        drop(stream);
+    }
+    let delivered = |sink: &Sink| -> Vec<String> {
+        let mut ids: Vec<String> = (0..20).flat_map(|n| sink.event_ids(&format!("/e{n}"))).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let stored = d
+        .metric_until("clickhook_ingest_events_total{source=\"http\"}", |v| v > 0.0)
+        .await;
+    eventually(WAIT, || delivered(&sink).len() as f64 >= stored).await;
+    let before = delivered(&sink);
+    assert!(!before.is_empty(), "{}", d.logs());
+    assert_eq!(d.terminate(), 0);
+    d.spawn();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        delivered(&sink),
+        before,
+        "nothing stored was left waiting for a restart"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_answers_503_with_retry_after_over_max_bytes() {
     let cfg = config_text("").replace("path = \"data\"", "path = \"data\"\nmax_bytes = \"1KiB\"");

@@ -72,11 +72,57 @@ pub struct Ingestor {
 
 /// An append submitted to the log, not yet known durable.
 pub struct Submitted {
-    ticket: Ticket<Vec<AppendOutcome>>,
+    /// Taken by [`Ingestor::wait`] once the log answered; still here when the waiter went
+    /// away first, and then seen through by [`Drop`].
+    in_flight: Option<InFlight>,
     ids: Vec<String>,
-    routes: Vec<Vec<u32>>,
     source: Source,
+}
+
+/// What an append still needs once the log has answered: the endpoints to wake.
+struct InFlight {
+    ticket: Ticket<Vec<AppendOutcome>>,
+    routes: Vec<Vec<u32>>,
+    endpoints: Arc<EndpointRegistry>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    /// Tells each endpoint how many of the stored clicks wait for it.
+    fn wake(self, outcomes: &[AppendOutcome]) {
+        let mut woken: HashMap<u32, i64> = HashMap::new();
+        for (outcome, endpoints) in outcomes.iter().zip(self.routes) {
+            if let AppendOutcome::Stored(_) = outcome {
+                for key in endpoints {
+                    *woken.entry(key).or_default() += 1;
+                }
+            }
+        }
+        for (key, n) in woken {
+            self.endpoints.notify_new(key, n);
+        }
+    }
+}
+
+impl Drop for Submitted {
+    /// A waiter that went away (an HTTP client that hung up, a socket that closed) does
+    /// not stop the append, which the log carries on with. Its clicks are stored all the
+    /// same, and a worker learns of new clicks only from a wake-up, so without this one
+    /// they would wait for the endpoint's next click or a restart.
+    fn drop(&mut self) {
+        let Some(mut in_flight) = self.in_flight.take() else {
+            return;
+        };
+        let (source, clicks) = (self.source, self.ids.len() as u64);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(Ok(outcomes)) = (&mut in_flight.ticket).await {
+                    in_flight.wake(&outcomes);
+                    metrics::ingest_accepted(source, clicks);
+                }
+            });
+        }
+    }
 }
 
 impl Ingestor {
@@ -129,37 +175,32 @@ impl Ingestor {
         }
         let ticket = self.log.append(events);
         Ok(Submitted {
-            ticket,
+            in_flight: Some(InFlight {
+                ticket,
+                routes,
+                endpoints: self.endpoints.clone(),
+                _permit: permit,
+            }),
             ids,
-            routes,
             source,
-            _permit: permit,
         })
     }
 
     /// Waits until the submission is durable, wakes the endpoints it was routed to, and
     /// returns the event ids in input order.
-    pub async fn wait(&self, submitted: Submitted) -> Result<Vec<String>, IngestError> {
-        let Submitted {
-            ticket,
-            ids,
-            routes,
-            source,
-            _permit,
-        } = submitted;
-        let outcomes = ticket.await.map_err(|_| LogError::Closed)??;
-        let mut woken: HashMap<u32, i64> = HashMap::new();
-        for (outcome, endpoints) in outcomes.iter().zip(routes) {
-            if let AppendOutcome::Stored(_) = outcome {
-                for key in endpoints {
-                    *woken.entry(key).or_default() += 1;
-                }
-            }
+    pub async fn wait(&self, mut submitted: Submitted) -> Result<Vec<String>, IngestError> {
+        let answer = match submitted.in_flight.as_mut() {
+            Some(in_flight) => (&mut in_flight.ticket).await,
+            // Only this function and `Drop` take it, each once.
+            None => return Err(IngestError::Storage(LogError::Closed)),
+        };
+        // Taken only now: a waiter dropped during the await leaves the wake-up to `Drop`.
+        let in_flight = submitted.in_flight.take();
+        let outcomes = answer.map_err(|_| LogError::Closed)??;
+        if let Some(in_flight) = in_flight {
+            in_flight.wake(&outcomes);
         }
-        for (key, n) in woken {
-            self.endpoints.notify_new(key, n);
-        }
-        metrics::ingest_accepted(source, ids.len() as u64);
-        Ok(ids)
+        metrics::ingest_accepted(submitted.source, submitted.ids.len() as u64);
+        Ok(std::mem::take(&mut submitted.ids))
     }
 }
