@@ -294,6 +294,7 @@ impl SledLog {
             fresh: fresh.clone(),
             segments: segment_writer,
             dir: path.to_path_buf(),
+            seq_recorded: recorded,
             marker_written: marker,
             last_marker: Instant::now(),
             failure_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
@@ -807,6 +808,10 @@ struct Writer {
     fresh: Arc<Mutex<FreshQueues>>,
     segments: SegmentWriter,
     dir: std::path::PathBuf,
+    /// The next seq sled records: `next_seq` as of the last group that wrote its events
+    /// whole. A failed group advances `next_seq` (its seqs are not given back) but not
+    /// this, and the marker must never run ahead of sled's record.
+    seq_recorded: Seq,
     /// The next seq the marker file records, and when it was last written.
     marker_written: Seq,
     last_marker: Instant,
@@ -976,12 +981,13 @@ impl Writer {
     /// Records the flushed position in the marker file, at most every [`LAZY_FLUSH`] (and
     /// on close): it only has to lag behind what sled holds, never run ahead of it.
     fn update_marker(&mut self, closing: bool) {
-        if self.next_seq == self.marker_written || (!closing && self.last_marker.elapsed() < LAZY_FLUSH) {
+        let recorded = self.seq_recorded;
+        if recorded <= self.marker_written || (!closing && self.last_marker.elapsed() < LAZY_FLUSH) {
             return;
         }
-        match write_marker(&self.dir, self.next_seq) {
+        match write_marker(&self.dir, recorded) {
             Ok(()) => {
-                self.marker_written = self.next_seq;
+                self.marker_written = recorded;
                 self.last_marker = Instant::now();
             }
             Err(e) => tracing::warn!(error = %e, "cannot update the log's position marker"),
@@ -1084,7 +1090,7 @@ impl Writer {
             result = self
                 .tree
                 .insert(keys::META_NEXT_SEQ, &self.next_seq.to_be_bytes()[..])
-                .map(|_| ())
+                .map(|_| self.seq_recorded = self.next_seq)
                 .map_err(LogError::from);
         }
         // What was written is counted whether or not the group failed later on.
@@ -2361,6 +2367,28 @@ mod tests {
             assert!(Instant::now() < deadline, "the progress is never written");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A failed append keeps its seqs taken but leaves sled's record of the next seq as
+    /// it was; the position marker must follow the record, or the next start would read
+    /// the log as cut short and refuse it.
+    #[tokio::test]
+    async fn a_failed_append_before_a_clean_close_leaves_a_log_that_opens() {
+        let (dir, log, k) = two_events_for_one_endpoint().await;
+        let (release, held) = std::sync::mpsc::channel();
+        log.send(WriteOp::Hold(held));
+        let refused = log.append(vec![event("c", false, vec![k])]);
+        log.send(WriteOp::Fail);
+        release.send(()).unwrap();
+        assert!(refused.await.unwrap().is_err());
+        // Delivery progress still goes through, and the close flushes.
+        log.delivered(k, &[1]);
+        log.close().await.unwrap().unwrap();
+        drop(log);
+        let log = open(dir.path());
+        assert_eq!(log.pending_after(k, None, 10).unwrap().len(), 1, "event 2 still waits");
+        let out = log.append(vec![event("d", false, vec![k])]).await.unwrap().unwrap();
+        assert!(matches!(out[0], AppendOutcome::Stored(seq) if seq > 2), "{out:?}");
     }
 
     #[tokio::test]
