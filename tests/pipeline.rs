@@ -680,6 +680,43 @@ async fn clicks_of_a_client_that_hung_up_before_its_answer_are_delivered() {
     );
 }
 
+/// A click that a product format cannot render (a number past f64 in its metadata,
+/// which ingest copies as sent) becomes a dead letter at once for that endpoint, saying
+/// why, and holds up nothing behind it; `standard` sends it as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_a_format_cannot_render_is_a_dead_letter_at_once_and_holds_up_nothing() {
+    let sink = Sink::start().await;
+    let cfg = config_text(
+        &(endpoint("linkly", &sink.url("/linkly"), "format = \"linkly\"")
+            + &endpoint("standard", &sink.url("/standard"), "")),
+    );
+    let d = Daemon::start(&cfg);
+    let huge = r#"{"link":{"id":"1","workspace_id":"w"},"metadata":{"n":1e400}}"#;
+    let (status, answer) = d.post(huge, "application/json").await;
+    assert_eq!(status, 202, "{answer}");
+    let unrenderable = accepted_ids(&answer)[0].clone();
+    let (status, answer) = d.post(&click("2", "w"), "application/json").await;
+    assert_eq!(status, 202, "{answer}");
+    sink.wait_for("/linkly", 1, WAIT).await;
+    sink.wait_for("/standard", 2, WAIT).await;
+    assert_eq!(sink.received("/linkly").len(), 1, "only the click it can render");
+    assert_eq!(sink.received("/standard").len(), 2, "standard sends it as stored");
+    let dead = request("GET", &format!("{}/v1/endpoints/linkly/dead", d.admin), "", &[])
+        .await
+        .1;
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["event_id"], unrenderable.as_str());
+    assert_eq!(dead[0]["attempts"], 0, "no request was sent for it");
+    assert!(
+        dead[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot render the event as linkly"),
+        "{dead:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_answers_503_with_retry_after_over_max_bytes() {
     let cfg = config_text("").replace("path = \"data\"", "path = \"data\"\nmax_bytes = \"1KiB\"");

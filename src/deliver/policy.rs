@@ -103,6 +103,12 @@ impl Breaker {
         self.open_until
     }
 
+    /// A request [`Breaker::try_acquire`] let through that never went out: a half-open
+    /// circuit's probe is still to be sent, and nothing else changes.
+    pub fn release(&mut self) {
+        self.probe_in_flight = false;
+    }
+
     pub fn on_success(&mut self) {
         self.consecutive = 0;
         self.open_until = None;

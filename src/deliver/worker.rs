@@ -537,7 +537,8 @@ impl Worker {
             self.settle(&missing);
         }
         if kept.is_empty() {
-            self.breaker.on_success();
+            // Nothing went out: a half-open circuit's probe is still to be sent.
+            self.breaker.release();
             return;
         }
         let job = Job {
@@ -578,10 +579,10 @@ impl Worker {
                 return;
             }
             Ok(Err(e)) => {
-                tracing::error!(endpoint = %self.ep.id, error = %e, "cannot render; the events stay queued");
-                let due = now_ms() + 60_000;
-                self.wait(job, due);
-                self.breaker.on_success();
+                tracing::error!(endpoint = %self.ep.id, error = %e, "cannot render events; they become dead letters");
+                self.breaker.release();
+                drop(refs);
+                self.bury_unrenderable(job, bodies, event_ids, accepted_ms, settings);
                 return;
             }
         };
@@ -736,6 +737,61 @@ impl Worker {
             })
             .collect();
         self.bury(letters);
+    }
+
+    /// A stored click this endpoint's format cannot render (one it cannot parse) will
+    /// never render: it becomes a dead letter that says why at once, instead of holding
+    /// the queue, and pruning, behind it for ever. Of a batch, only the events that fail
+    /// alone go; the others go back in line, to be sent in a batch of a new id.
+    fn bury_unrenderable(
+        &mut self,
+        job: Job,
+        bodies: Vec<Bytes>,
+        event_ids: Vec<String>,
+        accepted_ms: Vec<u64>,
+        settings: &EndpointSettings,
+    ) {
+        let dead_at_ms = now_ms();
+        let mut letters = Vec::new();
+        let mut renderable = Vec::new();
+        for (((mut p, body), id), accepted) in job.items.into_iter().zip(bodies).zip(event_ids).zip(accepted_ms) {
+            let ctx = RenderContext {
+                endpoint_id: &self.ep.id,
+                webhook_id: &id,
+                include_ip: settings.config.include_ip,
+                batch: false,
+            };
+            let alone = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                format::render(settings.config.format, &[body.as_ref()], &ctx)
+            }));
+            match alone {
+                Ok(Err(e)) => letters.push(DeadLetter {
+                    seq: p.seq,
+                    event_id: id,
+                    attempts: p.attempts,
+                    dead_at_ms,
+                    accepted_ms: accepted,
+                    last_status: None,
+                    last_error: Some(format!(
+                        "cannot render the event as {}: {e}",
+                        settings.config.format.as_str()
+                    )),
+                }),
+                _ => {
+                    p.batch = 0;
+                    renderable.push(Job {
+                        items: vec![p],
+                        batch: 0,
+                    });
+                }
+            }
+        }
+        for job in renderable.into_iter().rev() {
+            self.ready.push_front(job);
+        }
+        if !letters.is_empty() {
+            self.bury(letters);
+        }
     }
 
     /// Moves entries to the endpoint's dead letters. They leave the pending count and go
