@@ -71,6 +71,8 @@ struct Worker {
     inflight: JoinSet<Finished>,
     breaker: Breaker,
     limiter: Option<(u32, TokenBucket)>,
+    /// When the rate limit gives the next token, if it is what held the last launch back.
+    token_at: Option<Instant>,
     /// Settings that answered 410; launching resumes when the settings change.
     gone_at: Option<Arc<EndpointSettings>>,
     /// Failure logging is rate-limited so a dead endpoint cannot flood the journal.
@@ -193,6 +195,7 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         inflight: JoinSet::new(),
         breaker,
         limiter: None,
+        token_at: None,
         gone_at: None,
         last_failure_log: None,
         failures_unlogged: 0,
@@ -234,10 +237,19 @@ impl Worker {
                 self.promote_due();
             }
             let linger_until = if draining { None } else { self.launch(&settings) };
+            #[cfg(test)]
+            tests::count_turn(&self.ep.id);
+            // Only times at which a turn can do something: a retry that is due while the
+            // circuit is open, or a token while something else holds the launch back,
+            // would wake the loop at once, again and again.
+            let now = Instant::now();
+            let retry_due = (!draining && self.breaker.state(now) != CircuitState::Open)
+                .then(|| self.waiting.peek().map(|Reverse((due, _))| instant_of(*due)))
+                .flatten();
             let wake_at = [
-                self.waiting.peek().map(|Reverse((due, _))| instant_of(*due)),
-                self.breaker.reopens_at(Instant::now()),
-                self.limiter_wake(),
+                retry_due,
+                self.breaker.reopens_at(now),
+                self.token_at.filter(|_| !draining),
                 linger_until,
             ]
             .into_iter()
@@ -372,11 +384,6 @@ impl Worker {
         self.ep.set_circuit(open_until_ms);
     }
 
-    fn limiter_wake(&self) -> Option<Instant> {
-        let (_, bucket) = self.limiter.as_ref()?;
-        (!self.ready.is_empty()).then(|| bucket.next_token_at(Instant::now()))
-    }
-
     /// Starts as many attempts as the limits allow. Returns when a partial batch should
     /// be sent anyway (its linger time), if it is waiting for more events.
     fn launch(&mut self, settings: &Arc<EndpointSettings>) -> Option<Instant> {
@@ -388,6 +395,7 @@ impl Worker {
     }
 
     fn launch_within_limits(&mut self, settings: &Arc<EndpointSettings>) -> Option<Instant> {
+        self.token_at = None;
         if settings.disabled_reason.is_some() {
             return None;
         }
@@ -427,6 +435,7 @@ impl Worker {
             };
             if let Some((_, bucket)) = &mut self.limiter {
                 if !bucket.try_take(now) {
+                    self.token_at = Some(bucket.next_token_at(now));
                     break;
                 }
             }
@@ -926,8 +935,35 @@ mod tests {
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Turns of the loop of each worker whose endpoint id starts with `turns-`.
+    static TURNS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+
+    pub(super) fn count_turn(endpoint: &str) {
+        if endpoint.starts_with("turns-") {
+            let mut turns = TURNS.lock().unwrap();
+            *turns
+                .get_or_insert_with(HashMap::new)
+                .entry(endpoint.to_string())
+                .or_default() += 1;
+        }
+    }
+
+    fn turns(endpoint: &str) -> u64 {
+        TURNS
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|t| t.get(endpoint).copied())
+            .unwrap_or(0)
+    }
+
     /// A receiver that answers every request 200 and keeps the bodies, in order.
     async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+        receiver_answering(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")).await
+    }
+
+    /// A receiver that gives every request `answer`, or with `None` never answers.
+    async fn receiver_answering(answer: Option<&'static [u8]>) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let bodies = Arc::new(Mutex::new(Vec::new()));
@@ -959,7 +995,10 @@ mod tests {
                         }
                         let body: Vec<u8> = buf.drain(..end + 4 + length).skip(end + 4).collect();
                         kept.lock().unwrap().push(String::from_utf8(body).unwrap());
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        let Some(answer) = answer else {
+                            std::future::pending::<()>().await;
+                            return;
+                        };
                         if stream.write_all(answer).await.is_err() {
                             return;
                         }
@@ -970,9 +1009,17 @@ mod tests {
         (addr, bodies)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_renderer_that_panics_fails_its_events_and_the_endpoint_delivers_the_rest() {
-        let (sink, bodies) = receiver().await;
+    /// The daemon in this process on `config` (loopback, port 0, a temp dir): its ingest
+    /// and admin addresses, the channel that stops it, and its task.
+    async fn daemon(
+        config: &str,
+    ) -> (
+        tempfile::TempDir,
+        std::net::SocketAddr,
+        std::net::SocketAddr,
+        mpsc::Sender<crate::server::Control>,
+        tokio::task::JoinHandle<Result<(), crate::server::ServerError>>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             r#"
@@ -984,13 +1031,7 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 [delivery]
 allow_private_networks = true
-[retry]
-schedule = ["10ms", "10ms"]
-jitter = 0.0
-[[endpoints]]
-id = "e"
-url = "http://{sink}/e"
-secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+{config}
 "#
         );
         let path = dir.path().join("config.toml");
@@ -998,12 +1039,11 @@ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
         let listeners = crate::server::bind(&config).await.unwrap();
         let (ingest, admin) = (listeners.http_addr().unwrap(), listeners.admin_addr().unwrap());
         let (control, control_rx) = mpsc::channel(1);
-        let daemon = tokio::spawn(crate::server::run(config, listeners, control_rx));
+        let task = tokio::spawn(crate::server::run(config, listeners, control_rx));
+        (dir, ingest, admin, control, task)
+    }
 
-        let panics = std::str::from_utf8(format::PANICS).unwrap();
-        let clicks = format!(
-            r#"[{{"link":{{"id":"{panics}","workspace_id":"w"}}}},{{"link":{{"id":"fine","workspace_id":"w"}}}}]"#
-        );
+    async fn post_clicks(ingest: std::net::SocketAddr, clicks: String) -> Vec<String> {
         let mut http = Http1::connect(ingest).await.unwrap();
         let accepted = http
             .request(
@@ -1017,12 +1057,83 @@ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
             .unwrap();
         assert_eq!(accepted.status, 202, "{:?}", accepted.body);
         let answer: serde_json::Value = serde_json::from_slice(&accepted.body).unwrap();
-        let ids: Vec<&str> = answer["ids"]
+        answer["ids"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|i| i.as_str().unwrap())
+            .map(|i| i.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// A worker waits for what can let it act, not in a loop: with its circuit open and
+    /// retries come due meanwhile, and with attempts in flight under a rate limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_held_back_by_its_circuit_or_its_concurrency_does_not_spin() {
+        let (failing, _) = receiver_answering(Some(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n")).await;
+        let (hanging, _) = receiver_answering(None).await;
+        let config = format!(
+            r#"
+[retry]
+schedule = ["10ms", "10ms", "10ms", "10ms"]
+jitter = 0.0
+[breaker]
+failures = 1
+cooldown = "30s"
+[[endpoints]]
+id = "turns-open"
+url = "http://{failing}/e"
+links = ["open"]
+[[endpoints]]
+id = "turns-limited"
+url = "http://{hanging}/e"
+links = ["limited"]
+rate_limit = 1000
+timeout = "20s"
+"#
+        );
+        let (_dir, ingest, _admin, control, task) = daemon(&config).await;
+        let clicks: Vec<String> = ["open", "open", "open", "limited", "limited", "limited"]
+            .iter()
+            .map(|l| format!(r#"{{"link":{{"id":"{l}"}}}}"#))
             .collect();
+        post_clicks(ingest, format!("[{}]", clicks.join(","))).await;
+        // The first failure opens the circuit; the other clicks' retries come due within
+        // 10 ms, 30 s before it lets a probe through. The hanging receiver holds the
+        // other endpoint's one attempt (concurrency starts at 1) while tokens abound.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = (turns("turns-open"), turns("turns-limited"));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let after = (turns("turns-open"), turns("turns-limited"));
+        assert!(after.0 - before.0 < 20, "open circuit: {before:?} → {after:?}");
+        assert!(
+            after.1 - before.1 < 20,
+            "rate limit, concurrency full: {before:?} → {after:?}"
+        );
+        control.send(crate::server::Control::Shutdown).await.unwrap();
+        drop(task);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renderer_that_panics_fails_its_events_and_the_endpoint_delivers_the_rest() {
+        let (sink, bodies) = receiver().await;
+        let (_dir, ingest, admin, control, daemon) = daemon(&format!(
+            r#"
+[retry]
+schedule = ["10ms", "10ms"]
+jitter = 0.0
+[[endpoints]]
+id = "e"
+url = "http://{sink}/e"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+"#
+        ))
+        .await;
+
+        let panics = std::str::from_utf8(format::PANICS).unwrap();
+        let clicks = format!(
+            r#"[{{"link":{{"id":"{panics}","workspace_id":"w"}}}},{{"link":{{"id":"fine","workspace_id":"w"}}}}]"#
+        );
+        let ids = post_clicks(ingest, clicks).await;
 
         // The endpoint's first attempt is the panicking event's, so without the guard the
         // worker would die on it, and again on every restart, before the second went out.
@@ -1041,18 +1152,18 @@ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
                 .await
                 .unwrap();
             dead = serde_json::from_slice(&answer.body).unwrap();
-            let delivered = bodies.lock().unwrap().iter().any(|b| b.contains(ids[1]));
+            let delivered = bodies.lock().unwrap().iter().any(|b| b.contains(&ids[1]));
             if delivered && dead.as_array().is_some_and(|d| !d.is_empty()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(
-            bodies.lock().unwrap().iter().any(|b| b.contains(ids[1])),
+            bodies.lock().unwrap().iter().any(|b| b.contains(&ids[1])),
             "the second click arrives"
         );
         assert!(
-            !bodies.lock().unwrap().iter().any(|b| b.contains(ids[0])),
+            !bodies.lock().unwrap().iter().any(|b| b.contains(&ids[0])),
             "nothing went out for the first"
         );
         let dead = dead.as_array().unwrap();
