@@ -460,6 +460,19 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.delivery.max_connections > MAX_CONNECTIONS {
+            return Err(ConfigError::invalid(
+                file,
+                "delivery.max_connections",
+                format!("must be at most {MAX_CONNECTIONS} (0: the open-files limit less 1024)"),
+            ));
+        }
+        if let Some(geoip) = &self.enrich.geoip {
+            let path = self.resolve(geoip);
+            std::fs::File::open(&path).map_err(|e| {
+                ConfigError::invalid(file, "enrich.geoip", format!("cannot read {}: {e}", path.display()))
+            })?;
+        }
         if self.delivery.timeout.0.is_zero() {
             return Err(ConfigError::invalid(file, "delivery.timeout", "must be more than 0"));
         }
@@ -588,6 +601,23 @@ impl Config {
     }
 }
 
+/// Headers every request carries from clickhook itself (SPEC §4.1) or from HTTP's
+/// framing: an endpoint's extra `headers` would send them twice or contradict them.
+const RESERVED_HEADERS: [&str; 8] = [
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+/// The most outbound connections `delivery.max_connections` may ask for: far past any
+/// open-files limit, and within what a semaphore counts.
+const MAX_CONNECTIONS: usize = 1 << 24;
+
 /// Refuses the id of the internal operations endpoint for an endpoint of the user's:
 /// ids name queues, so two endpoints of one id would drain one queue, and the
 /// operations endpoint sends stored events whole, the visitor IP included.
@@ -648,6 +678,12 @@ pub fn validate_endpoint(ep: &EndpointConfig) -> Result<(), (&'static str, Strin
     for (name, value) in &ep.headers {
         if name.parse::<hyper::header::HeaderName>().is_err() {
             return Err(("headers", format!("{name:?} is not a valid header name")));
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err((
+                "headers",
+                format!("{name:?} is set by clickhook on every request and cannot be replaced"),
+            ));
         }
         if value.parse::<hyper::header::HeaderValue>().is_err() {
             return Err(("headers", format!("the value of {name:?} is not a valid header value")));
@@ -774,6 +810,46 @@ mod tests {
     fn duplicate_endpoint_ids_are_refused() {
         let t = "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\n[[endpoints]]\nid = \"a\"\nurl = \"http://y\"\n";
         assert!(parse(t).unwrap_err().to_string().contains("endpoints[1].id"));
+    }
+
+    /// The systemd copy of the shipped config differs in its paths only.
+    #[test]
+    fn the_systemd_config_is_the_shipped_one_with_systemd_paths() {
+        let load = |file: &str| Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
+        let (shipped, mut systemd) = (load("config.toml"), load("systemd/config.toml"));
+        assert_eq!(systemd.storage.path, Path::new("/var/lib/clickhook/data"));
+        assert_eq!(systemd.ingest.unix.path, "/run/clickhook/clickhook.sock");
+        systemd.storage.path = shipped.storage.path.clone();
+        systemd.ingest.unix.path = shipped.ingest.unix.path.clone();
+        systemd.base_dir = shipped.base_dir.clone();
+        systemd.file = shipped.file.clone();
+        assert_eq!(format!("{systemd:?}"), format!("{shipped:?}"));
+    }
+
+    #[test]
+    fn extra_headers_cannot_replace_the_protocol_ones() {
+        for name in ["Content-Type", "webhook-signature", "Host"] {
+            let t = format!("[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nheaders = {{ \"{name}\" = \"v\" }}\n");
+            let err = parse(&t).unwrap_err().to_string();
+            assert!(
+                err.contains("endpoints[0].headers") && err.contains("cannot be replaced"),
+                "{err}"
+            );
+        }
+        let t = "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nheaders = { \"x-team\" = \"growth\" }\n";
+        assert!(parse(t).is_ok());
+    }
+
+    #[test]
+    fn a_connection_cap_past_what_can_be_counted_is_refused() {
+        let err = parse("[delivery]\nmax_connections = 3000000000000000000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.max_connections") && err.contains("at most"),
+            "{err}"
+        );
+        assert!(parse("[delivery]\nmax_connections = 65536\n").is_ok());
     }
 
     #[test]

@@ -888,9 +888,15 @@ fn an_unreadable_geoip_database_is_a_clear_start_error() {
         .arg(dir.path().join("config.toml"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a config error");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("missing.mmdb"), "{err}");
+    assert!(err.contains("enrich.geoip") && err.contains("missing.mmdb"), "{err}");
+    let check = std::process::Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(2), "check-config finds it too");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
