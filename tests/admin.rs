@@ -580,14 +580,9 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
         + &format!("\n[retry]\nschedule = [{steps}]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"300ms\"\n");
     let d = Daemon::start(&cfg);
     d.post(&click("1", "w"), "application/json").await;
-    let mut ep = Value::Null;
-    for _ in 0..100 {
-        ep = admin(&d, "GET", "/v1/endpoints/down", Value::Null).await.1;
-        if ep["enabled"] == false {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_, ep) = d
+        .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
+        .await;
     assert_eq!(
         (ep["enabled"].as_bool(), ep["disabled_reason"].as_str()),
         (Some(false), Some("failing")),

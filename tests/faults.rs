@@ -539,15 +539,9 @@ async fn a_410_disables_the_endpoint_and_keeps_its_event_pending() {
     sink.default_answer("/gone", Answer::Status(410));
     let d = Daemon::start(&(config_text(&endpoint("gone", &sink.url("/gone"), "")) + FAST_RETRY));
     post_clicks(&d, 1, "gone").await;
-    let mut disabled = serde_json::Value::Null;
-    for _ in 0..200 {
-        let (_, v) = d.admin_get("/v1/endpoints/gone").await;
-        if v["enabled"] == false {
-            disabled = v;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let (_, disabled) = d
+        .admin_get_until("/v1/endpoints/gone", |_, v| v["enabled"] == false)
+        .await;
     assert_eq!(disabled["enabled"], false, "a 410 disables the endpoint");
     assert_eq!(disabled["disabled_reason"], "gone");
     post_clicks(&d, 2, "after").await;

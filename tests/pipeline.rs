@@ -389,17 +389,11 @@ async fn a_410_disables_the_endpoint_and_stops_routing_to_it() {
     let d = Daemon::start(&config_text(&eps));
     d.post(&click("1", "w"), "application/json").await;
     sink.wait_for("/gone", 1, WAIT).await;
-    let mut disabled = false;
-    for _ in 0..100 {
-        let (_, v) = d.admin_get("/v1/endpoints/gone").await;
-        if v["enabled"] == false {
-            assert_eq!(v["disabled_reason"], "gone");
-            disabled = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(disabled);
+    let (_, gone) = d
+        .admin_get_until("/v1/endpoints/gone", |_, v| v["enabled"] == false)
+        .await;
+    assert_eq!(gone["enabled"], false, "{gone}");
+    assert_eq!(gone["disabled_reason"], "gone", "{gone}");
     for i in 0..5 {
         d.post(&click(&i.to_string(), "w"), "application/json").await;
     }
@@ -486,15 +480,13 @@ async fn a_batch_waiting_for_its_retry_goes_out_one_event_a_request_after_batchi
     assert_eq!(first.len(), 1);
     std::fs::write(d.config_path(), config(1)).unwrap();
     d.signal(libc::SIGHUP);
-    let mut reloaded = false;
-    for _ in 0..100 {
-        if d.admin_get("/v1/endpoints/b").await.1["batch_max"] == 1 {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(reloaded, "batching is off before the retry is due: {}", d.logs());
+    let (_, b) = d.admin_get_until("/v1/endpoints/b", |_, v| v["batch_max"] == 1).await;
+    assert_eq!(
+        b["batch_max"],
+        1,
+        "batching is off before the retry is due: {}",
+        d.logs()
+    );
     // Every event of the batch arrives again, each in a body of its own.
     let again = sink.wait_for("/b", 4, WAIT).await.split_off(1);
     assert_eq!(again.len(), 3, "three requests after the batch: {}", d.logs());
@@ -556,15 +548,8 @@ async fn sighup_reloads_endpoints_and_keeps_the_old_ones_on_a_bad_file() {
     let grown = config_text(&(endpoint("a", &sink.url("/a"), "") + &endpoint("b", &sink.url("/b"), "")));
     std::fs::write(d.config_path(), grown).unwrap();
     d.signal(libc::SIGHUP);
-    let mut seen = false;
-    for _ in 0..100 {
-        if d.admin_get("/v1/endpoints/b").await.0 == 200 {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(seen, "{}", d.logs());
+    let (status, _) = d.admin_get_until("/v1/endpoints/b", |status, _| status == 200).await;
+    assert_eq!(status, 200, "{}", d.logs());
     std::fs::write(d.config_path(), "[[endpoints]]\nid = 7\n").unwrap();
     d.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -612,15 +597,8 @@ async fn a_refused_reload_changes_no_endpoint_before_the_refusal() {
     let good = endpoint("a", &sink.url("/a"), "") + &endpoint("new", &sink.url("/new"), "");
     std::fs::write(d.config_path(), config_text(&good)).unwrap();
     d.signal(libc::SIGHUP);
-    let mut started = false;
-    for _ in 0..100 {
-        if d.admin_get("/v1/endpoints/new").await.0 == 200 {
-            started = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(started, "{}", d.logs());
+    let (status, _) = d.admin_get_until("/v1/endpoints/new", |status, _| status == 200).await;
+    assert_eq!(status, 200, "{}", d.logs());
     let (status, _) = d.post(&click("2", "w"), "application/json").await;
     assert_eq!(status, 202);
     sink.wait_for("/new", 1, WAIT).await;

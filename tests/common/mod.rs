@@ -376,6 +376,23 @@ impl Daemon {
         text
     }
 
+    /// Polls an admin GET until `done` holds for its status and body (up to 10 s); returns
+    /// the last answer, for the caller's assertion.
+    pub async fn admin_get_until(
+        &self,
+        path: &str,
+        done: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> (u16, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = self.admin_get(path).await;
+            if done(status, &body) || Instant::now() > deadline {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls a metric series until `done` holds for its value (up to 10 s); returns the
     /// last value read, for the caller's assertion.
     pub async fn metric_until(&self, series: &str, done: impl Fn(f64) -> bool) -> f64 {
