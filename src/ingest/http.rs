@@ -158,7 +158,7 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
     };
     let accepted = clicks.len();
     let result = match ingestor.submit(clicks, Source::Http).await {
-        Ok(submitted) => ingestor.wait(submitted).await,
+        Ok(submitted) => submitted.wait().await,
         Err(e) => Err(e),
     };
     match result {

@@ -72,7 +72,7 @@ pub struct Ingestor {
 
 /// An append submitted to the log, not yet known durable.
 pub struct Submitted {
-    /// Taken by [`Ingestor::wait`] once the log answered; still here when the waiter went
+    /// Taken by [`Submitted::wait`] once the log answered; still here when the waiter went
     /// away first, and then seen through by [`Drop`].
     in_flight: Option<InFlight>,
     ids: Vec<String>,
@@ -88,8 +88,9 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Tells each endpoint how many of the stored clicks wait for it.
-    fn wake(self, outcomes: &[AppendOutcome]) {
+    /// Once the append is durable: tells each endpoint how many of the stored clicks wait
+    /// for it, and counts them accepted.
+    fn finish(self, outcomes: &[AppendOutcome], source: Source, clicks: usize) {
         let mut woken: HashMap<u32, i64> = HashMap::new();
         for (outcome, endpoints) in outcomes.iter().zip(self.routes) {
             if let AppendOutcome::Stored(_) = outcome {
@@ -101,6 +102,7 @@ impl InFlight {
         for (key, n) in woken {
             self.endpoints.notify_new(key, n);
         }
+        metrics::ingest_accepted(source, clicks as u64);
     }
 }
 
@@ -113,15 +115,34 @@ impl Drop for Submitted {
         let Some(mut in_flight) = self.in_flight.take() else {
             return;
         };
-        let (source, clicks) = (self.source, self.ids.len() as u64);
+        let (source, clicks) = (self.source, self.ids.len());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Ok(Ok(outcomes)) = (&mut in_flight.ticket).await {
-                    in_flight.wake(&outcomes);
-                    metrics::ingest_accepted(source, clicks);
+                    in_flight.finish(&outcomes, source, clicks);
                 }
             });
         }
+    }
+}
+
+impl Submitted {
+    /// Waits until the submission is durable, wakes the endpoints it was routed to, and
+    /// returns the event ids in input order.
+    pub async fn wait(mut self) -> Result<Vec<String>, IngestError> {
+        // Only this and `Drop` take `in_flight`, each once, and both take `self`.
+        let Some(in_flight) = self.in_flight.as_mut() else {
+            return Err(IngestError::Storage(LogError::Closed));
+        };
+        let answer = (&mut in_flight.ticket).await;
+        // Taken only now: a waiter dropped during the await leaves the wake-up to `Drop`.
+        let in_flight = self.in_flight.take();
+        let outcomes = answer.map_err(|_| LogError::Closed)??;
+        let ids = std::mem::take(&mut self.ids);
+        if let Some(in_flight) = in_flight {
+            in_flight.finish(&outcomes, self.source, ids.len());
+        }
+        Ok(ids)
     }
 }
 
@@ -184,23 +205,5 @@ impl Ingestor {
             ids,
             source,
         })
-    }
-
-    /// Waits until the submission is durable, wakes the endpoints it was routed to, and
-    /// returns the event ids in input order.
-    pub async fn wait(&self, mut submitted: Submitted) -> Result<Vec<String>, IngestError> {
-        let answer = match submitted.in_flight.as_mut() {
-            Some(in_flight) => (&mut in_flight.ticket).await,
-            // Only this function and `Drop` take it, each once.
-            None => return Err(IngestError::Storage(LogError::Closed)),
-        };
-        // Taken only now: a waiter dropped during the await leaves the wake-up to `Drop`.
-        let in_flight = submitted.in_flight.take();
-        let outcomes = answer.map_err(|_| LogError::Closed)??;
-        if let Some(in_flight) = in_flight {
-            in_flight.wake(&outcomes);
-        }
-        metrics::ingest_accepted(submitted.source, submitted.ids.len() as u64);
-        Ok(std::mem::take(&mut submitted.ids))
     }
 }

@@ -74,7 +74,7 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
     let (mut read, write) = stream.into_split();
     let (parsed_tx, parsed_rx) = mpsc::channel::<JoinHandle<Parsed>>(PARSE_AHEAD);
     let (tx, rx) = mpsc::channel::<Group>(REPLY_QUEUE);
-    let writer = tokio::spawn(write_replies(write, rx, ingestor.clone()));
+    let writer = tokio::spawn(write_replies(write, rx));
     let submitter = tokio::spawn(submit_in_order(parsed_rx, tx, ingestor.clone()));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // Inside an overlong line: its bytes are dropped until its newline.
@@ -184,23 +184,18 @@ async fn submit_in_order(
     }
 }
 
-async fn write_replies(
-    write: tokio::net::unix::OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Group>,
-    ingestor: Arc<Ingestor>,
-) {
+async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<Group>) {
     let mut out = BufWriter::new(write);
     while let Some(group) = rx.recv().await {
         let ids = match group.submitted {
             None => Ok(Vec::new()),
-            Some(Ok(s)) => ingestor.wait(s).await,
+            Some(Ok(s)) => s.wait().await,
             Some(Err(e)) => Err(e),
         };
         // Lines the log could not take are counted under why, as over HTTP.
-        let unavailable_reason = ids.as_ref().err().map_or("storage", IngestError::metric_reason);
         let mut ids = match ids {
             Ok(ids) => Ok(ids.into_iter()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err((e.metric_reason(), e.to_string())),
         };
         let mut rejected = 0;
         let mut unavailable = 0;
@@ -216,7 +211,7 @@ async fn write_replies(
                     text.push_str("ok ");
                     text.push_str(&ids.next().unwrap_or_default());
                 }
-                (LineResult::Click, Err(e)) => {
+                (LineResult::Click, Err((_, e))) => {
                     unavailable += 1;
                     text.push_str("err unavailable: ");
                     text.push_str(e);
@@ -227,8 +222,8 @@ async fn write_replies(
         if rejected > 0 {
             metrics::ingest_rejected(Source::Unix, "invalid", rejected);
         }
-        if unavailable > 0 {
-            metrics::ingest_rejected(Source::Unix, unavailable_reason, unavailable);
+        if let (true, Err((reason, _))) = (unavailable > 0, &ids) {
+            metrics::ingest_rejected(Source::Unix, reason, unavailable);
         }
         if out.write_all(text.as_bytes()).await.is_err() {
             return;
