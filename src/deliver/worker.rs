@@ -4,7 +4,7 @@
 //! writes every outcome back to the log. It must not block on anything but its own
 //! endpoint: whatever this endpoint does, other endpoints' workers never wait for it.
 
-use super::format::{self, RenderContext};
+use super::format::{self, FormatError, RenderContext};
 use super::policy::{Breaker, CircuitState, TokenBucket};
 use super::send::{AttemptResult, EndpointClient, OriginSlot, Outcome};
 use super::slots::ReceiverSlots;
@@ -71,8 +71,6 @@ struct Worker {
     inflight: JoinSet<Finished>,
     breaker: Breaker,
     limiter: Option<(u32, TokenBucket)>,
-    /// When the rate limit gives the next token, if it is what held the last launch back.
-    token_at: Option<Instant>,
     /// Settings that answered 410; launching resumes when the settings change.
     gone_at: Option<Arc<EndpointSettings>>,
     /// Failure logging is rate-limited so a dead endpoint cannot flood the journal.
@@ -123,12 +121,8 @@ const RESTART_AFTER_MAX: Duration = Duration::from_secs(60);
 
 /// Runs the endpoint's worker until the endpoint stops or the daemon shuts down.
 pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
-    let stopped = {
-        let (ep, shutdown) = (ep.clone(), ctx.shutdown.clone());
-        move || ep.stopping.load(Ordering::SeqCst) || *shutdown.borrow()
-    };
-    let id = ep.id.clone();
-    restarting_after_panics(&id, || run_once(ep.clone(), ctx.clone()), stopped).await;
+    let stopped = || ep.stopping.load(Ordering::SeqCst) || *ctx.shutdown.borrow();
+    restarting_after_panics(&ep.id, || run_once(ep.clone(), ctx.clone()), stopped).await;
 }
 
 /// Runs `worker` again whenever it panics, after a pause that doubles with each panic
@@ -195,7 +189,6 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         inflight: JoinSet::new(),
         breaker,
         limiter: None,
-        token_at: None,
         gone_at: None,
         last_failure_log: None,
         failures_unlogged: 0,
@@ -236,7 +229,7 @@ impl Worker {
                 self.page_in();
                 self.promote_due();
             }
-            let linger_until = if draining { None } else { self.launch(&settings) };
+            let try_again_at = if draining { None } else { self.launch(&settings) };
             #[cfg(test)]
             tests::count_turn(&self.ep.id);
             // Only times at which a turn can do something: a retry that is due while the
@@ -246,15 +239,10 @@ impl Worker {
             let retry_due = (!draining && self.breaker.state(now) != CircuitState::Open)
                 .then(|| self.waiting.peek().map(|Reverse((due, _))| instant_of(*due)))
                 .flatten();
-            let wake_at = [
-                retry_due,
-                self.breaker.reopens_at(now),
-                self.token_at.filter(|_| !draining),
-                linger_until,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let wake_at = [retry_due, self.breaker.reopens_at(now), try_again_at]
+                .into_iter()
+                .flatten()
+                .min();
             let mut shutdown = self.ctx.shutdown.clone();
             tokio::select! {
                 Some(done) = self.inflight.join_next(), if !self.inflight.is_empty() => {
@@ -384,18 +372,17 @@ impl Worker {
         self.ep.set_circuit(open_until_ms);
     }
 
-    /// Starts as many attempts as the limits allow. Returns when a partial batch should
-    /// be sent anyway (its linger time), if it is waiting for more events.
+    /// Starts as many attempts as the limits allow. Returns when to try again if a time
+    /// holds the rest back: a partial batch's linger, or the rate limit's next token.
     fn launch(&mut self, settings: &Arc<EndpointSettings>) -> Option<Instant> {
-        let linger_until = self.launch_within_limits(settings);
+        let try_again_at = self.launch_within_limits(settings);
         // A slot not used now goes back: holding it idle would hold up the receiver's
         // other endpoints.
         self.slot = None;
-        linger_until
+        try_again_at
     }
 
     fn launch_within_limits(&mut self, settings: &Arc<EndpointSettings>) -> Option<Instant> {
-        self.token_at = None;
         if settings.disabled_reason.is_some() {
             return None;
         }
@@ -435,8 +422,7 @@ impl Worker {
             };
             if let Some((_, bucket)) = &mut self.limiter {
                 if !bucket.try_take(now) {
-                    self.token_at = Some(bucket.next_token_at(now));
-                    break;
+                    return Some(bucket.next_token_at(now));
                 }
             }
             if !self.breaker.try_acquire(now) {
@@ -561,44 +547,27 @@ impl Worker {
             event_ids[0].clone()
         };
         let refs: Vec<&[u8]> = bodies.iter().map(|b| b.as_ref()).collect();
-        let ctx = RenderContext {
-            endpoint_id: &self.ep.id,
-            webhook_id: &webhook_id,
-            include_ip: settings.config.include_ip,
-            batch: batched,
-        };
-        let rendered =
-            std::panic::catch_unwind(AssertUnwindSafe(|| format::render(settings.config.format, &refs, &ctx)));
-        let body = match rendered {
-            Ok(Ok(b)) => Bytes::from(b),
-            Err(panic) => {
-                // A renderer that panics on these events fails their attempt, so they
-                // take the way of retries and then dead letters instead of taking the
-                // worker down again on every restart.
-                let result = panicked_attempt(panic.as_ref());
-                self.inflight.spawn(async move {
-                    drop(slot);
-                    Finished {
-                        job,
-                        result,
-                        event_ids,
-                        accepted_ms,
-                    }
-                });
-                return;
-            }
+        let body = match self.render(settings, &refs, &webhook_id, batched) {
+            Ok(Ok(b)) => Ok(Bytes::from(b)),
+            // A renderer that panics on these events fails their attempt, so they take
+            // the way of retries and then dead letters instead of taking the worker down
+            // again on every restart.
+            Err(panic) => Err(panicked_attempt(panic.as_ref())),
             Ok(Err(e)) => {
                 tracing::error!(endpoint = %self.ep.id, error = %e, "cannot render events; they become dead letters");
                 self.breaker.release();
                 drop(refs);
-                self.bury_unrenderable(job, bodies, event_ids, accepted_ms, settings);
+                self.bury_unrenderable(job, bodies, event_ids, accepted_ms, settings, e);
                 return;
             }
         };
         let client = self.client.clone();
         let settings = settings.clone();
         self.inflight.spawn(async move {
-            let result = unless_panicked(super::attempt(&client, &settings, &webhook_id, body, slot)).await;
+            let result = match body {
+                Ok(body) => unless_panicked(super::attempt(&client, &settings, &webhook_id, body, slot)).await,
+                Err(panicked) => panicked,
+            };
             Finished {
                 job,
                 result,
@@ -606,6 +575,25 @@ impl Worker {
                 accepted_ms,
             }
         });
+    }
+
+    /// The endpoint's body for `events`, or the panic of a renderer that panicked.
+    fn render(
+        &self,
+        settings: &EndpointSettings,
+        events: &[&[u8]],
+        webhook_id: &str,
+        batch: bool,
+    ) -> std::thread::Result<Result<Vec<u8>, FormatError>> {
+        let ctx = RenderContext {
+            endpoint_id: &self.ep.id,
+            webhook_id,
+            include_ip: settings.config.include_ip,
+            batch,
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            format::render(settings.config.format, events, &ctx)
+        }))
     }
 
     fn finish(&mut self, done: Finished, settings: &Arc<EndpointSettings>) {
@@ -759,22 +747,22 @@ impl Worker {
         event_ids: Vec<String>,
         accepted_ms: Vec<u64>,
         settings: &EndpointSettings,
+        error: FormatError,
     ) {
+        // An event that failed on its own already said why.
+        let mut known = (job.items.len() == 1).then_some(error);
         let dead_at_ms = now_ms();
         let mut letters = Vec::new();
         let mut renderable = Vec::new();
         for (((mut p, body), id), accepted) in job.items.into_iter().zip(bodies).zip(event_ids).zip(accepted_ms) {
-            let ctx = RenderContext {
-                endpoint_id: &self.ep.id,
-                webhook_id: &id,
-                include_ip: settings.config.include_ip,
-                batch: false,
-            };
-            let alone = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                format::render(settings.config.format, &[body.as_ref()], &ctx)
-            }));
-            match alone {
-                Ok(Err(e)) => letters.push(DeadLetter {
+            let failed = known
+                .take()
+                .or_else(|| match self.render(settings, &[body.as_ref()], &id, false) {
+                    Ok(Err(e)) => Some(e),
+                    _ => None,
+                });
+            match failed {
+                Some(e) => letters.push(DeadLetter {
                     seq: p.seq,
                     event_id: id,
                     attempts: p.attempts,
@@ -786,7 +774,7 @@ impl Worker {
                         settings.config.format.as_str()
                     )),
                 }),
-                _ => {
+                None => {
                     p.batch = 0;
                     renderable.push(Job {
                         items: vec![p],
@@ -936,25 +924,16 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Turns of the loop of each worker whose endpoint id starts with `turns-`.
-    static TURNS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+    static TURNS: Mutex<std::collections::BTreeMap<String, u64>> = Mutex::new(std::collections::BTreeMap::new());
 
     pub(super) fn count_turn(endpoint: &str) {
         if endpoint.starts_with("turns-") {
-            let mut turns = TURNS.lock().unwrap();
-            *turns
-                .get_or_insert_with(HashMap::new)
-                .entry(endpoint.to_string())
-                .or_default() += 1;
+            *TURNS.lock().unwrap().entry(endpoint.to_string()).or_default() += 1;
         }
     }
 
     fn turns(endpoint: &str) -> u64 {
-        TURNS
-            .lock()
-            .unwrap()
-            .as_ref()
-            .and_then(|t| t.get(endpoint).copied())
-            .unwrap_or(0)
+        TURNS.lock().unwrap().get(endpoint).copied().unwrap_or(0)
     }
 
     /// A receiver that answers every request 200 and keeps the bodies, in order.
