@@ -6,7 +6,7 @@
 use crate::config::EndpointConfig;
 use crate::deliver::format::{self, RenderContext};
 use crate::deliver::send::{AddressPolicy, ConnectionBudget, EndpointClient};
-use crate::endpoints::{EndpointError, EndpointRegistry, EndpointSource, LiveEndpoint};
+use crate::endpoints::{EndpointError, EndpointRegistry, LiveEndpoint};
 use crate::ingest::http::{bearer_matches, json, json_error};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -285,7 +285,7 @@ async fn create(state: &AdminState, body: &[u8], defaults: Option<Map<String, Va
 async fn patch(state: &AdminState, id: &str, body: &[u8]) -> ApiResult {
     let fields = parse_object(body)?;
     // Whose fault first: a config-file endpoint cannot change here, whatever the URL.
-    if endpoint(state, id)?.source == EndpointSource::Config && fields.keys().any(|k| k != "enabled") {
+    if endpoint(state, id)?.patch_is_the_files(&fields) {
         return Err(EndpointError::FromConfig(id.into()).into());
     }
     if let Some(url) = fields.get("url").and_then(Value::as_str) {

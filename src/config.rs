@@ -392,6 +392,19 @@ pub struct Config {
 }
 
 impl Config {
+    /// [`Config::load`], and the files only a start opens (the GeoIP database) must be
+    /// readable: `check-config` and `serve` look, a reload (which opens none) does not.
+    pub fn load_to_start(path: &Path) -> Result<Config, ConfigError> {
+        let config = Self::load(path)?;
+        if let Some(geoip) = &config.enrich.geoip {
+            let geoip = config.resolve(geoip);
+            std::fs::File::open(&geoip).map_err(|e| {
+                ConfigError::invalid(path, "enrich.geoip", format!("cannot read {}: {e}", geoip.display()))
+            })?;
+        }
+        Ok(config)
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
@@ -467,12 +480,6 @@ impl Config {
                 format!("must be at most {MAX_CONNECTIONS} (0: the open-files limit less 1024)"),
             ));
         }
-        if let Some(geoip) = &self.enrich.geoip {
-            let path = self.resolve(geoip);
-            std::fs::File::open(&path).map_err(|e| {
-                ConfigError::invalid(file, "enrich.geoip", format!("cannot read {}: {e}", path.display()))
-            })?;
-        }
         if self.delivery.timeout.0.is_zero() {
             return Err(ConfigError::invalid(file, "delivery.timeout", "must be more than 0"));
         }
@@ -505,8 +512,7 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
             let key = format!("endpoints[{i}]");
-            validate_endpoint(ep)
-                .and_then(|()| not_reserved(&ep.id))
+            validate_user_endpoint(ep)
                 .map_err(|(field, why)| ConfigError::invalid(file, format!("{key}.{field}"), why))?;
             if !self.delivery.allow_private_networks {
                 if let Some(ip) = private_destination(&ep.url, &allowed) {
@@ -603,8 +609,9 @@ impl Config {
 
 /// Headers every request carries from clickhook itself (SPEC §4.1) or from HTTP's
 /// framing: an endpoint's extra `headers` would send them twice or contradict them.
-const RESERVED_HEADERS: [&str; 8] = [
+const RESERVED_HEADERS: [&str; 9] = [
     "content-type",
+    "user-agent",
     "content-length",
     "transfer-encoding",
     "host",
@@ -626,6 +633,12 @@ pub fn not_reserved(id: &str) -> Result<(), (&'static str, String)> {
         return Err(("id", format!("{id:?} is reserved for the [operations] endpoint")));
     }
     Ok(())
+}
+
+/// Checks an endpoint of the user's, from the file or the API: a valid definition under
+/// an id of its own.
+pub fn validate_user_endpoint(ep: &EndpointConfig) -> Result<(), (&'static str, String)> {
+    validate_endpoint(ep).and_then(|()| not_reserved(&ep.id))
 }
 
 /// Checks one endpoint definition; on failure returns the field and why.
@@ -828,7 +841,7 @@ mod tests {
 
     #[test]
     fn extra_headers_cannot_replace_the_protocol_ones() {
-        for name in ["Content-Type", "webhook-signature", "Host"] {
+        for name in ["Content-Type", "webhook-signature", "Host", "User-Agent"] {
             let t = format!("[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nheaders = {{ \"{name}\" = \"v\" }}\n");
             let err = parse(&t).unwrap_err().to_string();
             assert!(

@@ -4,7 +4,7 @@
 //! routing index swapped in on every change. It must not send requests or touch queues
 //! directly: workers do the first, the log the second.
 
-use crate::config::{not_reserved, validate_endpoint, EndpointConfig};
+use crate::config::{not_reserved, validate_endpoint, validate_user_endpoint, EndpointConfig};
 use crate::deliver::policy::CircuitState;
 use crate::deliver::send::Outcome;
 use crate::deliver::sign::{generate_secret, AsymmetricKey, SigningKey};
@@ -197,6 +197,13 @@ pub struct LiveEndpoint {
 }
 
 impl LiveEndpoint {
+    /// Whether `patch` changes what only the config file may: every change to one of its
+    /// endpoints but turning it on again (after a 410 or `disable_after`).
+    pub fn patch_is_the_files(&self, patch: &serde_json::Map<String, serde_json::Value>) -> bool {
+        self.source == EndpointSource::Config
+            && (patch.keys().any(|k| k != "enabled") || patch.get("enabled") != Some(&serde_json::Value::Bool(true)))
+    }
+
     pub fn settings(&self) -> Arc<EndpointSettings> {
         self.settings.load_full()
     }
@@ -361,9 +368,9 @@ impl EndpointRegistry {
                     by_id.insert(ep.id.clone(), live.clone());
                 }
                 _ => {
-                    let live = self.prepare_live(ep, EndpointSource::Config, now_rfc3339()).await?;
+                    let (live, pending) = self.prepare_live(ep, EndpointSource::Config, now_rfc3339()).await?;
                     by_id.insert(ep.id.clone(), live.clone());
-                    started.push(live);
+                    started.push((live, pending));
                 }
             }
         }
@@ -371,8 +378,8 @@ impl EndpointRegistry {
             live.settings.store(Arc::new(settings));
             live.wake.notify_one();
         }
-        for live in &started {
-            self.start_worker(live);
+        for (live, pending) in &started {
+            self.start_worker(live, *pending);
         }
         let mut stopped = Vec::new();
         for (id, live) in &current.by_id {
@@ -390,9 +397,7 @@ impl EndpointRegistry {
     /// Adds an endpoint at run time and persists it.
     pub async fn create(&self, mut config: EndpointConfig) -> Result<Arc<LiveEndpoint>, EndpointError> {
         let _guard = self.change.lock().await;
-        validate_endpoint(&config)
-            .and_then(|()| not_reserved(&config.id))
-            .map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
+        validate_user_endpoint(&config).map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
         if self.get(&config.id).is_some() {
             return Err(EndpointError::Exists(config.id));
         }
@@ -428,7 +433,7 @@ impl EndpointRegistry {
                 continue;
             }
             if let Err((_, why)) = not_reserved(&stored.config.id) {
-                tracing::error!(endpoint = %stored.config.id, why, "skipping a stored API endpoint; delete it through the API");
+                tracing::error!(endpoint = %stored.config.id, why, "skipping a stored API endpoint; its record stays in the log");
                 continue;
             }
             let live = self
@@ -509,11 +514,10 @@ impl EndpointRegistry {
                 why: "cannot be changed".into(),
             });
         }
-        let enable = patch.get("enabled").and_then(serde_json::Value::as_bool);
-        // Turning one off, like any other change to it, is the file's to say.
-        if live.source == EndpointSource::Config && (patch.keys().any(|k| k != "enabled") || enable != Some(true)) {
+        if live.patch_is_the_files(&patch) {
             return Err(EndpointError::FromConfig(id.into()));
         }
+        let enable = patch.get("enabled").and_then(serde_json::Value::as_bool);
         let current = live.settings().config.clone();
         let mut config = current.clone();
         if live.source == EndpointSource::Api {
@@ -655,18 +659,20 @@ impl EndpointRegistry {
         source: EndpointSource,
         created_at: String,
     ) -> Result<Arc<LiveEndpoint>, EndpointError> {
-        let live = self.prepare_live(config, source, created_at).await?;
-        self.start_worker(&live);
+        let (live, pending) = self.prepare_live(config, source, created_at).await?;
+        self.start_worker(&live, pending);
         Ok(live)
     }
 
-    /// An endpoint ready to run, its worker not started yet.
+    /// An endpoint ready to run, its worker not started yet, and how many entries wait in
+    /// its queue: counted only once it starts, so that one prepared for a refused reload
+    /// leaves no trace in the pending gauge.
     async fn prepare_live(
         &self,
         config: &EndpointConfig,
         source: EndpointSource,
         created_at: String,
-    ) -> Result<Arc<LiveEndpoint>, EndpointError> {
+    ) -> Result<(Arc<LiveEndpoint>, i64), EndpointError> {
         let key = self.log.endpoint_key(&config.id)?;
         let settings = self.settings_for(config, source).await?;
         let pending = self.log.count_pending(key)? as i64;
@@ -685,11 +691,11 @@ impl EndpointRegistry {
             history: Mutex::new(EndpointHistory::default()),
             history_share: self.history_share.clone(),
         });
-        live.add_pending(pending);
-        Ok(live)
+        Ok((live, pending))
     }
 
-    fn start_worker(&self, live: &Arc<LiveEndpoint>) {
+    fn start_worker(&self, live: &Arc<LiveEndpoint>, pending: i64) {
+        live.add_pending(pending);
         let handle = self.dispatcher.start(live.clone());
         if let Ok(mut workers) = self.workers.lock() {
             workers.insert(live.key, handle);

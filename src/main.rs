@@ -91,7 +91,7 @@ struct AdminArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match Config::load_to_start(&config) {
             Ok(c) => {
                 println!("{}: ok ({} endpoints)", config.display(), c.endpoints.len());
                 ExitCode::SUCCESS
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
-            let config = match Config::load(&config) {
+            let config = match Config::load_to_start(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");

@@ -131,8 +131,9 @@ pub async fn run(
     let starting = tokio::spawn(admin::serve_starting(listeners.admin, started_rx));
     let metrics = crate::metrics::install();
     crate::metrics::set_endpoint_series_cap(config.metrics.max_endpoint_series);
-    // A configured GeoIP database that cannot be read stops the start: silently running
-    // without it would send clicks without the geography the operator asked for.
+    // A configured GeoIP database that is none stops the start (one that cannot be read
+    // stopped it as a config error): silently running without it would send clicks
+    // without the geography the operator asked for.
     let enricher = match &config.enrich.geoip {
         Some(path) => Enricher::with_geoip(&config.resolve(path))?,
         None => Enricher::new(),

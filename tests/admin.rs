@@ -58,7 +58,7 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
     )
     .await;
     assert_eq!(s, 400, "the operations endpoint's id is taken: {reserved}");
-    assert!(reserved.to_string().contains("id"), "{reserved}");
+    assert!(reserved.to_string().contains("reserved"), "{reserved}");
     let (s, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().unwrap().len(), 2);
