@@ -30,8 +30,6 @@ pub enum ClientError {
 /// A client for `http://` and `https://` URLs (the daemon may sit behind a TLS proxy),
 /// verifying certificates against the same roots as deliveries.
 fn http_client() -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
-    // The daemon installs it too; whichever comes first wins, and both pick ring.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(crate::deliver::send::tls_config())
         .https_or_http()

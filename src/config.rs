@@ -473,11 +473,14 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.delivery.max_connections > MAX_CONNECTIONS {
+        if self.delivery.max_connections > crate::deliver::send::MAX_CONNECTIONS {
             return Err(ConfigError::invalid(
                 file,
                 "delivery.max_connections",
-                format!("must be at most {MAX_CONNECTIONS} (0: the open-files limit less 1024)"),
+                format!(
+                    "must be at most {} (0: the open-files limit less 1024)",
+                    crate::deliver::send::MAX_CONNECTIONS
+                ),
             ));
         }
         if self.delivery.timeout.0.is_zero() {
@@ -620,10 +623,6 @@ const RESERVED_HEADERS: [&str; 9] = [
     "webhook-timestamp",
     "webhook-signature",
 ];
-
-/// The most outbound connections `delivery.max_connections` may ask for: far past any
-/// open-files limit, and within what a semaphore counts.
-const MAX_CONNECTIONS: usize = 1 << 24;
 
 /// Refuses the id of the internal operations endpoint for an endpoint of the user's:
 /// ids name queues, so two endpoints of one id would drain one queue, and the

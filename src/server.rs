@@ -138,7 +138,6 @@ pub async fn run(
         Some(path) => Enricher::with_geoip(&config.resolve(path))?,
         None => Enricher::new(),
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let data_dir = config.resolve(&config.storage.path);
     let log = SledLog::open(
         &data_dir,

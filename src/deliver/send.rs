@@ -239,6 +239,11 @@ pub struct ConnectionBudget {
     connecting: Arc<tokio::sync::Semaphore>,
 }
 
+/// Open outbound connections at most, whatever the open-files limit or
+/// `delivery.max_connections` say: far past what one machine serves, and within what a
+/// semaphore counts.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
 /// TCP connects in progress at most, across all endpoints. Against distant receivers
 /// (20 ms round trips) this still opens over 10,000 connections a second.
 pub const MAX_CONNECTING: usize = 256;
@@ -266,7 +271,7 @@ impl ConnectionBudget {
                 1024
             }
         };
-        let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(MAX_CONNECTIONS);
         ConnectionBudget::new(soft.saturating_sub(1024).max(256))
     }
 
@@ -365,6 +370,10 @@ pub(crate) fn tls_config() -> rustls::ClientConfig {
     static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
+            // The builder wants a process-wide crypto provider; this is the one place that
+            // builds a TLS config, for deliveries and for `clickhook send` alike. An
+            // embedding program that installed its own keeps it.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let mut roots = rustls::RootCertStore::empty();
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             rustls::ClientConfig::builder()
