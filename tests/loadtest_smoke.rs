@@ -83,3 +83,19 @@ async fn scripted_sink_faults_still_deliver_everything() {
         report.latency
     );
 }
+
+/// A scripted outage that never happened (due after the run is over) fails the run, as
+/// the load generator's README says, though every click arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_that_did_not_happen_fails_the_run() {
+    let mut options = options(Scenario::Throughput, 500);
+    options.sink.outage = Some((Duration::from_secs(600), Duration::from_millis(100)));
+    let report = run_async(options).await.expect("the scenario runs");
+    assert_eq!(report.lost, 0);
+    assert!(!report.passed, "{}", report.render_text());
+    assert!(
+        report.failures().iter().any(|f| f.contains("scripted outage")),
+        "{:?}",
+        report.failures()
+    );
+}

@@ -33,6 +33,8 @@ const DEFAULT_INGEST_LIMIT: Duration = Duration::from_secs(1800);
 /// Time allowed for duplicate deliveries still in flight once everything has arrived.
 const SETTLE: Duration = Duration::from_millis(500);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a scripted outage may still take to finish once everything arrived.
+const OUTAGE_GRACE: Duration = Duration::from_secs(5);
 
 /// How clicks reach the daemon.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -562,13 +564,17 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
     }
 
     phase.store(PHASE_STOP, Relaxed);
-    if let Some(o) = outage {
-        if o.is_finished() {
-            if let Ok(Err(e)) = o.await {
-                failures.push(format!("the scripted outage: {e}"));
+    if let Some(mut o) = outage {
+        // Everything arrived, so the sink is up again; its outage task may still be
+        // confirming that. One that has not even begun, or is stuck, fails the run.
+        match tokio::time::timeout(OUTAGE_GRACE, &mut o).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => failures.push(format!("the scripted outage: {e}")),
+            Ok(Err(e)) => failures.push(format!("the scripted outage's task: {e}")),
+            Err(_) => {
+                o.abort();
+                failures.push("the scripted outage had not taken the sink down and back up when the run ended".into());
             }
-        } else {
-            o.abort();
         }
     }
     let last_sample = sampler.as_ref().and_then(|s| s.latest());
