@@ -67,6 +67,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// Starts sampling `pid`, with a first sample taken now.
     pub fn start(pid: u32) -> Sampler {
         let latest = Arc::new(Mutex::new(sample(pid).ok()));
         let shared = latest.clone();

@@ -80,7 +80,6 @@ pub struct DaemonReport {
     /// Of `cpu_seconds`, what the daemon spent before the first click: starting, and
     /// creating the scenario's endpoints (0.9 s for 10,000 of them). An attached daemon
     /// counts from its own start.
-    #[serde(default)]
     pub startup_cpu_seconds: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
     /// `None` for an attached daemon, which is left running.

@@ -483,8 +483,9 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         // Measure the daemon at work, not finishing its start.
         procstat::wait_until_quiet(p, QUIET_WINDOW, 0.05, QUIET_LIMIT).await;
     }
-    let startup_cpu_seconds = pid.and_then(|p| procstat::sample(p).ok()).map(|s| s.cpu_seconds);
     let sampler = pid.map(|p| Arc::new(Sampler::start(p)));
+    // Its first sample, taken as it starts: the daemon's start, before the first click.
+    let startup_cpu_seconds = sampler.as_ref().and_then(|s| s.latest()).map(|s| s.cpu_seconds);
     let counters = Arc::new(DriveCounters::default());
     let routing = Arc::new(Routing::new(&plan));
     let phase = Arc::new(AtomicU8::new(PHASE_START));
