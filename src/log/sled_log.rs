@@ -871,8 +871,10 @@ impl Writer {
             FsyncMode::Always => LAZY_FLUSH,
             FsyncMode::Interval => self.options.fsync_interval,
         };
-        // Delivery progress held back for up to DEFER_PROGRESS, in arrival order, and when
-        // the first of it arrived.
+        // Writes nobody waits for, held back in arrival order: delivery progress for up to
+        // DEFER_PROGRESS, and what a failed group carried (progress, dead letters) for
+        // about RETRY_FAILED_AFTER more. `deferred_since` is when the wait began, or for a failed
+        // group's writes a time ahead, so that the same elapsed test covers both.
         let mut deferred: Vec<WriteOp> = Vec::new();
         let mut deferred_since: Option<Instant> = None;
         loop {

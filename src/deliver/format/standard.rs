@@ -1,11 +1,12 @@
 //! The `standard` format: the stored event is already the `data` object, so rendering is
 //! splicing bytes into an envelope — no parse on the hot path. It must not reorder or
 //! rewrite the stored JSON, with one exception: without `include_ip` the click's `ip`
-//! member is cut out, since the stored event keeps the IP for the endpoints that may have it.
+//! member is cut out, since the stored event keeps the IP for the endpoints that may have it
+//! (an event not laid out as the log writes it then gets its `click` object written anew,
+//! members in order, compact).
 
 use super::RenderContext;
 use crate::ingest::click::object_members;
-use std::borrow::Cow;
 
 /// Renders events into the `link.clicked` envelope (or `link.clicked.batch`), each event's
 /// bytes written once, straight into the body.
@@ -41,7 +42,7 @@ pub fn render(events: &[&[u8]], ctx: &RenderContext<'_>) -> Result<Vec<u8>, serd
 }
 
 /// Writes the stored event with its `click.ip` member cut out; every other byte stays as
-/// stored.
+/// stored when the log wrote it (compact), else see [`write_without_click_ip_parsed`].
 fn write_without_click_ip(out: &mut Vec<u8>, event: &[u8]) -> Result<(), serde_json::Error> {
     match compact::click_ip(event) {
         Some(None) => out.extend_from_slice(event),
@@ -49,30 +50,33 @@ fn write_without_click_ip(out: &mut Vec<u8>, event: &[u8]) -> Result<(), serde_j
             out.extend_from_slice(&event[..cut.start]);
             out.extend_from_slice(&event[cut.end..]);
         }
-        None => out.extend_from_slice(&without_click_ip_parsed(event)?),
+        None => write_without_click_ip_parsed(out, event)?,
     }
     Ok(())
 }
 
-/// The same as [`write_without_click_ip`] for JSON of any layout: the members' boundaries come
-/// from serde_json, as ingest reads them (as raw text, each name once). Events the log
-/// wrote never need it.
-fn without_click_ip_parsed(event: &[u8]) -> Result<Cow<'_, [u8]>, serde_json::Error> {
+/// [`write_without_click_ip`] for JSON of any layout: the members' boundaries come from
+/// serde_json, as ingest reads them (as raw text, each name once). The `click` object, when
+/// it has an `ip`, is written anew without it (compact, names as serde_json writes them);
+/// every other byte stays. Events the log wrote never need it.
+fn write_without_click_ip_parsed(out: &mut Vec<u8>, event: &[u8]) -> Result<(), serde_json::Error> {
     let top = object_members(event)?.unwrap_or_default();
     let Some((_, click)) = top.iter().find(|(key, _)| key == "click") else {
-        return Ok(Cow::Borrowed(event));
+        out.extend_from_slice(event);
+        return Ok(());
     };
     let Some(members) = object_members(click.get().as_bytes())? else {
-        return Ok(Cow::Borrowed(event));
+        out.extend_from_slice(event);
+        return Ok(());
     };
     if !members.iter().any(|(key, _)| key == "ip") {
-        return Ok(Cow::Borrowed(event));
+        out.extend_from_slice(event);
+        return Ok(());
     }
     // The raw value borrows from `event`, so its place there is its address's distance from
     // the start of `event`.
     let start = click.get().as_ptr() as usize - event.as_ptr() as usize;
     let end = start + click.get().len();
-    let mut out = Vec::with_capacity(event.len());
     out.extend_from_slice(&event[..start]);
     out.push(b'{');
     let mut first = true;
@@ -81,13 +85,13 @@ fn without_click_ip_parsed(event: &[u8]) -> Result<Cow<'_, [u8]>, serde_json::Er
             out.push(b',');
         }
         first = false;
-        serde_json::to_writer(&mut out, key)?;
+        serde_json::to_writer(&mut *out, key)?;
         out.push(b':');
         out.extend_from_slice(value.get().as_bytes());
     }
     out.push(b'}');
     out.extend_from_slice(&event[end..]);
-    Ok(Cow::Owned(out))
+    Ok(())
 }
 
 /// Member boundaries in compact JSON as the log writes it: no whitespace, each name once
@@ -333,7 +337,8 @@ mod tests {
         for (stored, expected) in cases {
             let out = without_click_ip(stored.as_bytes()).unwrap();
             assert_eq!(std::str::from_utf8(&out).unwrap(), expected, "from {stored}");
-            let parsed = without_click_ip_parsed(stored.as_bytes()).unwrap();
+            let mut parsed = Vec::new();
+            write_without_click_ip_parsed(&mut parsed, stored.as_bytes()).unwrap();
             assert_eq!(std::str::from_utf8(&parsed).unwrap(), expected, "parsed from {stored}");
         }
         // Laid out otherwise than the log writes, it still comes out right, by parsing.
