@@ -919,9 +919,9 @@ async fn sleep_until(at: Option<Instant>) {
 mod tests {
     use super::*;
     use clickhook_loadtest::http::Http1;
+    use clickhook_loadtest::{Behavior, Clock, Sink, SinkEndpoint, SinkOptions};
     use hyper::Method;
     use std::sync::Mutex;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Turns of the loop of each worker whose endpoint id starts with `turns-`.
     static TURNS: Mutex<std::collections::BTreeMap<String, u64>> = Mutex::new(std::collections::BTreeMap::new());
@@ -936,56 +936,19 @@ mod tests {
         TURNS.lock().unwrap().get(endpoint).copied().unwrap_or(0)
     }
 
-    /// A receiver that answers every request 200 and keeps the bodies, in order.
-    async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
-        receiver_answering(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")).await
-    }
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-    /// A receiver that gives every request `answer`, or with `None` never answers.
-    async fn receiver_answering(answer: Option<&'static [u8]>) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let kept = bodies.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        while buf.len() < end + 4 + length {
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let body: Vec<u8> = buf.drain(..end + 4 + length).skip(end + 4).collect();
-                        kept.lock().unwrap().push(String::from_utf8(body).unwrap());
-                        let Some(answer) = answer else {
-                            std::future::pending::<()>().await;
-                            return;
-                        };
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (addr, bodies)
+    /// The load generator's verifying sink, endpoint `n` (at `sink.url(n)`) scripted by
+    /// `behaviors[n]` and signed with [`SECRET`].
+    async fn sink(behaviors: &[Behavior]) -> Sink {
+        let endpoints = behaviors
+            .iter()
+            .map(|&behavior| SinkEndpoint {
+                secret: SECRET.into(),
+                behavior,
+            })
+            .collect();
+        Sink::start(SinkOptions::new(endpoints, Clock::new())).await.unwrap()
     }
 
     /// The daemon in this process on `config` (loopback, port 0, a temp dir): its ingest
@@ -1048,8 +1011,8 @@ allow_private_networks = true
     /// retries come due meanwhile, and with attempts in flight under a rate limit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_worker_held_back_by_its_circuit_or_its_concurrency_does_not_spin() {
-        let (failing, _) = receiver_answering(Some(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n")).await;
-        let (hanging, _) = receiver_answering(None).await;
+        let sink = sink(&[Behavior::flaky(1.0, 0), Behavior::hang()]).await;
+        let (failing, hanging) = (sink.url(0), sink.url(1));
         let config = format!(
             r#"
 [retry]
@@ -1060,11 +1023,13 @@ failures = 1
 cooldown = "30s"
 [[endpoints]]
 id = "turns-open"
-url = "http://{failing}/e"
+url = "{failing}"
+secret = "{SECRET}"
 links = ["open"]
 [[endpoints]]
 id = "turns-limited"
-url = "http://{hanging}/e"
+url = "{hanging}"
+secret = "{SECRET}"
 links = ["limited"]
 rate_limit = 1000
 timeout = "20s"
@@ -1094,7 +1059,7 @@ timeout = "20s"
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_renderer_that_panics_fails_its_events_and_the_endpoint_delivers_the_rest() {
-        let (sink, bodies) = receiver().await;
+        let sink = sink(&[Behavior::default()]).await;
         let (_dir, ingest, admin, control, daemon) = daemon(&format!(
             r#"
 [retry]
@@ -1102,9 +1067,10 @@ schedule = ["10ms", "10ms"]
 jitter = 0.0
 [[endpoints]]
 id = "e"
-url = "http://{sink}/e"
-secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-"#
+url = "{}"
+secret = "{SECRET}"
+"#,
+            sink.url(0)
         ))
         .await;
 
@@ -1131,20 +1097,19 @@ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
                 .await
                 .unwrap();
             dead = serde_json::from_slice(&answer.body).unwrap();
-            let delivered = bodies.lock().unwrap().iter().any(|b| b.contains(&ids[1]));
+            let delivered = sink.recorder().with_hits(&ids[1], |hits| !hits.is_empty());
             if delivered && dead.as_array().is_some_and(|d| !d.is_empty()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            bodies.lock().unwrap().iter().any(|b| b.contains(&ids[1])),
+        assert_eq!(
+            sink.recorder().with_hits(&ids[1], <[_]>::len),
+            1,
             "the second click arrives"
         );
-        assert!(
-            !bodies.lock().unwrap().iter().any(|b| b.contains(&ids[0])),
-            "nothing went out for the first"
-        );
+        assert_eq!(sink.stats().requests, 1, "nothing went out for the first");
+        assert_eq!(sink.stats().bad_signatures, 0);
         let dead = dead.as_array().unwrap();
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert_eq!(dead[0]["event_id"], ids[0]);
