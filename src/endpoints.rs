@@ -618,14 +618,7 @@ impl EndpointRegistry {
             let wanted = |data: &[u8]| {
                 StoredFacts::of(data).is_some_and(|facts| {
                     let mut routed = Vec::new();
-                    index.route(
-                        ClickFacts {
-                            link_id: &facts.link_id,
-                            workspace_id: facts.workspace_id.as_deref(),
-                            is_bot: facts.is_bot,
-                        },
-                        &mut routed,
-                    );
+                    index.route(facts.facts(), &mut routed);
                     !routed.is_empty()
                 })
             };

@@ -13,7 +13,8 @@ pub use country::{country_code, country_name};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::path::Path;
-use ua::{Device, ParsedUserAgent, UaParser};
+pub use ua::Device;
+use ua::{ParsedUserAgent, UaParser};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrichError {
@@ -77,13 +78,19 @@ impl Enricher {
                 .string("country")
                 .map_or(Value::Null, |c| Value::Bool(is_eu_country(&c))),
         };
-        let is_bot = device == Device::Bot || bot_name.is_some();
+        let is_bot = is_bot(Some(device), bot_name.is_some());
         click.set("device", Value::from(device.as_str()));
         click.set("device_vendor", vendor.map_or(Value::Null, Value::String));
         click.set("bot_name", bot_name.map_or(Value::Null, Value::String));
         click.set("is_eu_country", is_eu);
         is_bot
     }
+}
+
+/// Whether an enriched click is a bot's: its device says so, or it names a bot. Routing
+/// asks at ingest and again of stored clicks (a replay); both ask here.
+pub fn is_bot(device: Option<Device>, bot_named: bool) -> bool {
+    device == Some(Device::Bot) || bot_named
 }
 
 /// A click's `click` object as enrichment reads and writes it. Ingest implements it over

@@ -5,7 +5,8 @@
 //! rest is copied (serde_json's raw values; simd-json and whole `Value` trees measured
 //! slower, see BENCHMARKS.md). It must not store, route or deliver anything.
 
-use crate::enrich::{ClickObject, Enricher};
+use crate::enrich::{is_bot, ClickObject, Device, Enricher};
+use crate::route::ClickFacts;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -40,6 +41,17 @@ pub struct PreparedClick {
     pub data: Vec<u8>,
 }
 
+impl PreparedClick {
+    /// What routing looks at.
+    pub fn facts(&self) -> ClickFacts<'_> {
+        ClickFacts {
+            link_id: &self.link_id,
+            workspace_id: self.workspace_id.as_deref(),
+            is_bot: self.is_bot,
+        }
+    }
+}
+
 /// What routing looked at when a stored click came in, read back from its stored JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredFacts {
@@ -61,13 +73,25 @@ impl StoredFacts {
         let click = given(&top, "click")
             .and_then(|(raw, _)| object_members(raw.get().as_bytes()).ok().flatten())
             .unwrap_or_default();
-        let device_is_bot = given(&click, "device").is_some_and(|(raw, _)| raw.get() == r#""bot""#);
+        // Enrichment writes the device's name plainly, with no escapes to decode.
+        let device = given(&click, "device")
+            .and_then(|(raw, _)| raw.get().strip_prefix('"')?.strip_suffix('"'))
+            .and_then(Device::from_name);
         let named_bot = given(&click, "bot_name").is_some_and(|(_, kind)| kind == Kind::String);
         Some(StoredFacts {
             link_id,
             workspace_id,
-            is_bot: device_is_bot || named_bot,
+            is_bot: is_bot(device, named_bot),
         })
+    }
+
+    /// What routing looked at.
+    pub fn facts(&self) -> ClickFacts<'_> {
+        ClickFacts {
+            link_id: &self.link_id,
+            workspace_id: self.workspace_id.as_deref(),
+            is_bot: self.is_bot,
+        }
     }
 }
 

@@ -12,7 +12,6 @@ use crate::endpoints::EndpointRegistry;
 use crate::enrich::Enricher;
 use crate::log::{AppendOutcome, ClickLog, LogError, NewEvent, Ticket};
 use crate::metrics::{self, Source};
-use crate::route::ClickFacts;
 use click::PreparedClick;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -177,14 +176,7 @@ impl Ingestor {
         let mut events = Vec::with_capacity(clicks.len());
         for c in clicks {
             let mut endpoints = Vec::new();
-            self.endpoints.route(
-                ClickFacts {
-                    link_id: &c.link_id,
-                    workspace_id: c.workspace_id.as_deref(),
-                    is_bot: c.is_bot,
-                },
-                &mut endpoints,
-            );
+            self.endpoints.route(c.facts(), &mut endpoints);
             ids.push(c.id.clone());
             routes.push(endpoints.clone());
             events.push(NewEvent {
