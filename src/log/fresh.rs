@@ -198,9 +198,9 @@ impl FreshQueues {
     /// still list it and have other pairs waiting, for the writer to rewrite without it;
     /// those left with nothing waiting go to [`Self::take_finished`].
     pub fn forget(&mut self, ep: EndpointKey) -> Vec<Seq> {
-        // Whether it may have runs stays as it was: the writer removes them after this,
-        // and a reader told to look in sled for nothing is only slower.
+        // The writer has removed its runs just before.
         self.queues.remove(&ep);
+        self.with_runs.remove(&ep);
         let mut rewrite = Vec::new();
         for (&first, record) in self.records.iter_mut() {
             let Some(at) = record.endpoints.iter().position(|(e, _)| *e == ep) else {

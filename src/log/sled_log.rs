@@ -107,8 +107,10 @@ enum Step {
     Put(EndpointKey, Pending),
     /// Takes an entry out of an endpoint's queue, if it is there.
     Remove(EndpointKey, Seq),
-    /// Drops every fresh entry of an endpoint (it was deleted).
-    ForgetFresh(EndpointKey),
+    /// Drops an endpoint's whole queue, fresh entries and runs, and its dead letters (it
+    /// was deleted). The runs are listed here, in the writer, after every earlier write:
+    /// a retry held back or still in the channel may yet start a run.
+    ForgetEndpoint(EndpointKey),
 }
 
 impl Step {
@@ -1311,9 +1313,9 @@ impl Writer {
                     self.change_queues(&std::mem::take(&mut queued))?;
                     self.raw_write(k, v.as_deref(), counts)?;
                 }
-                Step::ForgetFresh(ep) => {
+                Step::ForgetEndpoint(ep) => {
                     self.change_queues(&std::mem::take(&mut queued))?;
-                    self.forget_fresh(*ep)?;
+                    self.forget_endpoint(*ep)?;
                 }
             }
         }
@@ -1433,7 +1435,12 @@ impl Writer {
 
     /// Drops a deleted endpoint's fresh entries, and its name from the route records that
     /// others still wait on, so a restart does not queue them again.
-    fn forget_fresh(&mut self, ep: EndpointKey) -> Result<(), LogError> {
+    fn forget_endpoint(&mut self, ep: EndpointKey) -> Result<(), LogError> {
+        for prefix in [QUEUE_RUN, DEAD] {
+            for k in self.tree.scan_prefix(keys::queue_prefix(prefix, ep)).keys() {
+                self.tree.remove(k?)?;
+            }
+        }
         let rewrite = lock(&self.fresh).forget(ep);
         for first in rewrite {
             let key = keys::routes(first);
@@ -2003,20 +2010,7 @@ impl ClickLog for SledLog {
     }
 
     fn forget_endpoint(&self, endpoint: EndpointKey) -> Ticket<()> {
-        let mut steps = vec![Step::ForgetFresh(endpoint)];
-        let mut writes = Vec::new();
-        for prefix in [QUEUE_RUN, DEAD] {
-            for k in self
-                .tree
-                .scan_prefix(keys::queue_prefix(prefix, endpoint))
-                .keys()
-                .flatten()
-            {
-                writes.push((k.to_vec(), None));
-            }
-        }
-        steps.extend(Step::raw(writes));
-        self.apply(steps, true)
+        self.apply(vec![Step::ForgetEndpoint(endpoint)], true)
     }
 
     fn get_setting(&self, name: &str) -> Result<Option<Vec<u8>>, LogError> {
@@ -2882,6 +2876,32 @@ mod tests {
             vec![1],
             "the record's entries are queued in runs at open"
         );
+    }
+
+    #[tokio::test]
+    async fn forgetting_an_endpoint_drops_the_runs_and_dead_letters_of_writes_still_held_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let events = (0..3).map(|i| event(&format!("e{i}"), false, vec![1])).collect();
+        log.append(events).await.unwrap().unwrap();
+        // A worker's last writes before it stopped: the writer holds progress back, so
+        // these are not in sled yet when the delete asks to forget the endpoint.
+        log.reschedule(
+            1,
+            &[Pending {
+                seq: 1,
+                attempts: 1,
+                due_ms: 99,
+                batch: 0,
+            }],
+        );
+        log.bury(1, vec![letter(2, "e1")]);
+        log.forget_endpoint(1).await.unwrap().unwrap();
+        assert!(run_keys(&log, 1).is_empty(), "a retry's run outlived the delete");
+        assert_eq!(log.count_dead(1).unwrap(), 0);
+        assert_eq!(log.count_pending(1).unwrap(), 0);
+        // Nothing holds pruning back: every event goes.
+        assert_eq!(log.prune(u64::MAX / 2, 0).await.unwrap().unwrap(), 3);
     }
 
     #[tokio::test]
