@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -142,6 +142,11 @@ pub struct SledLog {
     events: Arc<AtomicU64>,
     recent: Arc<RecentEvents>,
     fresh: Arc<Mutex<FreshQueues>>,
+    /// Held (shared) by a reader from its look at memory to the end of its look at sled,
+    /// and by the writer while it queues appends straight into runs. Without it a reader
+    /// could miss one append still on its way into memory and see a later one in sled,
+    /// and its worker's cursor would pass the first for good.
+    spilling: Arc<RwLock<()>>,
     segments: Arc<SegmentFiles>,
     /// This log's number in [`LAST_BATCH`].
     id: u64,
@@ -158,6 +163,10 @@ pub struct SledLog {
     /// sender, and goes on when the receiver gets a message.
     #[cfg(test)]
     prune_pause: Arc<Mutex<Option<PrunePause>>>,
+    /// Tests stop the next `pending_after` with runs to read between its look at memory
+    /// and its look at sled, as [`Self::prune_pause`] stops a prune.
+    #[cfg(test)]
+    read_pause: Mutex<Option<PrunePause>>,
 }
 
 #[cfg(test)]
@@ -269,6 +278,7 @@ impl SledLog {
             fresh.runs_written(ep);
         }
         let fresh = Arc::new(Mutex::new(fresh));
+        let spilling = Arc::new(RwLock::new(()));
         let mut count = 0u64;
         // Batches per segment, so a segment goes when its last batch does.
         let mut live = BTreeMap::new();
@@ -294,6 +304,7 @@ impl SledLog {
             events: events.clone(),
             recent: recent.clone(),
             fresh: fresh.clone(),
+            spilling: spilling.clone(),
             segments: segment_writer,
             dir: path.to_path_buf(),
             seq_recorded: recorded,
@@ -312,6 +323,7 @@ impl SledLog {
             events,
             recent,
             fresh,
+            spilling,
             segments: segment_files,
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             endpoint_keys: Mutex::new(()),
@@ -320,6 +332,8 @@ impl SledLog {
             no_body_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
             #[cfg(test)]
             prune_pause: Arc::new(Mutex::new(None)),
+            #[cfg(test)]
+            read_pause: Mutex::new(None),
         }))
     }
 
@@ -808,6 +822,7 @@ struct Writer {
     events: Arc<AtomicU64>,
     recent: Arc<RecentEvents>,
     fresh: Arc<Mutex<FreshQueues>>,
+    spilling: Arc<RwLock<()>>,
     segments: SegmentWriter,
     dir: std::path::PathBuf,
     /// The next seq sled records: `next_seq` as of the last group that wrote its events
@@ -1266,6 +1281,8 @@ impl Writer {
             lock(&self.fresh).add(first, last, queues());
             return Ok(());
         }
+        // Poisoning cannot leave the unit value wrong.
+        let _spilling = self.spilling.write().unwrap_or_else(PoisonError::into_inner);
         {
             let mut fresh = lock(&self.fresh);
             for (ep, _) in queues() {
@@ -1805,12 +1822,18 @@ impl ClickLog for SledLog {
 
     fn pending_after(&self, endpoint: EndpointKey, after: Option<Seq>, limit: usize) -> Result<Vec<Pending>, LogError> {
         // Memory first: an entry moving to a run is written there before it leaves memory.
+        let _reading = self.spilling.read().unwrap_or_else(PoisonError::into_inner);
         let (fresh, with_runs) = {
             let fresh = lock(&self.fresh);
             (fresh.after(endpoint, after, limit), fresh.may_have_runs(endpoint))
         };
         if !with_runs {
             return Ok(fresh.into_iter().map(Pending::fresh).collect());
+        }
+        #[cfg(test)]
+        if let Some((reached, resume)) = lock(&self.read_pause).take() {
+            let _ = reached.send(());
+            let _ = resume.recv();
         }
         let stored = read_pending(&self.tree, endpoint, after, limit, || {})?;
         Ok(merge_pending(stored, fresh, limit))
@@ -2443,6 +2466,50 @@ mod tests {
         );
         assert_eq!(reviving.join().unwrap().await.unwrap().unwrap(), 1);
         assert_queued_again_and_kept(&log, k, "the revival restored the event from its letter");
+    }
+
+    /// Near the memory's bound one append can go to memory and the next straight to a run.
+    /// A reader that looked at memory before the first and at sled after the second would
+    /// return the second alone, and its worker's cursor would pass the first for good.
+    #[tokio::test]
+    async fn a_reader_never_sees_an_append_in_a_run_without_the_one_before_it_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_with(dir.path(), super::super::segments::SEGMENT_BYTES, 3);
+        let four = |tag: &str, n: usize| (0..n).map(|i| event(&format!("{tag}{i}"), false, vec![1])).collect();
+        // More than memory takes: seqs 1..=4 go to a run, so readers look in sled too.
+        log.append(four("old", 4)).await.unwrap().unwrap();
+        assert_eq!(run_keys(&log, 1), vec![1]);
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel();
+        *log.read_pause.lock().unwrap() = Some((reached_tx, resume_rx));
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || log.pending_after(1, Some(4), 10))
+        };
+        reached.recv().unwrap();
+        // Seqs 5 and 6 fit in memory; 7 and 8 do not, and go to a run.
+        log.append(four("a", 2)).await.unwrap().unwrap();
+        let mut spilled = log.append(four("b", 2));
+        // Time for the spill to land, where nothing holds it back.
+        let landed = tokio::time::timeout(Duration::from_millis(300), &mut spilled)
+            .await
+            .is_ok();
+        resume.send(()).unwrap();
+        let seen: Vec<Seq> = reader.join().unwrap().unwrap().iter().map(|p| p.seq).collect();
+        assert!(
+            seen.first().is_none_or(|s| *s == 5),
+            "the reader saw {seen:?}, past seqs still on their way into memory"
+        );
+        if !landed {
+            spilled.await.unwrap().unwrap();
+        }
+        let all: Vec<Seq> = log
+            .pending_after(1, Some(4), 10)
+            .unwrap()
+            .iter()
+            .map(|p| p.seq)
+            .collect();
+        assert_eq!(all, vec![5, 6, 7, 8]);
     }
 
     /// A log whose one event ("a", seq 1) went to `ep` and was delivered there, or buried
