@@ -754,3 +754,34 @@ async fn a_healthy_endpoint_gets_every_click_before_any_faulty_one_could_time_ou
         rss_after >> 10
     );
 }
+
+/// After a restart the head of a queue can be a full page of retries not yet due. The
+/// worker reads on past them to the clicks behind, instead of sleeping until the first
+/// retry is due (an hour here) with deliverable clicks unread.
+#[tokio::test]
+async fn after_a_restart_clicks_behind_a_page_of_waiting_retries_go_out_at_once() {
+    let sink = Sink::start().await;
+    sink.default_answer("/e", Answer::Status(500));
+    // 520 first attempts fail, each due again in an hour, and then the circuit opens for
+    // an hour, so the 5 clicks after them are not tried before the restart.
+    let cfg = config_text(&endpoint("e", &sink.url("/e"), ""))
+        + "\n[retry]\nschedule = [\"1h\"]\njitter = 0.0\n[breaker]\nfailures = 520\ncooldown = \"1h\"\n";
+    let mut d = Daemon::start(&cfg);
+    post_clicks(&d, 520, "head").await;
+    assert_eq!(sink.wait_for("/e", 520, Duration::from_secs(60)).await.len(), 520);
+    let (_, stats) = d
+        .admin_get_until("/v1/endpoints/e/stats", |_, v| v["circuit"] == "open")
+        .await;
+    assert_eq!(stats["circuit"], "open", "{stats}");
+    let behind = post_clicks(&d, 5, "behind").await;
+    assert_eq!(d.terminate(), 0);
+    assert_eq!(sink.received("/e").len(), 520, "the clicks behind were not tried yet");
+    sink.default_answer("/e", Answer::Status(200));
+    d.spawn();
+    sink.wait_for("/e", 525, Duration::from_secs(30)).await;
+    let ids = sink.event_ids("/e");
+    for id in &behind {
+        assert!(ids.contains(id), "click {id} behind the retries was not delivered");
+    }
+    assert_eq!(ids.len(), 525, "no retry went before it was due");
+}

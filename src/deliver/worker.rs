@@ -28,6 +28,9 @@ const PAGE: usize = 512;
 /// Retries waiting in memory at most; past this the worker stops paging in new events
 /// (they wait on disk) until retries drain.
 const MAX_WAITING: usize = 100_000;
+/// Pages one turn reads at most while they make nothing ready (all in flight, or retries
+/// not yet due); the next turn goes on at once, so other tasks get the thread between.
+const PAGES_PER_TURN: usize = 8;
 
 #[derive(Clone)]
 pub(crate) struct WorkerContext {
@@ -225,8 +228,8 @@ impl Worker {
                 self.caught_up = false;
                 self.batches_paged.clear();
             }
+            let read_on = !draining && self.page_in();
             if !draining {
-                self.page_in();
                 self.promote_due();
             }
             let try_again_at = if draining { None } else { self.launch(&settings) };
@@ -239,10 +242,15 @@ impl Worker {
             let retry_due = (!draining && self.breaker.state(now) != CircuitState::Open)
                 .then(|| self.waiting.peek().map(|Reverse((due, _))| instant_of(*due)))
                 .flatten();
-            let wake_at = [retry_due, self.breaker.reopens_at(now), try_again_at]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake_at = [
+                retry_due,
+                self.breaker.reopens_at(now),
+                try_again_at,
+                read_on.then_some(now),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let mut shutdown = self.ctx.shutdown.clone();
             tokio::select! {
                 Some(done) = self.inflight.join_next(), if !self.inflight.is_empty() => {
@@ -265,16 +273,28 @@ impl Worker {
         }
     }
 
-    /// Reads the next page of the queue when little is ready.
-    fn page_in(&mut self) {
-        if self.caught_up || self.ready.len() >= PAGE || self.waiting_jobs.len() >= MAX_WAITING {
-            return;
+    /// Reads pages of the queue while little is ready. Returns whether the queue should be
+    /// read on at once: its pages so far made nothing ready, and a page past them may
+    /// (after a restart the head can be retries due in hours, with new clicks behind).
+    fn page_in(&mut self) -> bool {
+        for _ in 0..PAGES_PER_TURN {
+            if self.caught_up || self.ready.len() >= PAGE || self.waiting_jobs.len() >= MAX_WAITING {
+                return false;
+            }
+            if !self.read_page() || !self.ready.is_empty() {
+                return false;
+            }
         }
+        !self.caught_up && self.waiting_jobs.len() < MAX_WAITING
+    }
+
+    /// Reads the next page of the queue; false if the log could not be read.
+    fn read_page(&mut self) -> bool {
         let page = match self.ctx.log.pending_after(self.ep.key, self.cursor, PAGE) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(endpoint = %self.ep.id, error = %e, "cannot read the queue");
-                return;
+                return false;
             }
         };
         self.caught_up = page.len() < PAGE;
@@ -329,6 +349,7 @@ impl Worker {
             // Read to its end: no batch continues past here.
             self.batches_paged.clear();
         }
+        true
     }
 
     fn push_ready(&mut self, job: Job) {
