@@ -183,6 +183,8 @@ pub struct LiveEndpoint {
     /// New work, changed settings, rewind or stop: the worker re-examines everything.
     pub wake: Notify,
     pub rewind: AtomicBool,
+    /// Set when the endpoint is enabled by hand: its worker counts `disable_after` anew.
+    pub enabled_again: AtomicBool,
     pub stopping: AtomicBool,
     pub pending: AtomicI64,
     /// When the breaker lets (or let) its probe through, in Unix ms; 0 while it is closed.
@@ -541,6 +543,7 @@ impl EndpointRegistry {
         }
         if enable == Some(true) {
             wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
+            live.enabled_again.store(true, Ordering::SeqCst);
         }
         let before = live.settings();
         let settings = self.settings_for(&config, live.source).await?;
@@ -562,6 +565,7 @@ impl EndpointRegistry {
         wait(self.log.forget_endpoint(live.key)).await?;
         wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
         wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
+        wait(self.log.put_setting(&failing_since_setting(id), None)).await?;
         live.add_pending(-live.pending.load(Ordering::Relaxed));
         Ok(())
     }
@@ -677,6 +681,7 @@ impl EndpointRegistry {
             settings: ArcSwap::from_pointee(settings),
             wake: Notify::new(),
             rewind: AtomicBool::new(false),
+            enabled_again: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             pending: AtomicI64::new(0),
             circuit_open_until_ms: AtomicU64::new(0),
@@ -905,6 +910,12 @@ const ROTATION_OVERLAP_MS: u64 = 24 * 3600 * 1000;
 const SECRET_PREFIX: &str = "secret/";
 const SIGNING_KEY_PREFIX: &str = "signing-key/";
 const DISABLED_PREFIX: &str = "disabled/";
+const FAILING_SINCE_PREFIX: &str = "failing-since/";
+
+/// The setting in which an endpoint's worker keeps since when the endpoint fails.
+pub(crate) fn failing_since_setting(id: &str) -> String {
+    format!("{FAILING_SINCE_PREFIX}{id}")
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PreviousSecret {

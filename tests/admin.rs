@@ -600,6 +600,55 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
     );
 }
 
+/// `disable_after` counts from the first failure of a run, across restarts: a daemon
+/// restarted more often than `disable_after` still disables an endpoint that never
+/// recovers. Enabling the endpoint again starts the count anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_after_counts_across_a_restart_and_anew_after_a_re_enable() {
+    let sink = Sink::start().await;
+    sink.default_answer("/down", Answer::Status(503));
+    let cfg = config_text(&endpoint("down", &sink.url("/down"), ""))
+        + "\n[retry]\nschedule = [\"600ms\", \"1h\"]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"2s\"\n";
+    let mut d = Daemon::start(&cfg);
+    d.post(&click("1", "w"), "application/json").await;
+    // The retry 600 ms after the first failure finds the run old enough to be kept.
+    assert_eq!(sink.wait_for("/down", 2, WAIT).await.len(), 2);
+    assert_eq!(d.terminate(), 0);
+    // Past `disable_after` since the first failure, with the daemon down.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    d.spawn();
+    d.post(&click("2", "w"), "application/json").await;
+    assert_eq!(sink.wait_for("/down", 3, WAIT).await.len(), 3);
+    let (_, ep) = d
+        .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
+        .await;
+    assert_eq!(
+        (ep["enabled"].as_bool(), ep["disabled_reason"].as_str()),
+        (Some(false), Some("failing")),
+        "the first failure after the restart is past disable_after: {ep}"
+    );
+    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": true})).await;
+    assert_eq!(s, 200, "{v}");
+    let seen = sink.received("/down").len();
+    d.post(&click("3", "w"), "application/json").await;
+    sink.wait_for("/down", seen + 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, ep) = d.admin_get("/v1/endpoints/down").await;
+    assert_eq!(
+        ep["enabled"], true,
+        "a failure right after a re-enable starts a new run: {ep}"
+    );
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    d.post(&click("4", "w"), "application/json").await;
+    let (_, ep) = d
+        .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
+        .await;
+    assert_eq!(
+        ep["disabled_reason"], "failing",
+        "a run failing past disable_after after a re-enable disables it again: {ep}"
+    );
+}
+
 async fn attempts_kept(d: &Daemon, id: &str) -> usize {
     let (_, v) = admin(
         d,

@@ -9,7 +9,7 @@ use super::policy::{Breaker, CircuitState, TokenBucket};
 use super::send::{AttemptResult, EndpointClient, OriginSlot, Outcome};
 use super::slots::ReceiverSlots;
 use super::{DeliveryPolicy, WorkerEvent};
-use crate::endpoints::{AttemptRecord, EndpointSettings, LiveEndpoint};
+use crate::endpoints::{failing_since_setting, AttemptRecord, EndpointSettings, LiveEndpoint};
 use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq};
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -81,7 +81,7 @@ struct Worker {
     failures_unlogged: u64,
     /// Failed attempts since the last success, and when the first of them ended.
     consecutive_failures: u32,
-    failing_since: Option<Instant>,
+    failing: FailingStreak,
     reported_failing: bool,
     reported_too_long: bool,
     /// Delivered entries not yet handed to the log.
@@ -103,6 +103,59 @@ struct Worker {
 
 /// A wait for a receiver's slot; kept across the loop's turns so it keeps its place.
 type SlotWait = std::pin::Pin<Box<dyn std::future::Future<Output = Option<OriginSlot>> + Send>>;
+
+/// When the endpoint's current run of failures began (Unix ms), for `disable_after`. A
+/// run that has lasted a while is kept in the log, so that a daemon restarted more often
+/// than `disable_after` still disables an endpoint that never recovers; a short one is
+/// not, so that an endpoint failing now and then does not cost a durable write each time.
+struct FailingStreak {
+    since_ms: Option<u64>,
+    stored: bool,
+    setting: String,
+}
+
+/// A run of failures is kept once it has lasted this long, or a quarter of
+/// `disable_after` when that is shorter.
+const KEEP_FAILING_AFTER: Duration = Duration::from_secs(10);
+
+impl FailingStreak {
+    fn load(log: &dyn ClickLog, endpoint: &str) -> Self {
+        let setting = failing_since_setting(endpoint);
+        let since_ms = match log.get_setting(&setting) {
+            Ok(Some(v)) => <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_be_bytes),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(endpoint, error = %e, "cannot read since when the endpoint fails; counting from now");
+                None
+            }
+        };
+        FailingStreak {
+            since_ms,
+            stored: since_ms.is_some(),
+            setting,
+        }
+    }
+
+    /// Notes a failure at `now_ms`; returns how long the endpoint has been failing.
+    fn failed(&mut self, log: &dyn ClickLog, now_ms: u64, disable_after: Duration) -> Duration {
+        let since = *self.since_ms.get_or_insert(now_ms);
+        let failing_for = Duration::from_millis(now_ms.saturating_sub(since));
+        if !self.stored && failing_for >= KEEP_FAILING_AFTER.min(disable_after / 4) {
+            self.stored = true;
+            // Not awaited: lost in a crash, the clock only starts again from the next failure.
+            drop(log.put_setting(&self.setting, Some(since.to_be_bytes().to_vec())));
+        }
+        failing_for
+    }
+
+    /// The run ended: a success, or the endpoint was enabled again.
+    fn ended(&mut self, log: &dyn ClickLog) {
+        self.since_ms = None;
+        if std::mem::take(&mut self.stored) {
+            drop(log.put_setting(&self.setting, None));
+        }
+    }
+}
 
 /// A batch id: random, never 0 (which marks an event sent on its own).
 fn new_batch_id() -> u64 {
@@ -176,6 +229,7 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         ctx.policy.per_receiver,
     );
     let breaker = Breaker::new(ctx.policy.breaker_failures, ctx.policy.breaker_cooldown);
+    let failing = FailingStreak::load(ctx.log.as_ref(), &ep.id);
     let mut worker = Worker {
         ep,
         ctx,
@@ -196,7 +250,7 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         last_failure_log: None,
         failures_unlogged: 0,
         consecutive_failures: 0,
-        failing_since: None,
+        failing,
         reported_failing: false,
         reported_too_long: false,
         completed: Vec::new(),
@@ -212,6 +266,10 @@ impl Worker {
     async fn run(&mut self) {
         loop {
             let settings = self.ep.settings();
+            if self.ep.enabled_again.swap(false, Ordering::SeqCst) {
+                self.failing.ended(self.ctx.log.as_ref());
+                self.reported_too_long = false;
+            }
             let draining = self.ep.stopping.load(Ordering::SeqCst) || *self.ctx.shutdown.borrow();
             if draining && self.inflight.is_empty() {
                 self.flush_completed();
@@ -657,7 +715,7 @@ impl Worker {
                 });
             }
             self.consecutive_failures = 0;
-            self.failing_since = None;
+            self.failing.ended(self.ctx.log.as_ref());
             self.reported_failing = false;
             self.reported_too_long = false;
             self.breaker.on_success();
@@ -681,7 +739,7 @@ impl Worker {
             return;
         }
         self.concurrency = (self.concurrency / 2).max(1);
-        self.note_failure(now, &result.error);
+        self.note_failure(&result.error);
         if self.breaker.on_failure(now) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
@@ -836,9 +894,10 @@ impl Worker {
     }
 
     /// Counts a failed attempt toward the operational `failing` and `disabled` thresholds.
-    fn note_failure(&mut self, now: Instant, error: &Option<String>) {
+    fn note_failure(&mut self, error: &Option<String>) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        let since = *self.failing_since.get_or_insert(now);
+        let disable_after = self.ctx.policy.disable_after;
+        let failing_for = self.failing.failed(self.ctx.log.as_ref(), now_ms(), disable_after);
         if !self.reported_failing && self.consecutive_failures >= self.ctx.policy.failing_after {
             self.reported_failing = true;
             self.report(WorkerEvent::Failing {
@@ -847,7 +906,7 @@ impl Worker {
                 last_error: error.clone(),
             });
         }
-        if !self.reported_too_long && now.duration_since(since) >= self.ctx.policy.disable_after {
+        if !self.reported_too_long && failing_for >= disable_after {
             self.reported_too_long = true;
             self.report(WorkerEvent::FailingTooLong {
                 endpoint: self.ep.id.clone(),
