@@ -3,10 +3,9 @@
 //! shapes of §9. It must not bypass the registry or the log: every change goes through
 //! them, so delivery sees it the same way whether it came from here or the config file.
 
-use crate::config::EndpointConfig;
 use crate::deliver::format::{self, RenderContext};
 use crate::deliver::send::{AddressPolicy, ConnectionBudget, EndpointClient};
-use crate::endpoints::{EndpointError, EndpointRegistry, LiveEndpoint};
+use crate::endpoints::{endpoint_config_from, EndpointError, EndpointRegistry, LiveEndpoint};
 use crate::ingest::http::{bearer_matches, json, json_error};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -273,8 +272,7 @@ async fn create(state: &AdminState, body: &[u8], defaults: Option<Map<String, Va
             Value::String(format!("ep_{}", uuid::Uuid::now_v7().simple())),
         );
     }
-    let config: EndpointConfig =
-        serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let config = endpoint_config_from(Value::Object(fields))?;
     check_destination(state, &config.url).await?;
     let live = state.registry.create(config).await?;
     let mut out = live.describe();

@@ -529,10 +529,7 @@ impl EndpointRegistry {
                     m.insert(k, v);
                 }
             }
-            config = serde_json::from_value(merged).map_err(|e| EndpointError::Invalid {
-                field: "body".into(),
-                why: e.to_string(),
-            })?;
+            config = endpoint_config_from(merged)?;
             validate_endpoint(&config).map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
             let stored = self.stored_api(id)?;
             self.persist_api(&StoredApiEndpoint {
@@ -911,6 +908,17 @@ const SECRET_PREFIX: &str = "secret/";
 const SIGNING_KEY_PREFIX: &str = "signing-key/";
 const DISABLED_PREFIX: &str = "disabled/";
 const FAILING_SINCE_PREFIX: &str = "failing-since/";
+
+/// An endpoint from an admin request's JSON; a field of the wrong type is named.
+pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, EndpointError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        EndpointError::Invalid {
+            field: if field == "." { "body".into() } else { field },
+            why: e.into_inner().to_string(),
+        }
+    })
+}
 
 /// The setting in which an endpoint's worker keeps since when the endpoint fails.
 pub(crate) fn failing_since_setting(id: &str) -> String {

@@ -59,6 +59,22 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
     .await;
     assert_eq!(s, 400, "the operations endpoint's id is taken: {reserved}");
     assert!(reserved.to_string().contains("reserved"), "{reserved}");
+    // A field of the wrong type is named, on a create and on a change.
+    let (s, typed) = admin(
+        &d,
+        "POST",
+        "/v1/endpoints",
+        json!({"id": "typed", "url": sink.url("/t"), "max_concurrency": "many"}),
+    )
+    .await;
+    assert_eq!(s, 400, "{typed}");
+    assert!(
+        typed["error"].as_str().unwrap().starts_with("max_concurrency: "),
+        "{typed}"
+    );
+    let (s, typed) = admin(&d, "PATCH", "/v1/endpoints/api1", json!({"links": "7"})).await;
+    assert_eq!(s, 400, "{typed}");
+    assert!(typed["error"].as_str().unwrap().starts_with("links: "), "{typed}");
     let (s, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().unwrap().len(), 2);
