@@ -19,18 +19,68 @@ pub enum ConfigError {
     Read { file: String, cause: std::io::Error },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
-    #[error("{file}: {key}: {why}")]
-    Invalid { file: String, key: String, why: String },
+    /// `line` is where the file sets `key`, or the table around it, when it does.
+    #[error("{file}: {}{key}: {why}", at_line(*.line))]
+    Invalid {
+        file: String,
+        line: Option<usize>,
+        key: String,
+        why: String,
+    },
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|n| format!("line {n}: ")).unwrap_or_default()
 }
 
 impl ConfigError {
     fn invalid(file: &Path, key: impl Into<String>, why: impl Into<String>) -> Self {
         ConfigError::Invalid {
             file: file.display().to_string(),
+            line: None,
             key: key.into(),
             why: why.into(),
         }
     }
+
+    /// Gives an [`ConfigError::Invalid`] from checks made after parsing the line of `text`
+    /// that sets its key.
+    fn placed_in(self, text: &str) -> Self {
+        match self {
+            ConfigError::Invalid {
+                file,
+                line: None,
+                key,
+                why,
+            } => ConfigError::Invalid {
+                file,
+                line: line_of_key(text, &key),
+                key,
+                why,
+            },
+            other => other,
+        }
+    }
+}
+
+/// The line on which `text` sets `key` (`endpoints[2].url`), or else the nearest table
+/// around it that it writes out; `None` when the value is a default.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut item = doc.as_item();
+    let mut span = None;
+    for part in key.split(['.', '[']) {
+        let part = part.trim_end_matches(']');
+        let next = match part.parse::<usize>() {
+            Ok(i) => item.get(i),
+            Err(_) => item.get(part),
+        };
+        let Some(next) = next else { break };
+        item = next;
+        span = next.span().or(span);
+    }
+    let start = span?.start;
+    Some(text.get(..start)?.matches('\n').count() + 1)
 }
 
 /// The id of the internal endpoint that carries operational events.
@@ -425,7 +475,7 @@ impl Config {
         if config.base_dir.as_os_str().is_empty() {
             config.base_dir = PathBuf::from(".");
         }
-        config.validate()?;
+        config.validate().map_err(|e| e.placed_in(text))?;
         Ok(config)
     }
 
@@ -500,10 +550,21 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::invalid(file, "log.format", "must be \"text\" or \"json\""));
         }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::invalid(
+                file,
+                "log.level",
+                format!(
+                    "{:?} is not a filter like \"info\" or \"clickhook=debug\": {e}",
+                    self.log.level
+                ),
+            )
+        })?;
         let allowed = self.allowed_cidrs()?;
         if let Some(ops) = self.operations_endpoint() {
             validate_endpoint(&ops)
                 .map_err(|(field, why)| ConfigError::invalid(file, format!("operations.{field}"), why))?;
+            self.check_destination(&ops.url, "operations.url", &allowed)?;
             if self.operations.failing_after == 0 {
                 return Err(ConfigError::invalid(
                     file,
@@ -517,19 +578,7 @@ impl Config {
             let key = format!("endpoints[{i}]");
             validate_user_endpoint(ep)
                 .map_err(|(field, why)| ConfigError::invalid(file, format!("{key}.{field}"), why))?;
-            if !self.delivery.allow_private_networks {
-                if let Some(ip) = private_destination(&ep.url, &allowed) {
-                    return Err(ConfigError::invalid(
-                        file,
-                        format!("{key}.url"),
-                        format!(
-                            "{:?} is or resolves to the private address {ip}; set delivery.allow_private_networks \
-                             or list it in delivery.allowed_cidrs",
-                            ep.url
-                        ),
-                    ));
-                }
-            }
+            self.check_destination(&ep.url, &format!("{key}.url"), &allowed)?;
             if !seen.insert(ep.id.as_str()) {
                 return Err(ConfigError::invalid(
                     file,
@@ -573,6 +622,24 @@ impl Config {
             .ok()
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| format!("{:?} is not an octal file mode like \"0660\"", self.ingest.unix.mode))
+    }
+
+    /// Refuses a destination that is or resolves to a private address, unless allowed.
+    fn check_destination(&self, url: &str, key: &str, allowed: &[IpNet]) -> Result<(), ConfigError> {
+        if self.delivery.allow_private_networks {
+            return Ok(());
+        }
+        match private_destination(url, allowed) {
+            Some(ip) => Err(ConfigError::invalid(
+                &self.file,
+                key,
+                format!(
+                    "{url:?} is or resolves to the private address {ip}; set delivery.allow_private_networks \
+                     or list it in delivery.allowed_cidrs"
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     pub fn allowed_cidrs(&self) -> Result<Vec<IpNet>, ConfigError> {
@@ -786,6 +853,51 @@ mod tests {
         assert!(
             err.contains("endpoints[0].batch_max") && err.contains("no batch shape"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn checks_after_parsing_name_the_line_that_sets_the_key() {
+        let two = "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\n\n[[endpoints]]\nid = \"b\"\nurl = \"ftp://y\"\n";
+        let err = parse(two).unwrap_err().to_string();
+        assert!(err.contains(": line 7: endpoints[1].url: "), "{err}");
+        let twice = "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\n[[endpoints]]\nurl = \"http://y\"\nid = \"a\"\n";
+        let err = parse(twice).unwrap_err().to_string();
+        assert!(err.contains(": line 6: endpoints[1].id: "), "{err}");
+        let inline = "[retry]\njitter = 0.0\n\n[ingest.http]\nlisten = \"nowhere\"\n";
+        let err = parse(inline).unwrap_err().to_string();
+        assert!(err.contains(": line 5: ingest.http.listen: "), "{err}");
+        // A key that names a table is placed at its header.
+        let table = "[storage]\npath = \"d\"\n[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\n[endpoints.headers]\nhost = \"h\"\n";
+        let err = parse(table).unwrap_err().to_string();
+        assert!(err.contains(": line 6: endpoints[0].headers: "), "{err}");
+        // A key the file leaves out is placed at the table around it, or nowhere.
+        assert_eq!(line_of_key(table, "endpoints[0].timeout"), Some(3));
+        assert_eq!(line_of_key(table, "breaker.failures"), None);
+    }
+
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_refused() {
+        let err = parse("[log]\nlevel = \"clickhook=verbose\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("line 2: log.level: ") && err.contains("clickhook=verbose"),
+            "{err}"
+        );
+        assert!(parse("[log]\nlevel = \"warn,clickhook=debug\"\n").is_ok());
+    }
+
+    #[test]
+    fn the_operations_url_is_held_to_the_private_address_rule_too() {
+        let err = parse("[operations]\nurl = \"http://127.0.0.1:9/ops\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2: operations.url: ") && err.contains("127.0.0.1"),
+            "{err}"
+        );
+        assert!(
+            parse("[delivery]\nallow_private_networks = true\n[operations]\nurl = \"http://127.0.0.1:9/ops\"\n")
+                .is_ok()
         );
     }
 
