@@ -344,18 +344,26 @@ fn secret(state: &AdminState, id: &str) -> ApiResult {
     Ok(json(StatusCode::OK, &out))
 }
 
-fn limit_of(query: &str, default: usize) -> usize {
-    query
-        .split('&')
-        .find_map(|p| p.strip_prefix("limit="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-        .clamp(1, 10_000)
+/// The most a list answers with at once.
+const LIMIT_MAX: usize = 10_000;
+
+/// `?limit=N`, or `default` without one; anything but a whole number from 1 to
+/// [`LIMIT_MAX`] is refused rather than bent into range.
+fn limit_of(query: &str, default: usize) -> Result<usize, ApiError> {
+    let Some(text) = query.split('&').find_map(|p| p.strip_prefix("limit=")) else {
+        return Ok(default);
+    };
+    match text.parse::<usize>() {
+        Ok(n) if (1..=LIMIT_MAX).contains(&n) => Ok(n),
+        _ => Err(ApiError::BadRequest(format!(
+            "limit: {text:?} is not a whole number from 1 to {LIMIT_MAX}"
+        ))),
+    }
 }
 
 fn attempts(state: &AdminState, id: &str, query: &str) -> ApiResult {
     let ep = endpoint(state, id)?;
-    let limit = limit_of(query, 100);
+    let limit = limit_of(query, 100)?;
     let cutoff_ms = crate::log::now_ms().saturating_sub(30 * 24 * 3600 * 1000);
     let history = ep
         .history
@@ -402,7 +410,7 @@ fn dead(state: &AdminState, id: &str, query: &str) -> ApiResult {
     let letters = state
         .registry
         .log()
-        .dead_letters(ep.key, limit_of(query, 1000))
+        .dead_letters(ep.key, limit_of(query, 1000)?)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let list = letters
         .iter()

@@ -75,6 +75,22 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
     let (s, typed) = admin(&d, "PATCH", "/v1/endpoints/api1", json!({"links": "7"})).await;
     assert_eq!(s, 400, "{typed}");
     assert!(typed["error"].as_str().unwrap().starts_with("links: "), "{typed}");
+    // A list's limit out of range is refused, not bent into range.
+    for bad in ["0", "10001", "ten", "-1"] {
+        for list in ["attempts", "dead"] {
+            let (s, v) = admin(
+                &d,
+                "GET",
+                &format!("/v1/endpoints/api1/{list}?limit={bad}"),
+                Value::Null,
+            )
+            .await;
+            assert_eq!(s, 400, "{list}?limit={bad}: {v}");
+            assert!(v["error"].as_str().unwrap().starts_with("limit: "), "{v}");
+        }
+    }
+    let (s, v) = admin(&d, "GET", "/v1/endpoints/api1/attempts?limit=10000", Value::Null).await;
+    assert_eq!(s, 200, "{v}");
     let (s, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().unwrap().len(), 2);
