@@ -280,7 +280,9 @@ pub fn prepare_raw(
             }
             (s, true)
         }
-        Some((raw, Kind::Number)) => (raw_number(raw).map_err(|e| err(format!("id: {e}")))?.to_string(), true),
+        // Whole numbers only: a fraction or one past 64 bits would go through f64, and
+        // two different ids could come out the same (and be taken for a duplicate).
+        Some((raw, Kind::Number)) => (integer_text(raw).map_err(|e| err(format!("id: {e}")))?, true),
         Some((_, other)) => return Err(err(format!("id: must be a string, not {other}"))),
     };
     let timestamp = match given(&top, "timestamp") {
@@ -725,15 +727,18 @@ fn id_text(v: Option<(&RawValue, Kind)>) -> Result<Option<String>, String> {
             }
             Ok(Some(s.into_owned()))
         }
-        Kind::Number => {
-            let n = raw_number(raw)?;
-            if n.is_i64() || n.is_u64() {
-                Ok(Some(n.to_string()))
-            } else {
-                Err("must be a string or an integer, not a number".into())
-            }
-        }
+        Kind::Number => integer_text(raw).map(Some),
         other => Err(format!("must be a string or an integer, not {other}")),
+    }
+}
+
+/// A JSON number that is a 64-bit integer, as text.
+fn integer_text(raw: &RawValue) -> Result<String, String> {
+    let n = raw_number(raw)?;
+    if n.is_i64() || n.is_u64() {
+        Ok(n.to_string())
+    } else {
+        Err("must be a string or an integer of at most 64 bits, not another number".into())
     }
 }
 
@@ -754,6 +759,18 @@ mod tests {
     fn prep(json: &str) -> Result<PreparedClick, ClickError> {
         let v: Value = serde_json::from_str(json).unwrap();
         prepare(v, 3, &Enricher::new(), "2025-01-01T00:00:00.000Z")
+    }
+
+    #[test]
+    fn a_numeric_click_id_is_a_whole_number_kept_exactly() {
+        let c = prep(r#"{"id":18446744073709551615,"link":{"id":1}}"#).unwrap();
+        assert_eq!((c.id.as_str(), c.client_id), ("18446744073709551615", true));
+        for near in ["12345678901234567890123", "12345678901234567890124", "1.5", "1e3"] {
+            let e = prep(&format!(r#"{{"id":{near},"link":{{"id":1}}}}"#))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("id: must be a string or an integer"), "{near}: {e}");
+        }
     }
 
     #[test]
@@ -910,7 +927,7 @@ mod tests {
         );
         assert_eq!(
             prep_text(r#"{"link":{"id":1.5}}"#).unwrap_err().message,
-            "link.id: must be a string or an integer, not a number"
+            "link.id: must be a string or an integer of at most 64 bits, not another number"
         );
     }
 
