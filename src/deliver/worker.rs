@@ -47,6 +47,13 @@ struct Job {
     batch: u64,
 }
 
+impl Job {
+    /// Failed attempts so far: a batch's are its events' most.
+    fn attempts(&self) -> u32 {
+        self.items.iter().map(|p| p.attempts).max().unwrap_or(0)
+    }
+}
+
 /// What a finished attempt hands back to the loop.
 struct Finished {
     job: Job,
@@ -103,6 +110,44 @@ struct Worker {
 
 /// A wait for a receiver's slot; kept across the loop's turns so it keeps its place.
 type SlotWait = std::pin::Pin<Box<dyn std::future::Future<Output = Option<OriginSlot>> + Send>>;
+
+/// The next job from the front of `ready`, shaped for `batch_max`: a batch split into
+/// single events when the endpoint no longer batches, and events sent on their own so far
+/// gathered into a new batch when it does. Only events with as many failed attempts are
+/// gathered: a batch's attempt counts for all its events, so a retry gathered with new
+/// events would spend theirs.
+fn take_job(ready: &mut VecDeque<Job>, batch_max: usize) -> Job {
+    let mut job = ready.pop_front().unwrap_or(Job {
+        items: Vec::new(),
+        batch: 0,
+    });
+    if batch_max <= 1 && job.items.len() > 1 {
+        // A batch from before the endpoint stopped batching: a body without the batch
+        // shape carries one event, so each goes on its own now, the rest next in line.
+        for mut p in job.items.drain(1..).rev() {
+            p.batch = 0;
+            ready.push_front(Job {
+                items: vec![p],
+                batch: 0,
+            });
+        }
+        job.batch = 0;
+        job.items[0].batch = 0;
+    }
+    if batch_max > 1 && job.batch == 0 {
+        let attempts = job.attempts();
+        while job.items.len() < batch_max && ready.front().is_some_and(|j| j.batch == 0 && j.attempts() == attempts) {
+            if let Some(next) = ready.pop_front() {
+                job.items.extend(next.items);
+            }
+        }
+        job.batch = new_batch_id();
+        for p in &mut job.items {
+            p.batch = job.batch;
+        }
+    }
+    job
+}
 
 /// When the endpoint's current run of failures began (Unix ms), for `disable_after`. A
 /// run that has lasted a while is kept in the log, so that a daemon restarted more often
@@ -507,7 +552,8 @@ impl Worker {
             if !self.breaker.try_acquire(now) {
                 break;
             }
-            let job = self.take_job(batch_max);
+            let job = take_job(&mut self.ready, batch_max);
+            self.ready_since = (!self.ready.is_empty()).then(Instant::now);
             self.start_attempt(job, settings, slot);
         }
         None
@@ -543,39 +589,6 @@ impl Worker {
             .unwrap_or(Seq::MAX);
         self.slot_wait = Some(Box::pin(slots.clone().take(order)));
         Err(())
-    }
-
-    fn take_job(&mut self, batch_max: usize) -> Job {
-        let mut job = self.ready.pop_front().unwrap_or(Job {
-            items: Vec::new(),
-            batch: 0,
-        });
-        if batch_max <= 1 && job.items.len() > 1 {
-            // A batch from before the endpoint stopped batching: a body without the batch
-            // shape carries one event, so each goes on its own now, the rest next in line.
-            for mut p in job.items.drain(1..).rev() {
-                p.batch = 0;
-                self.ready.push_front(Job {
-                    items: vec![p],
-                    batch: 0,
-                });
-            }
-            job.batch = 0;
-            job.items[0].batch = 0;
-        }
-        if batch_max > 1 && job.batch == 0 {
-            while job.items.len() < batch_max && self.ready.front().is_some_and(|j| j.batch == 0) {
-                if let Some(next) = self.ready.pop_front() {
-                    job.items.extend(next.items);
-                }
-            }
-            job.batch = new_batch_id();
-            for p in &mut job.items {
-                p.batch = job.batch;
-            }
-        }
-        self.ready_since = (!self.ready.is_empty()).then(Instant::now);
-        job
     }
 
     fn start_attempt(&mut self, job: Job, settings: &Arc<EndpointSettings>, slot: Option<OriginSlot>) {
@@ -686,7 +699,7 @@ impl Worker {
         let metrics = &ep.metrics;
         metrics.attempt(result.outcome).increment(1);
         metrics.duration.record(result.latency.as_secs_f64());
-        let attempt_no = job.items.iter().map(|p| p.attempts).max().unwrap_or(0) + 1;
+        let attempt_no = job.attempts() + 1;
         let at_ms = now_ms();
         let error: Option<Arc<str>> = result.error.as_deref().map(Arc::from);
         let records = event_ids
@@ -1002,6 +1015,52 @@ mod tests {
     use clickhook_loadtest::{Behavior, Clock, Sink, SinkEndpoint, SinkOptions};
     use hyper::Method;
     use std::sync::Mutex;
+
+    fn single(seq: Seq, attempts: u32) -> Job {
+        Job {
+            items: vec![Pending {
+                seq,
+                attempts,
+                due_ms: 0,
+                batch: 0,
+            }],
+            batch: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_gathers_only_events_with_as_many_failed_attempts() {
+        let mut ready: VecDeque<Job> = [single(1, 2), single(2, 0), single(3, 0), single(4, 2)].into();
+        let seqs = |job: &Job| job.items.iter().map(|p| p.seq).collect::<Vec<_>>();
+        let retried = take_job(&mut ready, 10);
+        assert_eq!(seqs(&retried), vec![1], "a retry goes without the new events");
+        assert!(retried.batch != 0 && retried.items.iter().all(|p| p.batch == retried.batch));
+        assert_eq!(seqs(&take_job(&mut ready, 10)), vec![2, 3]);
+        assert_eq!(seqs(&take_job(&mut ready, 10)), vec![4]);
+        // Without batching a batch splits into single events, each keeping its attempts.
+        let mut ready: VecDeque<Job> = VecDeque::new();
+        ready.push_back(Job {
+            items: vec![
+                Pending {
+                    seq: 5,
+                    attempts: 1,
+                    due_ms: 0,
+                    batch: 9,
+                },
+                Pending {
+                    seq: 6,
+                    attempts: 1,
+                    due_ms: 0,
+                    batch: 9,
+                },
+            ],
+            batch: 9,
+        });
+        let first = take_job(&mut ready, 1);
+        assert_eq!((seqs(&first), first.batch, first.attempts()), (vec![5], 0, 1));
+        let second = take_job(&mut ready, 1);
+        assert_eq!((seqs(&second), second.batch, second.attempts()), (vec![6], 0, 1));
+    }
 
     /// Turns of the loop of each worker whose endpoint id starts with `turns-`.
     static TURNS: Mutex<std::collections::BTreeMap<String, u64>> = Mutex::new(std::collections::BTreeMap::new());
