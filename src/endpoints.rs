@@ -413,6 +413,11 @@ impl EndpointRegistry {
             previous_secret: None,
         };
         self.persist_api(&stored).await?;
+        // A new endpoint does not take over the failures of one that had its id before.
+        let failing = failing_for_setting(&config.id);
+        if self.log.get_setting(&failing)?.is_some() {
+            wait(self.log.put_setting(&failing, None)).await?;
+        }
         let live = self.make_live(&config, EndpointSource::Api, created_at).await?;
         self.publish_change(&live, None, true);
         Ok(live)
@@ -540,7 +545,9 @@ impl EndpointRegistry {
         }
         if enable == Some(true) {
             wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
-            live.enabled_again.store(true, Ordering::SeqCst);
+            if live.settings().disabled_reason.is_some() {
+                live.enabled_again.store(true, Ordering::SeqCst);
+            }
         }
         let before = live.settings();
         let settings = self.settings_for(&config, live.source).await?;
@@ -562,7 +569,7 @@ impl EndpointRegistry {
         wait(self.log.forget_endpoint(live.key)).await?;
         wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
         wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
-        wait(self.log.put_setting(&failing_since_setting(id), None)).await?;
+        wait(self.log.put_setting(&failing_for_setting(id), None)).await?;
         live.add_pending(-live.pending.load(Ordering::Relaxed));
         Ok(())
     }
@@ -596,6 +603,9 @@ impl EndpointRegistry {
 
     /// Queues an endpoint's dead letters again; returns how many.
     pub async fn replay_dead(&self, id: &str) -> Result<usize, EndpointError> {
+        // Under the change lock: a delete between the look-up and the writes would leave
+        // the revived entries queued for an endpoint that is gone.
+        let _guard = self.change.lock().await;
         let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
         let (log, key) = (self.log.clone(), live.key);
         let n = wait_planned(move || log.revive_dead(key)).await?;
@@ -608,6 +618,8 @@ impl EndpointRegistry {
     /// endpoint's filters take now (links, workspaces, bots), as routing would have; never
     /// the daemon's own operational events.
     pub async fn replay_window(&self, id: &str, since_ms: u64, until_ms: u64) -> Result<usize, EndpointError> {
+        // Under the change lock, as a revival of dead letters is.
+        let _guard = self.change.lock().await;
         let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
         let before = self.log.count_pending(live.key)? as i64;
         // An index of this endpoint alone, enabled so that a disabled one replays too.
@@ -907,7 +919,7 @@ const ROTATION_OVERLAP_MS: u64 = 24 * 3600 * 1000;
 const SECRET_PREFIX: &str = "secret/";
 const SIGNING_KEY_PREFIX: &str = "signing-key/";
 const DISABLED_PREFIX: &str = "disabled/";
-const FAILING_SINCE_PREFIX: &str = "failing-since/";
+const FAILING_SINCE_PREFIX: &str = "failing-for/";
 
 /// An endpoint from an admin request's JSON; a field of the wrong type is named.
 pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, EndpointError> {
@@ -920,8 +932,8 @@ pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, 
     })
 }
 
-/// The setting in which an endpoint's worker keeps since when the endpoint fails.
-pub(crate) fn failing_since_setting(id: &str) -> String {
+/// The setting in which an endpoint's worker keeps how long the endpoint has been failing.
+pub(crate) fn failing_for_setting(id: &str) -> String {
     format!("{FAILING_SINCE_PREFIX}{id}")
 }
 

@@ -632,32 +632,38 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
     );
 }
 
-/// `disable_after` counts from the first failure of a run, across restarts: a daemon
-/// restarted more often than `disable_after` still disables an endpoint that never
-/// recovers. Enabling the endpoint again starts the count anew.
+/// `disable_after` counts the time an endpoint has been seen failing, across restarts: a
+/// daemon restarted more often than `disable_after` still disables an endpoint that never
+/// recovers. The time it is down does not count. Enabling the endpoint again starts the
+/// count anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disable_after_counts_across_a_restart_and_anew_after_a_re_enable() {
+async fn disable_after_counts_the_failing_seen_across_a_restart_and_anew_after_a_re_enable() {
     let sink = Sink::start().await;
     sink.default_answer("/down", Answer::Status(503));
+    // A run is kept once it has lasted a quarter of disable_after (500 ms), and refreshed
+    // as often.
     let cfg = config_text(&endpoint("down", &sink.url("/down"), ""))
-        + "\n[retry]\nschedule = [\"600ms\", \"1h\"]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"2s\"\n";
+        + "\n[retry]\nschedule = [\"400ms\", \"400ms\", \"400ms\", \"1h\"]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"2s\"\n";
     let mut d = Daemon::start(&cfg);
     d.post(&click("1", "w"), "application/json").await;
-    // The retry 600 ms after the first failure finds the run old enough to be kept.
-    assert_eq!(sink.wait_for("/down", 2, WAIT).await.len(), 2);
+    // Four failures over 1.2 s: at least 0.8 s of failing is kept.
+    assert_eq!(sink.wait_for("/down", 4, WAIT).await.len(), 4);
     assert_eq!(d.terminate(), 0);
-    // Past `disable_after` since the first failure, with the daemon down.
+    // Down for longer than disable_after: that does not count.
     tokio::time::sleep(Duration::from_millis(2_200)).await;
     d.spawn();
     d.post(&click("2", "w"), "application/json").await;
-    assert_eq!(sink.wait_for("/down", 3, WAIT).await.len(), 3);
+    assert_eq!(sink.wait_for("/down", 5, WAIT).await.len(), 5);
+    let (_, ep) = d.admin_get("/v1/endpoints/down").await;
+    assert_eq!(ep["enabled"], true, "the time the daemon was down counted: {ep}");
+    // Click 2's retries fail 0.4, 0.8 and 1.2 s later: 0.8 s kept + 1.2 s seen now.
     let (_, ep) = d
         .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
         .await;
     assert_eq!(
         (ep["enabled"].as_bool(), ep["disabled_reason"].as_str()),
         (Some(false), Some("failing")),
-        "the first failure after the restart is past disable_after: {ep}"
+        "the failing seen before the restart counts after it: {ep}"
     );
     let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": true})).await;
     assert_eq!(s, 200, "{v}");
@@ -670,6 +676,7 @@ async fn disable_after_counts_across_a_restart_and_anew_after_a_re_enable() {
         ep["enabled"], true,
         "a failure right after a re-enable starts a new run: {ep}"
     );
+    // Click 3's retries end 1.2 s after its first failure; one more failure past 2 s.
     tokio::time::sleep(Duration::from_millis(2_200)).await;
     d.post(&click("4", "w"), "application/json").await;
     let (_, ep) = d

@@ -9,8 +9,8 @@ use super::policy::{Breaker, CircuitState, TokenBucket};
 use super::send::{AttemptResult, EndpointClient, OriginSlot, Outcome};
 use super::slots::ReceiverSlots;
 use super::{DeliveryPolicy, WorkerEvent};
-use crate::endpoints::{failing_since_setting, AttemptRecord, EndpointSettings, LiveEndpoint};
-use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq};
+use crate::endpoints::{failing_for_setting, AttemptRecord, EndpointSettings, LiveEndpoint};
+use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq, Ticket};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use hyper::Uri;
@@ -149,55 +149,123 @@ fn take_job(ready: &mut VecDeque<Job>, batch_max: usize) -> Job {
     job
 }
 
-/// When the endpoint's current run of failures began (Unix ms), for `disable_after`. A
-/// run that has lasted a while is kept in the log, so that a daemon restarted more often
-/// than `disable_after` still disables an endpoint that never recovers; a short one is
-/// not, so that an endpoint failing now and then does not cost a durable write each time.
+/// How long the endpoint has been failing without a success, for `disable_after`,
+/// measured on the monotonic clock while the daemon runs. A run that has lasted a while is
+/// kept in the log with the URL it fails at, and refreshed now and then, so that a daemon
+/// restarted more often than `disable_after` still disables an endpoint that never
+/// recovers. Time while the daemon is down does not count, nor a run at another URL. A
+/// short run is not kept, so an endpoint failing now and then costs no writes.
 struct FailingStreak {
-    since_ms: Option<u64>,
-    stored: bool,
+    /// When the run began on this process's clock, moved back by what was carried over.
+    started: Option<Instant>,
+    /// What an earlier run of the daemon saw of the run, until this one's first failure.
+    carried: Duration,
+    /// The failing time last written to the log; `None` when the log holds nothing.
+    stored: Option<Duration>,
+    /// The write that cleared the log's record, until it is known to have gone through.
+    clearing: Option<Ticket<()>>,
+    url: String,
     setting: String,
 }
 
+/// What the log keeps of a run of failures.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredStreak {
+    failing_ms: u64,
+    url: String,
+}
+
 /// A run of failures is kept once it has lasted this long, or a quarter of
-/// `disable_after` when that is shorter.
+/// `disable_after` when that is shorter; it is refreshed as often, or every hundredth of
+/// `disable_after` when that is longer.
 const KEEP_FAILING_AFTER: Duration = Duration::from_secs(10);
 
 impl FailingStreak {
-    fn load(log: &dyn ClickLog, endpoint: &str) -> Self {
-        let setting = failing_since_setting(endpoint);
-        let since_ms = match log.get_setting(&setting) {
-            Ok(Some(v)) => <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_be_bytes),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(endpoint, error = %e, "cannot read since when the endpoint fails; counting from now");
-                None
-            }
-        };
-        FailingStreak {
-            since_ms,
-            stored: since_ms.is_some(),
+    fn load(log: &dyn ClickLog, endpoint: &str, url: &str) -> Self {
+        let setting = failing_for_setting(endpoint);
+        let mut streak = FailingStreak {
+            started: None,
+            carried: Duration::ZERO,
+            stored: None,
+            clearing: None,
+            url: url.to_owned(),
             setting,
+        };
+        match log.get_setting(&streak.setting) {
+            Ok(None) => {}
+            Ok(Some(v)) => {
+                // A record of another URL (or unreadable) counts for nothing, and goes
+                // when this run ends or is kept.
+                streak.stored = Some(Duration::ZERO);
+                if let Ok(kept) = serde_json::from_slice::<StoredStreak>(&v) {
+                    if kept.url == url {
+                        streak.carried = Duration::from_millis(kept.failing_ms);
+                        streak.stored = Some(streak.carried);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(endpoint, error = %e, "cannot read how long the endpoint has been failing; counting from now")
+            }
         }
+        streak
     }
 
-    /// Notes a failure at `now_ms`; returns how long the endpoint has been failing.
-    fn failed(&mut self, log: &dyn ClickLog, now_ms: u64, disable_after: Duration) -> Duration {
-        let since = *self.since_ms.get_or_insert(now_ms);
-        let failing_for = Duration::from_millis(now_ms.saturating_sub(since));
-        if !self.stored && failing_for >= KEEP_FAILING_AFTER.min(disable_after / 4) {
-            self.stored = true;
-            // Not awaited: lost in a crash, the clock only starts again from the next failure.
-            drop(log.put_setting(&self.setting, Some(since.to_be_bytes().to_vec())));
+    /// Notes a failure at `url`; returns how long the endpoint has been failing there.
+    fn failed(&mut self, log: &dyn ClickLog, now: Instant, url: &str, disable_after: Duration) -> Duration {
+        self.check_clearing();
+        if url != self.url {
+            // A new URL is a new run.
+            self.url = url.to_owned();
+            self.started = None;
+            self.carried = Duration::ZERO;
+        }
+        let carried = std::mem::take(&mut self.carried);
+        let started = *self
+            .started
+            .get_or_insert_with(|| now.checked_sub(carried).unwrap_or(now));
+        let failing_for = now.duration_since(started);
+        let keep_after = KEEP_FAILING_AFTER.min(disable_after / 4);
+        let refresh = KEEP_FAILING_AFTER.max(disable_after / 100).min(disable_after / 4);
+        let due = match self.stored {
+            None => failing_for >= keep_after,
+            Some(kept) => failing_for >= kept + refresh,
+        };
+        if due {
+            let record = StoredStreak {
+                failing_ms: failing_for.as_millis() as u64,
+                url: self.url.clone(),
+            };
+            if let Ok(value) = serde_json::to_vec(&record) {
+                // Not awaited: lost in a crash, the run counts from its last record.
+                drop(log.put_setting(&self.setting, Some(value)));
+                self.stored = Some(failing_for);
+            }
         }
         failing_for
     }
 
     /// The run ended: a success, or the endpoint was enabled again.
     fn ended(&mut self, log: &dyn ClickLog) {
-        self.since_ms = None;
-        if std::mem::take(&mut self.stored) {
-            drop(log.put_setting(&self.setting, None));
+        self.check_clearing();
+        self.started = None;
+        self.carried = Duration::ZERO;
+        if self.stored.take().is_some() {
+            self.clearing = Some(log.put_setting(&self.setting, None));
+        }
+    }
+
+    /// A clearing write that failed is tried again when the next run ends: a record left
+    /// behind would count an old run toward the next one after a restart.
+    fn check_clearing(&mut self) {
+        let Some(ticket) = &mut self.clearing else { return };
+        match ticket.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            Ok(Ok(())) => self.clearing = None,
+            Ok(Err(_)) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                self.clearing = None;
+                self.stored.get_or_insert(Duration::ZERO);
+            }
         }
     }
 }
@@ -274,7 +342,7 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         ctx.policy.per_receiver,
     );
     let breaker = Breaker::new(ctx.policy.breaker_failures, ctx.policy.breaker_cooldown);
-    let failing = FailingStreak::load(ctx.log.as_ref(), &ep.id);
+    let failing = FailingStreak::load(ctx.log.as_ref(), &ep.id, &settings.config.url);
     let mut worker = Worker {
         ep,
         ctx,
@@ -752,7 +820,7 @@ impl Worker {
             return;
         }
         self.concurrency = (self.concurrency / 2).max(1);
-        self.note_failure(&result.error);
+        self.note_failure(&settings.config.url, &result.error);
         if self.breaker.on_failure(now) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
@@ -907,10 +975,12 @@ impl Worker {
     }
 
     /// Counts a failed attempt toward the operational `failing` and `disabled` thresholds.
-    fn note_failure(&mut self, error: &Option<String>) {
+    fn note_failure(&mut self, url: &str, error: &Option<String>) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let disable_after = self.ctx.policy.disable_after;
-        let failing_for = self.failing.failed(self.ctx.log.as_ref(), now_ms(), disable_after);
+        let failing_for = self
+            .failing
+            .failed(self.ctx.log.as_ref(), Instant::now(), url, disable_after);
         if !self.reported_failing && self.consecutive_failures >= self.ctx.policy.failing_after {
             self.reported_failing = true;
             self.report(WorkerEvent::Failing {
@@ -1026,6 +1096,62 @@ mod tests {
             }],
             batch: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn a_failing_run_is_kept_for_its_url_and_cleared_when_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = crate::log::SledOptions {
+            fsync: crate::config::FsyncMode::Always,
+            fsync_interval: Duration::from_millis(50),
+            cache_capacity: 1 << 20,
+            segment_bytes: 1 << 20,
+            fresh_listed_max: 1000,
+            fresh_repeat_max: 1000,
+        };
+        let log = crate::log::SledLog::open(dir.path(), options).unwrap();
+        let (a, b) = ("http://a.example/", "http://b.example/");
+        let after = Duration::from_secs(100);
+        let sync = || async { log.put_setting("sync", None).await.unwrap().unwrap() };
+        let t0 = Instant::now();
+        let mut streak = FailingStreak::load(log.as_ref(), "e", a);
+        assert_eq!(streak.failed(log.as_ref(), t0, a, after), Duration::ZERO);
+        // Kept once it has lasted 10 s (less than a quarter of disable_after), then
+        // refreshed every 10 s more.
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(5), a, after);
+        sync().await;
+        assert!(
+            log.get_setting("failing-for/e").unwrap().is_none(),
+            "a short run is not kept"
+        );
+        let kept = |log: &Arc<crate::log::SledLog>| {
+            let v = log.get_setting("failing-for/e").unwrap().unwrap();
+            serde_json::from_slice::<StoredStreak>(&v).unwrap().failing_ms
+        };
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(12), a, after);
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(18), a, after);
+        sync().await;
+        assert_eq!(kept(&log), 12_000);
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(30), a, after);
+        sync().await;
+        assert_eq!(kept(&log), 30_000);
+        // The next run of the daemon goes on from what was kept, at the same URL only.
+        let mut again = FailingStreak::load(log.as_ref(), "e", a);
+        let t1 = t0 + Duration::from_secs(1000);
+        assert_eq!(again.failed(log.as_ref(), t1, a, after), Duration::from_secs(30));
+        let mut moved = FailingStreak::load(log.as_ref(), "e", b);
+        assert_eq!(moved.failed(log.as_ref(), t1, b, after), Duration::ZERO);
+        // A new URL in the same run of the daemon starts a new run too.
+        assert_eq!(
+            again.failed(log.as_ref(), t1 + Duration::from_secs(5), b, after),
+            Duration::ZERO
+        );
+        again.ended(log.as_ref());
+        sync().await;
+        assert!(
+            log.get_setting("failing-for/e").unwrap().is_none(),
+            "an ended run is cleared"
+        );
     }
 
     #[test]

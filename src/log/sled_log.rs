@@ -2951,8 +2951,10 @@ mod tests {
         let log = open(dir.path());
         let events = (0..3).map(|i| event(&format!("e{i}"), false, vec![1])).collect();
         log.append(events).await.unwrap().unwrap();
-        // A worker's last writes before it stopped: the writer holds progress back, so
-        // these are not in sled yet when the delete asks to forget the endpoint.
+        // A worker's last writes before it stopped, still waiting for the writer (held
+        // here) when the delete asks to forget the endpoint.
+        let (release, held) = std::sync::mpsc::channel();
+        log.send(WriteOp::Hold(held));
         log.reschedule(
             1,
             &[Pending {
@@ -2963,7 +2965,9 @@ mod tests {
             }],
         );
         log.bury(1, vec![letter(2, "e1")]);
-        log.forget_endpoint(1).await.unwrap().unwrap();
+        let forgotten = log.forget_endpoint(1);
+        release.send(()).unwrap();
+        forgotten.await.unwrap().unwrap();
         assert!(run_keys(&log, 1).is_empty(), "a retry's run outlived the delete");
         assert_eq!(log.count_dead(1).unwrap(), 0);
         assert_eq!(log.count_pending(1).unwrap(), 0);
