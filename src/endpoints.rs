@@ -267,6 +267,20 @@ struct DisabledMarker {
     reason: String,
 }
 
+/// The routing of one request: the endpoints as they were when it began, and a hold that
+/// makes a delete wait until the request's append is queued.
+pub struct RoutingPass<'a> {
+    _in_progress: std::sync::RwLockReadGuard<'a, ()>,
+    snapshot: Arc<Snapshot>,
+}
+
+impl RoutingPass<'_> {
+    /// Appends the keys of the endpoints that want this click.
+    pub fn route(&self, click: ClickFacts<'_>, out: &mut Vec<EndpointKey>) {
+        self.snapshot.routes.route(click, out);
+    }
+}
+
 /// Endpoints by id. Persistent (structurally shared), so a copy with one endpoint more
 /// costs O(log n), not O(n): creating the 10,000th endpoint must not rebuild 9,999.
 type ById = imbl::HashMap<String, Arc<LiveEndpoint>>;
@@ -288,6 +302,11 @@ pub struct EndpointRegistry {
     operations: Mutex<Option<Arc<LiveEndpoint>>>,
     /// Serialises changes; reads never wait for it.
     change: tokio::sync::Mutex<()>,
+    /// Held shared by ingest from routing a request's clicks until their append is queued
+    /// to the log, and taken alone by a delete once the endpoint is unrouted: after that,
+    /// every append routed to it is ahead of the forget in the log's queue, where one
+    /// behind would leave an entry nobody reads, holding pruning back for good.
+    routing_in_progress: Arc<std::sync::RwLock<()>>,
     /// [`attempt_history_share`] for the current endpoint count, read by every endpoint.
     history_share: Arc<AtomicUsize>,
     /// The share every history was last cut to. Histories are cut again only once the
@@ -310,14 +329,32 @@ impl EndpointRegistry {
             workers: Mutex::new(HashMap::new()),
             operations: Mutex::new(None),
             change: tokio::sync::Mutex::new(()),
+            routing_in_progress: Arc::new(std::sync::RwLock::new(())),
             history_share: Arc::new(AtomicUsize::new(ATTEMPT_HISTORY)),
             history_cut_to: AtomicUsize::new(ATTEMPT_HISTORY),
         })
     }
 
-    /// Appends the keys of the endpoints that want this click.
-    pub fn route(&self, click: ClickFacts<'_>, out: &mut Vec<EndpointKey>) {
-        self.snapshot.load().routes.route(click, out);
+    /// Routing for one request's clicks; keep it until their append is queued to the log.
+    pub fn routing(&self) -> RoutingPass<'_> {
+        RoutingPass {
+            // Poisoning cannot leave the unit value wrong.
+            _in_progress: self
+                .routing_in_progress
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            snapshot: self.snapshot.load_full(),
+        }
+    }
+
+    /// Waits until every request routed before now has queued its append.
+    async fn routed_before_now_queued(&self) {
+        let lock = self.routing_in_progress.clone();
+        // Off the async threads: the wait is for other threads' short sections.
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(lock.write().unwrap_or_else(std::sync::PoisonError::into_inner));
+        })
+        .await;
     }
 
     /// Tells an endpoint's worker that `n` new events wait for it.
@@ -565,6 +602,7 @@ impl EndpointRegistry {
             return Err(EndpointError::FromConfig(id.into()));
         }
         self.publish_change(&live, Some(&live.settings()), false);
+        self.routed_before_now_queued().await;
         self.stop_worker(&live).await;
         wait(self.log.forget_endpoint(live.key)).await?;
         wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
@@ -972,6 +1010,90 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry on a real log in `dir`, with one delivery thread; the sender keeps its
+    /// workers from seeing a shutdown.
+    fn registry_in(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<crate::log::SledLog>,
+        Arc<EndpointRegistry>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let options = crate::log::SledOptions {
+            fsync: crate::config::FsyncMode::Always,
+            fsync_interval: Duration::from_millis(50),
+            cache_capacity: 1 << 20,
+            segment_bytes: 1 << 20,
+            fresh_listed_max: 1000,
+            fresh_repeat_max: 1000,
+        };
+        let log = crate::log::SledLog::open(dir, options).unwrap();
+        let (running, shutdown) = tokio::sync::watch::channel(false);
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let policy = crate::deliver::DeliveryPolicy {
+            schedule: Arc::new(crate::deliver::policy::RetrySchedule {
+                steps: vec![],
+                jitter: 0.0,
+            }),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            addresses: crate::deliver::send::AddressPolicy {
+                allow_private: true,
+                allowed: Arc::new(Vec::new()),
+            },
+            connections: crate::deliver::send::ConnectionBudget::new(16),
+            per_receiver: 16,
+            failing_after: 5,
+            disable_after: Duration::from_secs(3600),
+        };
+        let dispatcher = Dispatcher::new(1, log.clone(), policy, shutdown, events).unwrap();
+        let defaults = EndpointDefaults {
+            timeout: Duration::from_secs(1),
+            max_concurrency: 4,
+        };
+        (log.clone(), EndpointRegistry::new(log, dispatcher, defaults), running)
+    }
+
+    /// A request routed to an endpoint just before its delete queues its append after the
+    /// delete began: the delete waits for it, so the forget comes after the append in the
+    /// log and no entry is left for an endpoint that is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_waits_for_appends_routed_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, registry, _running) = registry_in(dir.path());
+        // A receiver that takes nothing: the entry stays pending unless the delete drops it.
+        let config: EndpointConfig =
+            serde_json::from_value(serde_json::json!({"id": "gone", "url": "http://127.0.0.1:9/", "links": ["l"]}))
+                .unwrap();
+        let live = registry.create(config).await.unwrap();
+        let data = br#"{"id":"c1","timestamp":"2025-01-01T00:00:00Z","link":{"id":"l"}}"#;
+        let facts = StoredFacts::of(data).unwrap();
+        let routing = registry.routing();
+        let mut routed = Vec::new();
+        routing.route(facts.facts(), &mut routed);
+        assert_eq!(routed, vec![live.key]);
+        let deleting = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.delete("gone").await }
+        });
+        // Time for a delete that does not wait to finish.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let appended = log.append(vec![crate::log::NewEvent {
+            id: "c1".into(),
+            client_id: false,
+            data: data.to_vec(),
+            endpoints: routed,
+        }]);
+        drop(routing);
+        deleting.await.unwrap().unwrap();
+        appended.await.unwrap().unwrap();
+        assert_eq!(
+            log.count_pending(live.key).unwrap(),
+            0,
+            "an entry outlived its endpoint's delete"
+        );
+    }
 
     fn record(n: u32) -> AttemptRecord {
         AttemptRecord {

@@ -174,9 +174,10 @@ impl Ingestor {
         let mut ids = Vec::with_capacity(clicks.len());
         let mut routes = Vec::with_capacity(clicks.len());
         let mut events = Vec::with_capacity(clicks.len());
+        let routing = self.endpoints.routing();
         for c in clicks {
             let mut endpoints = Vec::new();
-            self.endpoints.route(c.facts(), &mut endpoints);
+            routing.route(c.facts(), &mut endpoints);
             ids.push(c.id.clone());
             routes.push(endpoints.clone());
             events.push(NewEvent {
@@ -187,6 +188,7 @@ impl Ingestor {
             });
         }
         let ticket = self.log.append(events);
+        drop(routing);
         Ok(Submitted {
             in_flight: Some(InFlight {
                 ticket,
