@@ -449,7 +449,11 @@ impl Config {
         if let Some(geoip) = &config.enrich.geoip {
             let geoip = config.resolve(geoip);
             std::fs::File::open(&geoip).map_err(|e| {
-                ConfigError::invalid(path, "enrich.geoip", format!("cannot read {}: {e}", geoip.display()))
+                let error = ConfigError::invalid(path, "enrich.geoip", format!("cannot read {}: {e}", geoip.display()));
+                match std::fs::read_to_string(path) {
+                    Ok(text) => error.placed_in(&text),
+                    Err(_) => error,
+                }
             })?;
         }
         Ok(config)

@@ -185,6 +185,10 @@ pub struct LiveEndpoint {
     pub rewind: AtomicBool,
     /// Set when the endpoint is enabled by hand: its worker counts `disable_after` anew.
     pub enabled_again: AtomicBool,
+    /// Held by a replay from its look-up of the endpoint until its writes are queued, and
+    /// by a delete from unrouting the endpoint to the end: a replay never queues entries
+    /// behind the forget, and one begun after the delete finds the endpoint gone.
+    replaying: Arc<tokio::sync::Mutex<()>>,
     pub stopping: AtomicBool,
     pub pending: AtomicI64,
     /// When the breaker lets (or let) its probe through, in Unix ms; 0 while it is closed.
@@ -449,12 +453,17 @@ impl EndpointRegistry {
             created_at: created_at.clone(),
             previous_secret: None,
         };
-        self.persist_api(&stored).await?;
-        // A new endpoint does not take over the failures of one that had its id before.
-        let failing = failing_for_setting(&config.id);
-        if self.log.get_setting(&failing)?.is_some() {
-            wait(self.log.put_setting(&failing, None)).await?;
+        // A new endpoint takes over neither the failing time nor the disabling of one that
+        // had its id before (a config-file endpoint since removed).
+        for left in [
+            failing_for_setting(&config.id),
+            format!("{DISABLED_PREFIX}{}", config.id),
+        ] {
+            if self.log.get_setting(&left)?.is_some() {
+                wait(self.log.put_setting(&left, None)).await?;
+            }
         }
+        self.persist_api(&stored).await?;
         let live = self.make_live(&config, EndpointSource::Api, created_at).await?;
         self.publish_change(&live, None, true);
         Ok(live)
@@ -603,6 +612,7 @@ impl EndpointRegistry {
         }
         self.publish_change(&live, Some(&live.settings()), false);
         self.routed_before_now_queued().await;
+        let _no_replays = live.replaying.lock().await;
         self.stop_worker(&live).await;
         wait(self.log.forget_endpoint(live.key)).await?;
         wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
@@ -641,10 +651,7 @@ impl EndpointRegistry {
 
     /// Queues an endpoint's dead letters again; returns how many.
     pub async fn replay_dead(&self, id: &str) -> Result<usize, EndpointError> {
-        // Under the change lock: a delete between the look-up and the writes would leave
-        // the revived entries queued for an endpoint that is gone.
-        let _guard = self.change.lock().await;
-        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        let (live, _replaying) = self.for_replay(id).await?;
         let (log, key) = (self.log.clone(), live.key);
         let n = wait_planned(move || log.revive_dead(key)).await?;
         live.add_pending(n as i64);
@@ -656,9 +663,7 @@ impl EndpointRegistry {
     /// endpoint's filters take now (links, workspaces, bots), as routing would have; never
     /// the daemon's own operational events.
     pub async fn replay_window(&self, id: &str, since_ms: u64, until_ms: u64) -> Result<usize, EndpointError> {
-        // Under the change lock, as a revival of dead letters is.
-        let _guard = self.change.lock().await;
-        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        let (live, _replaying) = self.for_replay(id).await?;
         let before = self.log.count_pending(live.key)? as i64;
         // An index of this endpoint alone, enabled so that a disabled one replays too.
         let mut config = live.settings().config.clone();
@@ -681,6 +686,19 @@ impl EndpointRegistry {
         live.add_pending(after - before);
         Self::rewind(&live);
         Ok(n)
+    }
+
+    /// The endpoint, held for a replay: still routed once its replay lock is taken.
+    async fn for_replay(
+        &self,
+        id: &str,
+    ) -> Result<(Arc<LiveEndpoint>, tokio::sync::OwnedMutexGuard<()>), EndpointError> {
+        let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
+        let guard = live.replaying.clone().lock_owned().await;
+        if !self.get(id).is_some_and(|now| Arc::ptr_eq(&now, &live)) {
+            return Err(EndpointError::NotFound(id.into()));
+        }
+        Ok((live, guard))
     }
 
     /// Makes the worker read its queue from the start again (entries came back behind it).
@@ -729,6 +747,7 @@ impl EndpointRegistry {
             wake: Notify::new(),
             rewind: AtomicBool::new(false),
             enabled_again: AtomicBool::new(false),
+            replaying: Arc::new(tokio::sync::Mutex::new(())),
             stopping: AtomicBool::new(false),
             pending: AtomicI64::new(0),
             circuit_open_until_ms: AtomicU64::new(0),
@@ -957,7 +976,7 @@ const ROTATION_OVERLAP_MS: u64 = 24 * 3600 * 1000;
 const SECRET_PREFIX: &str = "secret/";
 const SIGNING_KEY_PREFIX: &str = "signing-key/";
 const DISABLED_PREFIX: &str = "disabled/";
-const FAILING_SINCE_PREFIX: &str = "failing-for/";
+const FAILING_FOR_PREFIX: &str = "failing-for/";
 
 /// An endpoint from an admin request's JSON; a field of the wrong type is named.
 pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, EndpointError> {
@@ -972,7 +991,7 @@ pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, 
 
 /// The setting in which an endpoint's worker keeps how long the endpoint has been failing.
 pub(crate) fn failing_for_setting(id: &str) -> String {
-    format!("{FAILING_SINCE_PREFIX}{id}")
+    format!("{FAILING_FOR_PREFIX}{id}")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1093,6 +1112,27 @@ mod tests {
             0,
             "an entry outlived its endpoint's delete"
         );
+    }
+
+    /// An API endpoint given the id of a config-file endpoint since removed starts afresh:
+    /// not disabled because the old one was, nor failing for as long.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_endpoint_does_not_take_over_the_disabling_of_one_with_its_id_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, registry, _running) = registry_in(dir.path());
+        let config: EndpointConfig =
+            serde_json::from_value(serde_json::json!({"id": "crm", "url": "http://127.0.0.1:9/"})).unwrap();
+        registry.apply_config(std::slice::from_ref(&config)).await.unwrap();
+        registry.disable("crm", "failing").await.unwrap();
+        wait(log.put_setting(&failing_for_setting("crm"), Some(b"{}".to_vec())))
+            .await
+            .unwrap();
+        registry.apply_config(&[]).await.unwrap();
+        assert!(registry.get("crm").is_none());
+        let created = registry.create(config).await.unwrap();
+        assert_eq!(created.settings().disabled_reason, None);
+        assert_eq!(log.get_setting(&failing_for_setting("crm")).unwrap(), None);
+        assert_eq!(log.get_setting("disabled/crm").unwrap(), None);
     }
 
     fn record(n: u32) -> AttemptRecord {

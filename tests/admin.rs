@@ -640,23 +640,25 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
 async fn disable_after_counts_the_failing_seen_across_a_restart_and_anew_after_a_re_enable() {
     let sink = Sink::start().await;
     sink.default_answer("/down", Answer::Status(503));
-    // A run is kept once it has lasted a quarter of disable_after (500 ms), and refreshed
-    // as often.
+    // A run is kept once it has lasted a quarter of disable_after (750 ms), refreshed as
+    // often, and when the daemon stops.
     let cfg = config_text(&endpoint("down", &sink.url("/down"), ""))
-        + "\n[retry]\nschedule = [\"400ms\", \"400ms\", \"400ms\", \"1h\"]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"2s\"\n";
+        + "\n[retry]\nschedule = [\"500ms\", \"500ms\", \"500ms\", \"500ms\", \"1h\"]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"3s\"\n";
     let mut d = Daemon::start(&cfg);
     d.post(&click("1", "w"), "application/json").await;
-    // Four failures over 1.2 s: at least 0.8 s of failing is kept.
-    assert_eq!(sink.wait_for("/down", 4, WAIT).await.len(), 4);
+    // Five failures over 2 s, and the stop: about 2 s of failing is kept.
+    assert_eq!(sink.wait_for("/down", 5, WAIT).await.len(), 5);
     assert_eq!(d.terminate(), 0);
     // Down for longer than disable_after: that does not count.
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
     d.spawn();
     d.post(&click("2", "w"), "application/json").await;
-    assert_eq!(sink.wait_for("/down", 5, WAIT).await.len(), 5);
+    assert_eq!(sink.wait_for("/down", 6, WAIT).await.len(), 6);
+    // Time for a disable that the failure would bring (it follows the answer).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, ep) = d.admin_get("/v1/endpoints/down").await;
     assert_eq!(ep["enabled"], true, "the time the daemon was down counted: {ep}");
-    // Click 2's retries fail 0.4, 0.8 and 1.2 s later: 0.8 s kept + 1.2 s seen now.
+    // Click 2's retries fail 0.5 s apart: about 2 s kept + 1 s seen now.
     let (_, ep) = d
         .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
         .await;
@@ -676,8 +678,8 @@ async fn disable_after_counts_the_failing_seen_across_a_restart_and_anew_after_a
         ep["enabled"], true,
         "a failure right after a re-enable starts a new run: {ep}"
     );
-    // Click 3's retries end 1.2 s after its first failure; one more failure past 2 s.
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    // Click 3's retries end 2 s after its first failure; one more failure past 3 s.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
     d.post(&click("4", "w"), "application/json").await;
     let (_, ep) = d
         .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)

@@ -869,6 +869,7 @@ fn a_private_destination_in_the_config_file_is_refused_with_exit_2() {
 fn an_unreadable_geoip_database_is_a_clear_start_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config_text("\n[enrich]\ngeoip = \"missing.mmdb\"\n");
+    let line = cfg.lines().position(|l| l.starts_with("geoip")).unwrap() + 1;
     std::fs::write(dir.path().join("config.toml"), cfg).unwrap();
     let out = std::process::Command::new(bin())
         .args(["serve", "--config"])
@@ -877,7 +878,10 @@ fn an_unreadable_geoip_database_is_a_clear_start_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "a config error");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("enrich.geoip") && err.contains("missing.mmdb"), "{err}");
+    assert!(
+        err.contains(&format!("line {line}: enrich.geoip")) && err.contains("missing.mmdb"),
+        "{err}"
+    );
     let check = std::process::Command::new(bin())
         .args(["check-config", "--config"])
         .arg(dir.path().join("config.toml"))

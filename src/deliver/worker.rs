@@ -177,8 +177,11 @@ struct StoredStreak {
 
 /// A run of failures is kept once it has lasted this long, or a quarter of
 /// `disable_after` when that is shorter; it is refreshed as often, or every hundredth of
-/// `disable_after` when that is longer.
+/// `disable_after` when that is longer (at most [`REFRESH_FAILING_MAX`] apart), and when
+/// the worker stops.
 const KEEP_FAILING_AFTER: Duration = Duration::from_secs(10);
+/// The longest wait between refreshes: a crash loses at most this much of a run.
+const REFRESH_FAILING_MAX: Duration = Duration::from_secs(600);
 
 impl FailingStreak {
     fn load(log: &dyn ClickLog, endpoint: &str, url: &str) -> Self {
@@ -215,10 +218,13 @@ impl FailingStreak {
     fn failed(&mut self, log: &dyn ClickLog, now: Instant, url: &str, disable_after: Duration) -> Duration {
         self.check_clearing();
         if url != self.url {
-            // A new URL is a new run.
+            // A new URL is a new run; what the log holds is of the old one.
             self.url = url.to_owned();
             self.started = None;
             self.carried = Duration::ZERO;
+            if self.stored.is_some() {
+                self.stored = Some(Duration::ZERO);
+            }
         }
         let carried = std::mem::take(&mut self.carried);
         let started = *self
@@ -226,23 +232,41 @@ impl FailingStreak {
             .get_or_insert_with(|| now.checked_sub(carried).unwrap_or(now));
         let failing_for = now.duration_since(started);
         let keep_after = KEEP_FAILING_AFTER.min(disable_after / 4);
-        let refresh = KEEP_FAILING_AFTER.max(disable_after / 100).min(disable_after / 4);
+        let refresh = KEEP_FAILING_AFTER
+            .max(disable_after / 100)
+            .min(REFRESH_FAILING_MAX)
+            .min(disable_after / 4);
         let due = match self.stored {
             None => failing_for >= keep_after,
             Some(kept) => failing_for >= kept + refresh,
         };
         if due {
-            let record = StoredStreak {
-                failing_ms: failing_for.as_millis() as u64,
-                url: self.url.clone(),
-            };
-            if let Ok(value) = serde_json::to_vec(&record) {
-                // Not awaited: lost in a crash, the run counts from its last record.
-                drop(log.put_setting(&self.setting, Some(value)));
-                self.stored = Some(failing_for);
-            }
+            self.keep(log, failing_for);
         }
         failing_for
+    }
+
+    fn keep(&mut self, log: &dyn ClickLog, failing_for: Duration) {
+        let record = StoredStreak {
+            failing_ms: failing_for.as_millis() as u64,
+            url: self.url.clone(),
+        };
+        if let Ok(value) = serde_json::to_vec(&record) {
+            // Not awaited: lost in a crash, the run counts from its last record.
+            drop(log.put_setting(&self.setting, Some(value)));
+            self.stored = Some(failing_for);
+        }
+    }
+
+    /// The worker stops (a shutdown, a reload): a kept run is brought up to date, so that
+    /// restarts closer together than the refresh do not each lose what they saw.
+    fn stopping(&mut self, log: &dyn ClickLog) {
+        if let (Some(started), Some(kept)) = (self.started, self.stored) {
+            let failing_for = started.elapsed();
+            if failing_for > kept {
+                self.keep(log, failing_for);
+            }
+        }
     }
 
     /// The run ended: a success, or the endpoint was enabled again.
@@ -386,6 +410,7 @@ impl Worker {
             let draining = self.ep.stopping.load(Ordering::SeqCst) || *self.ctx.shutdown.borrow();
             if draining && self.inflight.is_empty() {
                 self.flush_completed();
+                self.failing.stopping(self.ctx.log.as_ref());
                 return;
             }
             if draining {
@@ -598,7 +623,13 @@ impl Worker {
             if self.breaker.state(now) == CircuitState::Open {
                 break;
             }
-            let fresh = self.ready.iter().take_while(|j| j.batch == 0).count();
+            // What `take_job` would gather: events sent alone so far, with as many attempts.
+            let attempts = self.ready.front().map_or(0, Job::attempts);
+            let fresh = self
+                .ready
+                .iter()
+                .take_while(|j| j.batch == 0 && j.attempts() == attempts)
+                .count();
             if batch_max > 1 && self.ready.front().is_some_and(|j| j.batch == 0) && fresh < batch_max {
                 // A partial batch waits for more events until its linger runs out.
                 let deadline = self.ready_since.unwrap_or(now) + linger;
