@@ -1039,14 +1039,7 @@ mod tests {
         Arc<EndpointRegistry>,
         tokio::sync::watch::Sender<bool>,
     ) {
-        let options = crate::log::SledOptions {
-            fsync: crate::config::FsyncMode::Always,
-            fsync_interval: Duration::from_millis(50),
-            cache_capacity: 1 << 20,
-            segment_bytes: 1 << 20,
-            fresh_listed_max: 1000,
-            fresh_repeat_max: 1000,
-        };
+        let options = crate::log::SledOptions::for_tests(1 << 20, 1000, 1000);
         let log = crate::log::SledLog::open(dir, options).unwrap();
         let (running, shutdown) = tokio::sync::watch::channel(false);
         let (events, _) = tokio::sync::mpsc::unbounded_channel();

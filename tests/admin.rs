@@ -612,14 +612,7 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
         + &format!("\n[retry]\nschedule = [{steps}]\njitter = 0.0\n[breaker]\nfailures = 1000\n[operations]\ndisable_after = \"300ms\"\n");
     let d = Daemon::start(&cfg);
     d.post(&click("1", "w"), "application/json").await;
-    let (_, ep) = d
-        .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
-        .await;
-    assert_eq!(
-        (ep["enabled"].as_bool(), ep["disabled_reason"].as_str()),
-        (Some(false), Some("failing")),
-        "{ep}"
-    );
+    disabled_for_failing(&d, "down", "failing past disable_after").await;
     // A config-file endpoint is switched off in the file, not here; switched back on here.
     let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": false})).await;
     assert_eq!(s, 409, "{v}");
@@ -659,14 +652,7 @@ async fn disable_after_counts_the_failing_seen_across_a_restart_and_anew_after_a
     let (_, ep) = d.admin_get("/v1/endpoints/down").await;
     assert_eq!(ep["enabled"], true, "the time the daemon was down counted: {ep}");
     // Click 2's retries fail 0.5 s apart: about 2 s kept + 1 s seen now.
-    let (_, ep) = d
-        .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
-        .await;
-    assert_eq!(
-        (ep["enabled"].as_bool(), ep["disabled_reason"].as_str()),
-        (Some(false), Some("failing")),
-        "the failing seen before the restart counts after it: {ep}"
-    );
+    disabled_for_failing(&d, "down", "the failing seen before the restart counts after it").await;
     let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": true})).await;
     assert_eq!(s, 200, "{v}");
     let seen = sink.received("/down").len();
@@ -681,12 +667,23 @@ async fn disable_after_counts_the_failing_seen_across_a_restart_and_anew_after_a
     // Click 3's retries end 2 s after its first failure; one more failure past 3 s.
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     d.post(&click("4", "w"), "application/json").await;
+    disabled_for_failing(
+        &d,
+        "down",
+        "a run failing past disable_after after a re-enable disables it again",
+    )
+    .await;
+}
+
+/// Waits for endpoint `id` to be disabled, and checks that failing was why.
+async fn disabled_for_failing(d: &Daemon, id: &str, why: &str) {
     let (_, ep) = d
-        .admin_get_until("/v1/endpoints/down", |_, v| v["enabled"] == false)
+        .admin_get_until(&format!("/v1/endpoints/{id}"), |_, v| v["enabled"] == false)
         .await;
     assert_eq!(
-        ep["disabled_reason"], "failing",
-        "a run failing past disable_after after a re-enable disables it again: {ep}"
+        (ep["enabled"].as_bool(), ep["disabled_reason"].as_str()),
+        (Some(false), Some("failing")),
+        "{why}: {ep}"
     );
 }
 

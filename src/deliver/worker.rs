@@ -1132,14 +1132,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_run_is_kept_for_its_url_and_cleared_when_it_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let options = crate::log::SledOptions {
-            fsync: crate::config::FsyncMode::Always,
-            fsync_interval: Duration::from_millis(50),
-            cache_capacity: 1 << 20,
-            segment_bytes: 1 << 20,
-            fresh_listed_max: 1000,
-            fresh_repeat_max: 1000,
-        };
+        let options = crate::log::SledOptions::for_tests(1 << 20, 1000, 1000);
         let log = crate::log::SledLog::open(dir.path(), options).unwrap();
         let (a, b) = ("http://a.example/", "http://b.example/");
         let after = Duration::from_secs(100);

@@ -230,6 +230,21 @@ pub struct SledOptions {
     pub fresh_repeat_max: usize,
 }
 
+#[cfg(test)]
+impl SledOptions {
+    /// Small and flushed on every write, for tests.
+    pub(crate) fn for_tests(segment_bytes: u64, fresh_listed_max: usize, fresh_repeat_max: usize) -> Self {
+        SledOptions {
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_millis(50),
+            cache_capacity: 1 << 20,
+            segment_bytes,
+            fresh_listed_max,
+            fresh_repeat_max,
+        }
+    }
+}
+
 /// The fresh entries (or the maintenance lock), whoever held the lock last: nothing
 /// panics while holding it, and its state stays whole between calls.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -2148,15 +2163,11 @@ mod tests {
     /// The same, with the route records listing at most `fresh_repeat_max` delivered
     /// entries.
     fn open_bounded(dir: &Path, segment_bytes: u64, fresh_listed_max: usize, fresh_repeat_max: usize) -> Arc<SledLog> {
-        let options = SledOptions {
-            fsync: FsyncMode::Always,
-            fsync_interval: Duration::from_millis(50),
-            cache_capacity: 1 << 20,
-            segment_bytes,
-            fresh_listed_max,
-            fresh_repeat_max,
-        };
-        SledLog::open(dir, options).unwrap()
+        SledLog::open(
+            dir,
+            SledOptions::for_tests(segment_bytes, fresh_listed_max, fresh_repeat_max),
+        )
+        .unwrap()
     }
 
     /// A log whose appends' queue entries go straight to runs.
