@@ -1027,45 +1027,46 @@ pub fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
+/// A registry on a real log in `dir`, with one delivery thread; the sender keeps its
+/// workers from seeing a shutdown.
+pub(crate) fn registry_in(
+    dir: &std::path::Path,
+) -> (
+    Arc<crate::log::SledLog>,
+    Arc<EndpointRegistry>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let options = crate::log::SledOptions::for_tests(1 << 20, 1000, 1000);
+    let log = crate::log::SledLog::open(dir, options).unwrap();
+    let (running, shutdown) = tokio::sync::watch::channel(false);
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    let policy = crate::deliver::DeliveryPolicy {
+        schedule: Arc::new(crate::deliver::policy::RetrySchedule {
+            steps: vec![],
+            jitter: 0.0,
+        }),
+        breaker_failures: 5,
+        breaker_cooldown: Duration::from_secs(1),
+        addresses: crate::deliver::send::AddressPolicy {
+            allow_private: true,
+            allowed: Arc::new(Vec::new()),
+        },
+        connections: crate::deliver::send::ConnectionBudget::new(16),
+        per_receiver: 16,
+        failing_after: 5,
+        disable_after: Duration::from_secs(3600),
+    };
+    let dispatcher = Dispatcher::new(1, log.clone(), policy, shutdown, events).unwrap();
+    let defaults = EndpointDefaults {
+        timeout: Duration::from_secs(1),
+        max_concurrency: 4,
+    };
+    (log.clone(), EndpointRegistry::new(log, dispatcher, defaults), running)
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A registry on a real log in `dir`, with one delivery thread; the sender keeps its
-    /// workers from seeing a shutdown.
-    fn registry_in(
-        dir: &std::path::Path,
-    ) -> (
-        Arc<crate::log::SledLog>,
-        Arc<EndpointRegistry>,
-        tokio::sync::watch::Sender<bool>,
-    ) {
-        let options = crate::log::SledOptions::for_tests(1 << 20, 1000, 1000);
-        let log = crate::log::SledLog::open(dir, options).unwrap();
-        let (running, shutdown) = tokio::sync::watch::channel(false);
-        let (events, _) = tokio::sync::mpsc::unbounded_channel();
-        let policy = crate::deliver::DeliveryPolicy {
-            schedule: Arc::new(crate::deliver::policy::RetrySchedule {
-                steps: vec![],
-                jitter: 0.0,
-            }),
-            breaker_failures: 5,
-            breaker_cooldown: Duration::from_secs(1),
-            addresses: crate::deliver::send::AddressPolicy {
-                allow_private: true,
-                allowed: Arc::new(Vec::new()),
-            },
-            connections: crate::deliver::send::ConnectionBudget::new(16),
-            per_receiver: 16,
-            failing_after: 5,
-            disable_after: Duration::from_secs(3600),
-        };
-        let dispatcher = Dispatcher::new(1, log.clone(), policy, shutdown, events).unwrap();
-        let defaults = EndpointDefaults {
-            timeout: Duration::from_secs(1),
-            max_concurrency: 4,
-        };
-        (log.clone(), EndpointRegistry::new(log, dispatcher, defaults), running)
-    }
 
     /// A request routed to an endpoint just before its delete queues its append after the
     /// delete began: the delete waits for it, so the forget comes after the append in the

@@ -146,6 +146,12 @@ impl Submitted {
 }
 
 impl Ingestor {
+    /// Appends submitted and not yet durable.
+    #[cfg(test)]
+    pub(crate) fn appends_in_flight(&self) -> usize {
+        MAX_APPENDS_IN_FLIGHT - self.in_flight.available_permits()
+    }
+
     pub fn new(
         log: Arc<dyn ClickLog>,
         endpoints: Arc<EndpointRegistry>,

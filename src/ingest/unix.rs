@@ -5,7 +5,7 @@
 //! not let one bad line affect its neighbours.
 
 use super::click::{self, PreparedClick};
-use super::{IngestError, Ingestor, Submitted};
+use super::{IngestError, Ingestor};
 use crate::metrics::{self, Source};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -29,7 +29,10 @@ enum LineResult {
 /// The lines of one read, in order, with the append that covers the good ones.
 struct Group {
     lines: Vec<LineResult>,
-    submitted: Option<Result<Submitted, IngestError>>,
+    /// The append's outcome, awaited in a task of its own: the append's place among those
+    /// waiting for the disk goes back once it is durable, whether or not the client reads
+    /// its replies. Held until the writer got to it, it kept others' clicks out.
+    appended: Option<JoinHandle<Result<Vec<String>, IngestError>>>,
 }
 
 /// At most this many open socket connections: past it, new connections wait in the kernel's backlog
@@ -173,12 +176,13 @@ async fn submit_in_order(
         if lines.is_empty() {
             continue;
         }
-        let submitted = if good.is_empty() {
+        let appended = if good.is_empty() {
             None
         } else {
-            Some(ingestor.submit(good, Source::Unix).await)
+            let submitted = ingestor.submit(good, Source::Unix).await;
+            Some(tokio::spawn(async move { submitted?.wait().await }))
         };
-        if tx.send(Group { lines, submitted }).await.is_err() {
+        if tx.send(Group { lines, appended }).await.is_err() {
             return;
         }
     }
@@ -187,10 +191,11 @@ async fn submit_in_order(
 async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<Group>) {
     let mut out = BufWriter::new(write);
     while let Some(group) = rx.recv().await {
-        let ids = match group.submitted {
+        let ids = match group.appended {
             None => Ok(Vec::new()),
-            Some(Ok(s)) => s.wait().await,
-            Some(Err(e)) => Err(e),
+            Some(task) => task
+                .await
+                .unwrap_or(Err(IngestError::Unavailable("the append's task failed"))),
         };
         // Lines the log could not take are counted under why, as over HTTP.
         let mut ids = match ids {
@@ -233,4 +238,61 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
         }
     }
     let _ = out.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrich::Enricher;
+    use crate::ingest::IngestGate;
+    use crate::log::ClickLog;
+    use std::time::Duration;
+
+    /// A client that writes clicks and never reads its replies holds its connection up, and
+    /// nothing else: once its appends are durable they no longer count against the appends
+    /// all connections may have waiting for the disk, so other clients' clicks go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_reads_no_replies_holds_no_place_among_the_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, registry, _running) = crate::endpoints::registry_in(dir.path());
+        let ingestor = Arc::new(Ingestor::new(
+            log.clone(),
+            registry,
+            Arc::new(Enricher::new()),
+            Arc::new(IngestGate::default()),
+        ));
+        let (client, server) = UnixStream::pair().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(connection(server, ingestor.clone(), 1 << 20, shutdown));
+        // Far more replies than the socket buffers: the daemon's reply writer blocks.
+        let (_read, mut write) = client.into_split();
+        let line = br#"{"link":{"id":"l"},"metadata":{"pad":"................................................................................................................................................................"}}
+"#;
+        let clicks: Vec<u8> = line.iter().copied().cycle().take(line.len() * 30_000).collect();
+        tokio::spawn(async move {
+            let _ = write.write_all(&clicks).await;
+            // Kept open: the connection stays, stuck on its replies.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        // Appends happen until the connection's queues are full; then each becomes durable.
+        let mut stored = 0;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = log.event_count();
+            if now > 0 && now == stored && ingestor.appends_in_flight() == 0 {
+                break;
+            }
+            stored = now;
+        }
+        assert!(stored > 0, "the connection stored nothing");
+        assert!(
+            stored < 30_000,
+            "the connection was not held up by its replies ({stored} stored)"
+        );
+        assert_eq!(
+            ingestor.appends_in_flight(),
+            0,
+            "durable appends of a stuck connection still count as waiting for the disk"
+        );
+    }
 }
