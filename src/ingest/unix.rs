@@ -100,7 +100,11 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
         }
         // Whole lines go to a parse task of their own, so one connection's clicks are
         // parsed on every ingest thread; what follows the last newline waits for more.
-        let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |last| last + 1);
+        // Only the new bytes can hold one: what was kept from before follows the last.
+        let whole = buf[start..]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |last| start + last + 1);
         if whole > 0 {
             let chunk: Vec<u8> = buf.drain(..whole).collect();
             let first_line_skipped = std::mem::replace(&mut skipping, false);
