@@ -1150,6 +1150,16 @@ async fn abuse_limits_slowloris_overlong_socket_lines_and_private_data_files() {
         "[ingest.http]\nlisten = \"127.0.0.1:0\"\nmax_body = \"1KiB\"",
     );
     let mut d = Daemon::start(&cfg);
+    // A body that stops coming: answered 408 after 30 s, checked once the slowloris is.
+    let mut trickle = tokio::net::TcpStream::connect(d.http.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    trickle
+        .write_all(
+            b"POST /v1/clicks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n[{",
+        )
+        .await
+        .unwrap();
     // Slowloris: headers that never finish are cut off (header read timeout, 10 s).
     let mut slow = tokio::net::TcpStream::connect(d.http.trim_start_matches("http://"))
         .await
@@ -1171,6 +1181,22 @@ async fn abuse_limits_slowloris_overlong_socket_lines_and_private_data_files() {
         closed,
         Ok(true),
         "a connection that never finishes its headers is closed"
+    );
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(40), async {
+        let mut buf = [0u8; 512];
+        while let Ok(n @ 1..) = trickle.read(&mut buf).await {
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "a body that stops coming: {answer:?}"
     );
     // A socket line over max_body is answered err and skipped; its neighbours are fine.
     let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();

@@ -23,6 +23,9 @@ use tokio::task::JoinSet;
 
 /// How long a client may take to send its request headers (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this: a client trickling it would otherwise hold
+/// its connection slot, and a shutdown, for ever.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct HttpIngestSettings {
     pub max_body: usize,
@@ -141,7 +144,19 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
             return json_error(StatusCode::BAD_REQUEST, &msg, None);
         }
     };
-    let body = match Limited::new(req.into_body(), settings.max_body).collect().await {
+    let reading = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(req.into_body(), settings.max_body).collect(),
+    );
+    let Ok(body) = reading.await else {
+        metrics::ingest_rejected(Source::Http, "invalid", 1);
+        return json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+            None,
+        );
+    };
+    let body = match body {
         Ok(b) => b.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             metrics::ingest_rejected(Source::Http, "too_large", 1);

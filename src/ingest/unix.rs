@@ -18,6 +18,8 @@ const REPLY_QUEUE: usize = 8;
 const READ_CHUNK: usize = 64 * 1024;
 /// Chunks of a connection being parsed at once, ahead of their append.
 const PARSE_AHEAD: usize = 4;
+/// How long a connection's replies may take once the daemon shuts down.
+const SHUTDOWN_REPLIES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The answer owed to one line.
 enum LineResult {
@@ -110,7 +112,13 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
             let first_line_skipped = std::mem::replace(&mut skipping, false);
             let ingestor = ingestor.clone();
             let task = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
-            if parsed_tx.send(task).await.is_err() {
+            // The queue is full while replies wait for a client that reads none: a
+            // shutdown does not wait for it (these lines are never answered, nor stored).
+            let sent = tokio::select! {
+                sent = parsed_tx.send(task) => sent.is_ok(),
+                _ = stopping(&mut shutdown) => false,
+            };
+            if !sent {
                 break;
             }
         }
@@ -123,8 +131,32 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
         }
     }
     drop(parsed_tx);
-    let _ = submitter.await;
-    let _ = writer.await;
+    let (stop_submitter, stop_writer) = (submitter.abort_handle(), writer.abort_handle());
+    let answered = async {
+        let _ = submitter.await;
+        let _ = writer.await;
+    };
+    tokio::pin!(answered);
+    tokio::select! {
+        _ = &mut answered => return,
+        _ = stopping(&mut shutdown) => {}
+    }
+    // Shutting down: the replies get a while more, and a client that reads none no longer
+    // holds the daemon up. Appends already submitted finish on their own; a click not yet
+    // submitted was never acknowledged.
+    if tokio::time::timeout(SHUTDOWN_REPLIES_WAIT, answered).await.is_err() {
+        stop_submitter.abort();
+        stop_writer.abort();
+        tracing::warn!("a socket client read no replies at shutdown; its connection was closed");
+    }
+}
+
+/// Resolves once the daemon shuts down.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|stopping| *stopping).await.is_err() {
+        // No one can shut the daemon down any more.
+        std::future::pending::<()>().await;
+    }
 }
 
 /// One chunk's lines, parsed, before their append.
@@ -252,33 +284,40 @@ mod tests {
     use crate::log::ClickLog;
     use std::time::Duration;
 
-    /// A client that writes clicks and never reads its replies holds its connection up, and
-    /// nothing else: once its appends are durable they no longer count against the appends
-    /// all connections may have waiting for the disk, so other clients' clicks go on.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_that_reads_no_replies_holds_no_place_among_the_appends() {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, registry, _running) = crate::endpoints::registry_in(dir.path());
+    /// An ingestor on a real log in `dir`, routing to no endpoint.
+    fn ingestor_in(dir: &std::path::Path) -> (Arc<crate::log::SledLog>, Arc<Ingestor>, watch::Sender<bool>) {
+        let (log, registry, running) = crate::endpoints::registry_in(dir);
         let ingestor = Arc::new(Ingestor::new(
             log.clone(),
             registry,
             Arc::new(Enricher::new()),
             Arc::new(IngestGate::default()),
         ));
+        (log, ingestor, running)
+    }
+
+    /// A connection whose client writes far more clicks than the socket buffers replies for,
+    /// and reads none: the daemon's reply writer blocks. Returns the connection's task and
+    /// the sender that shuts it down.
+    fn stuck_connection(ingestor: &Arc<Ingestor>) -> (JoinHandle<()>, watch::Sender<bool>) {
         let (client, server) = UnixStream::pair().unwrap();
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(connection(server, ingestor.clone(), 1 << 20, shutdown));
-        // Far more replies than the socket buffers: the daemon's reply writer blocks.
-        let (_read, mut write) = client.into_split();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(connection(server, ingestor.clone(), 1 << 20, shutdown));
+        let (read, mut write) = client.into_split();
         let line = br#"{"link":{"id":"l"},"metadata":{"pad":"................................................................................................................................................................"}}
 "#;
         let clicks: Vec<u8> = line.iter().copied().cycle().take(line.len() * 30_000).collect();
         tokio::spawn(async move {
             let _ = write.write_all(&clicks).await;
-            // Kept open: the connection stays, stuck on its replies.
+            // Kept open and unread: the connection stays, stuck on its replies.
             tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(read);
         });
-        // Appends happen until the connection's queues are full; then each becomes durable.
+        (task, stop)
+    }
+
+    /// Waits until the log's event count stops growing and no append waits for the disk.
+    async fn settled(log: &crate::log::SledLog, ingestor: &Ingestor) -> u64 {
         let mut stored = 0;
         for _ in 0..200 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -288,6 +327,18 @@ mod tests {
             }
             stored = now;
         }
+        stored
+    }
+
+    /// A client that writes clicks and never reads its replies holds its connection up, and
+    /// nothing else: once its appends are durable they no longer count against the appends
+    /// all connections may have waiting for the disk, so other clients' clicks go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_reads_no_replies_holds_no_place_among_the_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, ingestor, _running) = ingestor_in(dir.path());
+        let (_connection, _stop) = stuck_connection(&ingestor);
+        let stored = settled(&log, &ingestor).await;
         assert!(stored > 0, "the connection stored nothing");
         assert!(
             stored < 30_000,
@@ -298,5 +349,18 @@ mod tests {
             0,
             "durable appends of a stuck connection still count as waiting for the disk"
         );
+    }
+
+    /// At shutdown such a client's replies get a few seconds, then its connection closes,
+    /// rather than holding the daemon up for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_does_not_wait_for_a_client_that_reads_no_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, ingestor, _running) = ingestor_in(dir.path());
+        let (connection, stop) = stuck_connection(&ingestor);
+        assert!(settled(&log, &ingestor).await > 0);
+        stop.send(true).unwrap();
+        let ended = tokio::time::timeout(SHUTDOWN_REPLIES_WAIT + Duration::from_secs(10), connection).await;
+        assert!(ended.is_ok(), "the connection held the shutdown up");
     }
 }
