@@ -15,13 +15,14 @@ pub struct RetrySchedule {
 
 impl RetrySchedule {
     /// The wait before the retry that follows `failed_attempts` failures, or `None` when
-    /// the schedule is exhausted and the event is dead. A receiver's `Retry-After` wins
-    /// over the schedule, capped at the schedule's longest step.
+    /// the schedule is exhausted and the event is dead. A receiver's `Retry-After` may
+    /// lengthen the wait, up to the schedule's longest step, never shorten it: a
+    /// `Retry-After: 0` (or a date past) would spend the whole schedule in seconds.
     pub fn delay(&self, failed_attempts: u32, retry_after: Option<Duration>) -> Option<Duration> {
         let step = *self.steps.get(failed_attempts.checked_sub(1)? as usize)?;
         if let Some(asked) = retry_after {
             let cap = self.steps.iter().max().copied().unwrap_or(step);
-            return Some(asked.min(cap.max(step)));
+            return Some(asked.clamp(step, cap.max(step)));
         }
         if self.jitter <= 0.0 {
             return Some(step);
@@ -189,9 +190,11 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_wins_but_is_capped() {
+    fn retry_after_lengthens_the_wait_up_to_the_longest_step_and_never_shortens_it() {
         let s = schedule();
         assert_eq!(s.delay(1, Some(Duration::from_secs(3))), Some(Duration::from_secs(3)));
+        assert_eq!(s.delay(1, Some(Duration::ZERO)), Some(Duration::from_secs(1)));
+        assert_eq!(s.delay(2, Some(Duration::from_secs(2))), Some(Duration::from_secs(5)));
         assert_eq!(
             s.delay(1, Some(Duration::from_secs(3600))),
             Some(Duration::from_secs(5))
