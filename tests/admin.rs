@@ -754,3 +754,31 @@ async fn with_many_endpoints_each_keeps_its_share_of_the_attempt_history() {
     let (_, stats) = admin(&d, "GET", "/v1/endpoints/busy/stats", Value::Null).await;
     assert_eq!(stats["delivered"], share + 20, "counters cover every attempt");
 }
+
+/// A 410 from the URL an endpoint has just left does not disable it at its new one: the
+/// attempt counts as failed and its click goes to the new URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_from_a_url_the_endpoint_has_left_does_not_disable_it() {
+    let sink = Sink::start().await;
+    sink.default_answer("/old", Answer::Delay(Duration::from_millis(1_500), 410));
+    let cfg = config_text("") + "\n[retry]\nschedule = [\"100ms\"]\njitter = 0.0\n";
+    let d = Daemon::start(&cfg);
+    let (s, v) = admin(
+        &d,
+        "POST",
+        "/v1/endpoints",
+        json!({"id": "moving", "url": sink.url("/old")}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = d.post(&click("1", "w"), "application/json").await;
+    assert_eq!(s, 202, "{v}");
+    // The attempt is under way at the old URL when the endpoint moves.
+    assert_eq!(sink.wait_for("/old", 1, WAIT).await.len(), 1);
+    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/moving", json!({"url": sink.url("/new")})).await;
+    assert_eq!(s, 200, "{v}");
+    let delivered = sink.wait_for("/new", 1, WAIT).await;
+    assert_eq!(delivered.len(), 1, "the click went to the new URL");
+    let (_, ep) = d.admin_get("/v1/endpoints/moving").await;
+    assert_eq!(ep["enabled"], true, "{ep}");
+}

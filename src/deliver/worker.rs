@@ -57,6 +57,8 @@ impl Job {
 /// What a finished attempt hands back to the loop.
 struct Finished {
     job: Job,
+    /// The settings the attempt went out with: the endpoint may have moved since.
+    sent_with: Arc<EndpointSettings>,
     result: AttemptResult,
     event_ids: Vec<String>,
     accepted_ms: Vec<u64>,
@@ -761,6 +763,7 @@ impl Worker {
             };
             Finished {
                 job,
+                sent_with: settings,
                 result,
                 event_ids,
                 accepted_ms,
@@ -790,6 +793,7 @@ impl Worker {
     fn finish(&mut self, done: Finished, settings: &Arc<EndpointSettings>) {
         let Finished {
             mut job,
+            sent_with,
             result,
             event_ids,
             accepted_ms,
@@ -840,7 +844,9 @@ impl Worker {
             self.settle(&seqs);
             return;
         }
-        if result.status == Some(410) {
+        // A 410 from a URL the endpoint has left since says nothing of the new one: it is
+        // an ordinary failure, retried there.
+        if result.status == Some(410) && sent_with.config.url == settings.config.url {
             // Gone: the endpoint is disabled; its events stay queued for a re-enable.
             self.breaker.on_success();
             self.gone_at = Some(settings.clone());
@@ -851,7 +857,7 @@ impl Worker {
             return;
         }
         self.concurrency = (self.concurrency / 2).max(1);
-        self.note_failure(&settings.config.url, &result.error);
+        self.note_failure(&sent_with.config.url, &result.error);
         if self.breaker.on_failure(now) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
