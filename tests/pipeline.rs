@@ -99,6 +99,27 @@ async fn accepts_arrays_and_ndjson_with_ids_in_input_order() {
     want.sort();
     got.sort();
     assert_eq!(want, got);
+    // Media types are case-insensitive and may carry parameters.
+    for media_type in ["Application/X-NDJSON; charset=utf-8", "application/jsonl"] {
+        let (status, v) = d
+            .post(&format!("{}\n{}\n", click("6", "w"), click("7", "w")), media_type)
+            .await;
+        assert_eq!((status, v["accepted"].as_u64()), (202, Some(2)), "{media_type}: {v}");
+    }
+    // Another method on the route is 405, and says which one to use.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut get = tokio::net::TcpStream::connect(d.http.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    get.write_all(b"GET /v1/clicks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    get.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 405") && answer.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
+        "{answer}"
+    );
 }
 
 /// Writes `text` to the daemon's socket while reading every reply line, until the daemon

@@ -107,7 +107,12 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/clicks") => ingest(req, &ingestor, &settings).await,
-        (_, "/v1/clicks") => json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None),
+        (_, "/v1/clicks") => {
+            let mut resp = json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
+            resp.headers_mut()
+                .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
+            resp
+        }
         _ => json_error(
             StatusCode::NOT_FOUND,
             "no such route; clicks go to POST /v1/clicks",
@@ -133,8 +138,14 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
         metrics::ingest_rejected(Source::Http, "too_large", 1);
         return too_large(settings.max_body);
     }
-    let framing = match req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        Some(ct) if ct.contains("ndjson") || ct.contains("jsonlines") => Framing::Ndjson,
+    // Media types are case-insensitive; parameters (`; charset=…`) say nothing of framing.
+    let media_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+    let framing = match media_type.as_deref() {
+        Some(mt) if mt.ends_with("ndjson") || mt.ends_with("jsonlines") || mt.ends_with("jsonl") => Framing::Ndjson,
         _ => Framing::Json,
     };
     let format = match adapter_format(req.uri().query()) {
