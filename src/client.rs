@@ -38,13 +38,16 @@ fn http_client() -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(https)
 }
 
-/// What `send` achieved.
+/// What `send` achieved, also when it was cut short.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SendReport {
     pub acknowledged: usize,
     pub rejected: usize,
-    /// One line per rejection: which line or chunk, and why.
+    /// One line per rejection: which line of the input (or chunk), and why.
     pub errors: Vec<String>,
+    /// What ended the run before every line was answered (an unreadable input, a lost
+    /// connection); the counts above are what was answered until then.
+    pub cut_short: Option<String>,
 }
 
 /// Sends every non-blank line of `input` over the socket, pipelined.
@@ -56,43 +59,64 @@ pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
         .await
         .map_err(|e| ClientError::Connect(socket.into(), e))?;
     let (read, mut write) = stream.into_split();
-    let (count_tx, count_rx) = tokio::sync::oneshot::channel::<usize>();
+    // The input's line number of each line sent, in order: the daemon answers each
+    // non-blank line, and a rejection names the line as the file counts it.
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
     let writer = tokio::spawn(async move {
         let mut lines = BufReader::new(input).lines();
-        let mut sent = 0usize;
+        let mut file_line = 0usize;
         let mut out = tokio::io::BufWriter::new(&mut write);
-        while let Some(line) = lines.next_line().await? {
-            if line.trim().is_empty() {
-                continue;
+        // An input error still ends the stream cleanly: the daemon answers what it got.
+        let read = async {
+            while let Some(line) = lines.next_line().await? {
+                file_line += 1;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let _ = sent_tx.send(file_line);
+                out.write_all(line.as_bytes()).await?;
+                out.write_all(b"\n").await?;
             }
-            out.write_all(line.as_bytes()).await?;
-            out.write_all(b"\n").await?;
-            sent += 1;
+            Ok::<_, std::io::Error>(())
         }
-        out.flush().await?;
+        .await;
+        let flushed = out.flush().await;
         drop(out);
-        let _ = count_tx.send(sent);
-        write.shutdown().await?;
-        Ok::<_, std::io::Error>(())
+        let _ = write.shutdown().await;
+        read.map_err(|e| format!("cannot read the input after line {file_line}: {e}"))
+            .and(flushed.map_err(|e| format!("cannot write to the daemon: {e}")))
     });
     let mut replies = BufReader::new(read).lines();
     let mut report = SendReport::default();
-    let mut line_no = 0usize;
-    while let Some(reply) = replies.next_line().await? {
-        line_no += 1;
+    let mut answered = 0usize;
+    loop {
+        let reply = match replies.next_line().await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => break,
+            Err(e) => {
+                report.cut_short = Some(format!("cannot read the daemon's replies: {e}"));
+                break;
+            }
+        };
+        answered += 1;
+        let line = sent_rx.recv().await.unwrap_or(answered);
         if reply.starts_with("ok ") {
             report.acknowledged += 1;
         } else {
             report.rejected += 1;
             report
                 .errors
-                .push(format!("line {line_no}: {}", reply.trim_start_matches("err ")));
+                .push(format!("line {line}: {}", reply.trim_start_matches("err ")));
         }
     }
-    writer.await.map_err(|e| ClientError::Http(e.to_string()))??;
-    let sent = count_rx.await.unwrap_or(line_no);
-    if sent > line_no {
-        return Err(ClientError::Unanswered(sent - line_no));
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => report.cut_short = report.cut_short.take().or(Some(e)),
+        Err(e) => report.cut_short = report.cut_short.take().or(Some(e.to_string())),
+    }
+    let unanswered = sent_rx.len();
+    if unanswered > 0 && report.cut_short.is_none() {
+        report.cut_short = Some(ClientError::Unanswered(unanswered).to_string());
     }
     Ok(report)
 }
@@ -108,14 +132,25 @@ pub async fn send_http<R: AsyncRead + Unpin>(
     let mut lines = BufReader::new(input).lines();
     let mut report = SendReport::default();
     let mut chunk = Vec::new();
+    // The input's line number of each line in the chunk.
+    let mut chunk_lines: Vec<usize> = Vec::new();
     let mut count = 0usize;
-    let mut chunk_no = 0usize;
+    let mut file_line = 0usize;
     loop {
-        let line = lines.next_line().await?;
+        let line = match lines.next_line().await {
+            Ok(line) => line,
+            Err(e) => {
+                // What was read before goes out; the report says where the input failed.
+                report.cut_short = Some(format!("cannot read the input after line {file_line}: {e}"));
+                None
+            }
+        };
         if let Some(l) = &line {
+            file_line += 1;
             if !l.trim().is_empty() {
                 chunk.extend_from_slice(l.as_bytes());
                 chunk.push(b'\n');
+                chunk_lines.push(file_line);
                 count += 1;
             }
         }
@@ -127,28 +162,49 @@ pub async fn send_http<R: AsyncRead + Unpin>(
             let req = req
                 .body(Full::new(Bytes::from(std::mem::take(&mut chunk))))
                 .map_err(|e| ClientError::Http(e.to_string()))?;
-            let resp = client
-                .request(req)
-                .await
-                .map_err(|e| ClientError::Http(format!("{url}: {e}")))?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
+            let answer = match client.request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    resp.into_body().collect().await.map(|b| (status, b.to_bytes()))
+                }
+                Err(e) => {
+                    report.cut_short = Some(format!(
+                        "{url}: {e} (lines {} to {} unanswered)",
+                        chunk_lines[0], file_line
+                    ));
+                    break;
+                }
+            };
+            let (status, body) = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    report.cut_short = Some(format!(
+                        "{url}: {e} (lines {} to {} unanswered)",
+                        chunk_lines[0], file_line
+                    ));
+                    break;
+                }
+            };
             if status.as_u16() == 202 {
                 report.acknowledged += count;
             } else {
                 report.rejected += count;
+                let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                // A 400 names the chunk's line at fault by its index among the chunk's
+                // lines; the whole chunk is refused.
+                let at = match answer["index"].as_u64().and_then(|i| chunk_lines.get(i as usize)) {
+                    Some(line) => format!("line {line}"),
+                    None => format!("lines {} to {}", chunk_lines[0], chunk_lines[chunk_lines.len() - 1]),
+                };
                 report.errors.push(format!(
-                    "chunk {chunk_no}: {status} {}",
-                    String::from_utf8_lossy(&body).trim()
+                    "{at}: {status} {}",
+                    answer["error"]
+                        .as_str()
+                        .map_or_else(|| String::from_utf8_lossy(&body).trim().to_string(), str::to_string)
                 ));
             }
-            chunk_no += 1;
             count = 0;
+            chunk_lines.clear();
         }
         if line.is_none() {
             break;

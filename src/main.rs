@@ -269,7 +269,10 @@ fn send(
             eprintln!("rejected {e}");
         }
         println!("acknowledged {} rejected {}", report.acknowledged, report.rejected);
-        Ok(if report.rejected > 0 {
+        if let Some(why) = &report.cut_short {
+            eprintln!("stopped early: {why}");
+        }
+        Ok(if report.rejected > 0 || report.cut_short.is_some() {
             ExitCode::from(1)
         } else {
             ExitCode::SUCCESS

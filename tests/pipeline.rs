@@ -1314,3 +1314,58 @@ async fn the_ingest_and_socket_listeners_cap_their_connections() {
     let reply = tokio::time::timeout(Duration::from_secs(5), try_one()).await.unwrap();
     assert!(reply.starts_with("ok "), "{reply}");
 }
+
+/// `clickhook send` names a rejected line as the file counts it (blank lines too), and
+/// when the input breaks off it still reports what was acknowledged before, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_names_file_lines_and_reports_what_was_acknowledged_when_cut_short() {
+    let d = Daemon::start(&config_text(""));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clicks.ndjson");
+    std::fs::write(
+        &file,
+        format!("{}\n\n{{\"nolink\":1}}\n{}\n", click("1", "w"), click("2", "w")),
+    )
+    .unwrap();
+    let send = |args: Vec<String>| {
+        let out = std::process::Command::new(bin())
+            .arg("send")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let file_arg = file.display().to_string();
+    let (code, out, err) = send(vec![
+        "--socket".into(),
+        d.socket.display().to_string(),
+        file_arg.clone(),
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("acknowledged 2 rejected 1"), "{out}");
+    assert!(err.contains("rejected line 3: "), "{err}");
+    // Over HTTP the chunk is refused whole; the line at fault is named all the same.
+    let (code, out, err) = send(vec!["--url".into(), d.http.clone(), file_arg]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("acknowledged 0 rejected 3"), "{out}");
+    assert!(err.contains("rejected line 3: 400 "), "{err}");
+    // Bytes that are no text after two good lines: those two count, and the run says why it stopped.
+    let mut broken = format!("{}\n{}\n", click("3", "w"), click("4", "w")).into_bytes();
+    broken.extend_from_slice(b"\xff\xfe\n");
+    std::fs::write(&file, broken).unwrap();
+    for transport in [
+        vec!["--socket".to_string(), d.socket.display().to_string()],
+        vec!["--url".into(), d.http.clone()],
+    ] {
+        let mut args = transport.clone();
+        args.push(file.display().to_string());
+        let (code, out, err) = send(args);
+        assert_eq!(code, Some(1), "{transport:?}: {out}{err}");
+        assert!(out.contains("acknowledged 2 rejected 0"), "{transport:?}: {out}");
+        assert!(
+            err.contains("stopped early: cannot read the input after line 2"),
+            "{transport:?}: {err}"
+        );
+    }
+}
