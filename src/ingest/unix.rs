@@ -87,14 +87,19 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
     loop {
         let start = buf.len();
         buf.resize(start + READ_CHUNK, 0);
-        let n = tokio::select! {
-            r = read.read(&mut buf[start..]) => r,
-            _ = shutdown.changed() => Ok(0),
+        let (n, shutting_down) = tokio::select! {
+            r = read.read(&mut buf[start..]) => (r, false),
+            _ = shutdown.changed() => (Ok(0), true),
         };
         // A read error ends the connection like an end of stream: answer what was read.
         let n = n.unwrap_or_default();
         buf.truncate(start + n);
         let closing = n == 0;
+        if shutting_down {
+            // The daemon stops reading, not the client: a line cut here is not the
+            // client's fault, and goes unanswered (nor stored) rather than blamed.
+            break;
+        }
         if closing && (!buf.is_empty() || skipping) {
             // A last line without its newline is still a line, and an over-long one is
             // still answered.
@@ -349,6 +354,30 @@ mod tests {
             0,
             "durable appends of a stuck connection still count as waiting for the disk"
         );
+    }
+
+    /// A line the daemon stops reading halfway at shutdown is left unanswered, not blamed
+    /// on the client as malformed; the whole lines before it are answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_line_cut_by_a_shutdown_is_not_answered_as_malformed() {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, ingestor, _running) = ingestor_in(dir.path());
+        let (client, server) = UnixStream::pair().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let connection = tokio::spawn(connection(server, ingestor, 1 << 20, shutdown));
+        let (read, mut write) = client.into_split();
+        write
+            .write_all(b"{\"link\":{\"id\":\"l\"}}\n{\"link\":{\"id\"")
+            .await
+            .unwrap();
+        let mut replies = tokio::io::BufReader::new(read).lines();
+        let first = replies.next_line().await.unwrap().unwrap();
+        assert!(first.starts_with("ok "), "{first}");
+        stop.send(true).unwrap();
+        connection.await.unwrap();
+        assert_eq!(replies.next_line().await.unwrap(), None, "the cut line got an answer");
+        drop(write);
     }
 
     /// At shutdown such a client's replies get a few seconds, then its connection closes,
