@@ -190,9 +190,25 @@ async fn api(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>
                 Err(ApiError::NotFound(format!("no webhook {hook:?} on {scope} {owner:?}")))
             }
         }
-        _ => Err(ApiError::NotFound("no such route".into())),
+        _ => Err(match allowed_methods(parts.as_slice()) {
+            Some(allow) => ApiError::MethodNotAllowed(allow),
+            None => ApiError::NotFound("no such route".into()),
+        }),
     };
     result.unwrap_or_else(|e| e.response())
+}
+
+/// The methods a route takes, for the 405 to a known route asked with another.
+fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
+    Some(match parts {
+        ["v1", "endpoints"] => "GET, POST",
+        ["v1", "endpoints", _] => "GET, PATCH, DELETE",
+        ["v1", "endpoints", _, "secret" | "attempts" | "stats" | "dead"] => "GET",
+        ["v1", "endpoints", _, "secret", "rotate"] | ["v1", "endpoints", _, "test" | "replay"] => "POST",
+        ["api", "v1", "link" | "workspace", _, "webhooks"] => "GET, POST",
+        ["api", "v1", "link" | "workspace", _, "webhooks", _] => "DELETE",
+        _ => return None,
+    })
 }
 
 /// Largest admin request body.
@@ -207,6 +223,8 @@ enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("this route takes {0}")]
+    MethodNotAllowed(&'static str),
     #[error("{0}")]
     Internal(String),
 }
@@ -217,9 +235,15 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        json_error(status, &self.to_string(), None)
+        let mut resp = json_error(status, &self.to_string(), None);
+        if let ApiError::MethodNotAllowed(allow) = self {
+            resp.headers_mut()
+                .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+        }
+        resp
     }
 }
 

@@ -91,6 +91,17 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
     }
     let (s, v) = admin(&d, "GET", "/v1/endpoints/api1/attempts?limit=10000", Value::Null).await;
     assert_eq!(s, 200, "{v}");
+    // A known route asked with another method is 405 and names the ones it takes.
+    let (s, v) = admin(&d, "PUT", "/v1/endpoints/api1", json!({})).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (405, Some("this route takes GET, PATCH, DELETE")),
+        "{v}"
+    );
+    let (s, v) = admin(&d, "GET", "/v1/endpoints/api1/replay", Value::Null).await;
+    assert_eq!((s, v["error"].as_str()), (405, Some("this route takes POST")), "{v}");
+    let (s, _) = admin(&d, "GET", "/v1/nowhere", Value::Null).await;
+    assert_eq!(s, 404);
     let (s, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().unwrap().len(), 2);
