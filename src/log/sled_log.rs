@@ -1465,8 +1465,8 @@ impl Writer {
         Ok(())
     }
 
-    /// Drops a deleted endpoint's fresh entries, and its name from the route records that
-    /// others still wait on, so a restart does not queue them again.
+    /// Drops a deleted endpoint's runs, dead letters and fresh entries, and its name from
+    /// the route records that others still wait on, so a restart does not queue them again.
     fn forget_endpoint(&mut self, ep: EndpointKey) -> Result<(), LogError> {
         for prefix in [QUEUE_RUN, DEAD] {
             for k in self.tree.scan_prefix(keys::queue_prefix(prefix, ep)).keys() {
