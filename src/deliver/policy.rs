@@ -79,16 +79,16 @@ impl Breaker {
         }
     }
 
-    /// Whether a new request may start now; in half-open state the one allowed request
-    /// becomes the probe.
-    pub fn try_acquire(&mut self, now: Instant) -> bool {
+    /// Whether a new request may start now: `Some(true)` when it is a half-open circuit's
+    /// one probe, whose result alone closes or reopens the circuit.
+    pub fn try_acquire(&mut self, now: Instant) -> Option<bool> {
         match self.state(now) {
-            CircuitState::Closed => true,
-            CircuitState::Open => false,
-            CircuitState::HalfOpen if self.probe_in_flight => false,
+            CircuitState::Closed => Some(false),
+            CircuitState::Open => None,
+            CircuitState::HalfOpen if self.probe_in_flight => None,
             CircuitState::HalfOpen => {
                 self.probe_in_flight = true;
-                true
+                Some(true)
             }
         }
     }
@@ -106,8 +106,10 @@ impl Breaker {
 
     /// A request [`Breaker::try_acquire`] let through that never went out: a half-open
     /// circuit's probe is still to be sent, and nothing else changes.
-    pub fn release(&mut self) {
-        self.probe_in_flight = false;
+    pub fn release(&mut self, probe: bool) {
+        if probe {
+            self.probe_in_flight = false;
+        }
     }
 
     pub fn on_success(&mut self) {
@@ -116,12 +118,15 @@ impl Breaker {
         self.probe_in_flight = false;
     }
 
-    /// Records a failure; returns true when this failure opened (or reopened) the circuit.
-    pub fn on_failure(&mut self, now: Instant) -> bool {
+    /// Records a failure (`probe`: of the half-open circuit's probe); returns true when
+    /// it opened (or reopened) the circuit. A late failure of a request sent before the
+    /// circuit opened leaves an open or half-open circuit, and its probe, alone.
+    pub fn on_failure(&mut self, now: Instant, probe: bool) -> bool {
         self.consecutive = self.consecutive.saturating_add(1);
-        let was_probe = self.probe_in_flight;
-        self.probe_in_flight = false;
-        if was_probe || (self.open_until.is_none() && self.consecutive >= self.threshold) {
+        if probe {
+            self.probe_in_flight = false;
+        }
+        if probe || (self.open_until.is_none() && self.consecutive >= self.threshold) {
             self.open_until = Some(now + self.cooldown);
             return true;
         }
@@ -217,21 +222,25 @@ mod tests {
     fn breaker_opens_probes_and_closes() {
         let t0 = Instant::now();
         let mut b = Breaker::new(3, Duration::from_secs(30));
-        assert!(!b.on_failure(t0));
-        assert!(!b.on_failure(t0));
-        assert!(b.on_failure(t0));
+        assert!(!b.on_failure(t0, false));
+        assert!(!b.on_failure(t0, false));
+        assert!(b.on_failure(t0, false));
         assert_eq!(b.state(t0), CircuitState::Open);
-        assert!(!b.try_acquire(t0 + Duration::from_secs(29)));
+        assert_eq!(b.try_acquire(t0 + Duration::from_secs(29)), None);
         let t1 = t0 + Duration::from_secs(30);
-        assert!(b.try_acquire(t1), "one probe after the cooldown");
-        assert!(!b.try_acquire(t1), "only one probe");
-        assert!(b.on_failure(t1), "a failed probe reopens");
+        assert_eq!(b.try_acquire(t1), Some(true), "one probe after the cooldown");
+        assert_eq!(b.try_acquire(t1), None, "only one probe");
+        // A request sent before the circuit opened fails late: the probe is still the probe.
+        assert!(!b.on_failure(t1, false));
+        assert_eq!(b.state(t1), CircuitState::HalfOpen);
+        assert_eq!(b.try_acquire(t1), None, "still only one probe");
+        assert!(b.on_failure(t1, true), "a failed probe reopens");
         assert_eq!(b.state(t1 + Duration::from_secs(29)), CircuitState::Open);
         let t2 = t1 + Duration::from_secs(30);
-        assert!(b.try_acquire(t2));
+        assert_eq!(b.try_acquire(t2), Some(true));
         b.on_success();
         assert_eq!(b.state(t2), CircuitState::Closed);
-        assert!(b.try_acquire(t2) && b.try_acquire(t2));
+        assert_eq!((b.try_acquire(t2), b.try_acquire(t2)), (Some(false), Some(false)));
     }
 
     #[test]

@@ -59,6 +59,8 @@ struct Finished {
     job: Job,
     /// The settings the attempt went out with: the endpoint may have moved since.
     sent_with: Arc<EndpointSettings>,
+    /// Whether it was a half-open circuit's probe.
+    probe: bool,
     result: AttemptResult,
     event_ids: Vec<String>,
     accepted_ms: Vec<u64>,
@@ -645,17 +647,18 @@ impl Worker {
                 Ok(slot) => slot,
                 Err(()) => break,
             };
+            let Some(probe) = self.breaker.try_acquire(now) else {
+                break;
+            };
             if let Some((_, bucket)) = &mut self.limiter {
                 if !bucket.try_take(now) {
+                    self.breaker.release(probe);
                     return Some(bucket.next_token_at(now));
                 }
             }
-            if !self.breaker.try_acquire(now) {
-                break;
-            }
             let job = take_job(&mut self.ready, batch_max);
             self.ready_since = (!self.ready.is_empty()).then(Instant::now);
-            self.start_attempt(job, settings, slot);
+            self.start_attempt(job, settings, slot, probe);
         }
         None
     }
@@ -692,7 +695,8 @@ impl Worker {
         Err(())
     }
 
-    fn start_attempt(&mut self, job: Job, settings: &Arc<EndpointSettings>, slot: Option<OriginSlot>) {
+    /// `probe`: the attempt is a half-open circuit's probe.
+    fn start_attempt(&mut self, job: Job, settings: &Arc<EndpointSettings>, slot: Option<OriginSlot>, probe: bool) {
         let mut bodies = Vec::with_capacity(job.items.len());
         let mut accepted_ms = Vec::with_capacity(job.items.len());
         let mut event_ids = Vec::with_capacity(job.items.len());
@@ -726,7 +730,7 @@ impl Worker {
         }
         if kept.is_empty() {
             // Nothing went out: a half-open circuit's probe is still to be sent.
-            self.breaker.release();
+            self.breaker.release(probe);
             return;
         }
         let job = Job {
@@ -748,7 +752,7 @@ impl Worker {
             Err(panic) => Err(panicked_attempt(panic.as_ref())),
             Ok(Err(e)) => {
                 tracing::error!(endpoint = %self.ep.id, error = %e, "cannot render events; they become dead letters");
-                self.breaker.release();
+                self.breaker.release(probe);
                 drop(refs);
                 self.bury_unrenderable(job, bodies, event_ids, accepted_ms, settings, e);
                 return;
@@ -764,6 +768,7 @@ impl Worker {
             Finished {
                 job,
                 sent_with: settings,
+                probe,
                 result,
                 event_ids,
                 accepted_ms,
@@ -794,6 +799,7 @@ impl Worker {
         let Finished {
             mut job,
             sent_with,
+            probe,
             result,
             event_ids,
             accepted_ms,
@@ -858,7 +864,7 @@ impl Worker {
         }
         self.concurrency = (self.concurrency / 2).max(1);
         self.note_failure(&sent_with.config.url, &result.error);
-        if self.breaker.on_failure(now) {
+        if self.breaker.on_failure(now, probe) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
         self.report_circuit(now);
