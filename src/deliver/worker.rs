@@ -138,6 +138,20 @@ fn take_job(ready: &mut VecDeque<Job>, batch_max: usize) -> Job {
         job.batch = 0;
         job.items[0].batch = 0;
     }
+    if batch_max > 1 && job.items.len() > batch_max {
+        // A batch from before `batch_max` was lowered: the events past it go next, as a
+        // batch of their own (its own id: its body differs from the first part's).
+        let id = new_batch_id();
+        let rest = job
+            .items
+            .split_off(batch_max)
+            .into_iter()
+            .map(|p| Pending { batch: id, ..p });
+        ready.push_front(Job {
+            items: rest.collect(),
+            batch: id,
+        });
+    }
     if batch_max > 1 && job.batch == 0 {
         let attempts = job.attempts();
         while job.items.len() < batch_max && ready.front().is_some_and(|j| j.batch == 0 && j.attempts() == attempts) {
@@ -1222,6 +1236,28 @@ mod tests {
         assert_eq!((seqs(&first), first.batch, first.attempts()), (vec![5], 0, 1));
         let second = take_job(&mut ready, 1);
         assert_eq!((seqs(&second), second.batch, second.attempts()), (vec![6], 0, 1));
+        // A batch larger than a since-lowered batch_max goes out in parts of batch_max:
+        // the first keeps its id, each other part gets one of its own.
+        let items = (10..15)
+            .map(|seq| Pending {
+                seq,
+                attempts: 1,
+                due_ms: 0,
+                batch: 9,
+            })
+            .collect();
+        let mut ready: VecDeque<Job> = [Job { items, batch: 9 }].into();
+        let parts: Vec<Job> = (0..3).map(|_| take_job(&mut ready, 2)).collect();
+        assert!(ready.is_empty());
+        assert_eq!(
+            parts.iter().map(seqs).collect::<Vec<_>>(),
+            vec![vec![10, 11], vec![12, 13], vec![14]]
+        );
+        assert_eq!(parts[0].batch, 9);
+        assert!(parts[1].batch != 9 && parts[2].batch != 9 && parts[1].batch != parts[2].batch);
+        for part in &parts {
+            assert!(part.items.iter().all(|p| p.batch == part.batch && p.attempts == 1));
+        }
     }
 
     /// Turns of the loop of each worker whose endpoint id starts with `turns-`.
