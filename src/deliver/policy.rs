@@ -22,7 +22,8 @@ impl RetrySchedule {
         let step = *self.steps.get(failed_attempts.checked_sub(1)? as usize)?;
         if let Some(asked) = retry_after {
             let cap = self.steps.iter().max().copied().unwrap_or(step);
-            return Some(asked.clamp(step, cap.max(step)));
+            // The step is one of the steps, so never past the cap.
+            return Some(asked.clamp(step, cap));
         }
         if self.jitter <= 0.0 {
             return Some(step);

@@ -90,7 +90,7 @@ struct Worker {
     /// Failure logging is rate-limited so a dead endpoint cannot flood the journal.
     last_failure_log: Option<Instant>,
     failures_unlogged: u64,
-    /// Failed attempts since the last success, and when the first of them ended.
+    /// Failed attempts since the last success (`failing` times the run).
     consecutive_failures: u32,
     failing: FailingStreak,
     reported_failing: bool,
@@ -128,13 +128,7 @@ fn take_job(ready: &mut VecDeque<Job>, batch_max: usize) -> Job {
     if batch_max <= 1 && job.items.len() > 1 {
         // A batch from before the endpoint stopped batching: a body without the batch
         // shape carries one event, so each goes on its own now, the rest next in line.
-        for mut p in job.items.drain(1..).rev() {
-            p.batch = 0;
-            ready.push_front(Job {
-                items: vec![p],
-                batch: 0,
-            });
-        }
+        push_front_singly(ready, job.items.drain(1..));
         job.batch = 0;
         job.items[0].batch = 0;
     }
@@ -153,11 +147,9 @@ fn take_job(ready: &mut VecDeque<Job>, batch_max: usize) -> Job {
         });
     }
     if batch_max > 1 && job.batch == 0 {
-        let attempts = job.attempts();
-        while job.items.len() < batch_max && ready.front().is_some_and(|j| j.batch == 0 && j.attempts() == attempts) {
-            if let Some(next) = ready.pop_front() {
-                job.items.extend(next.items);
-            }
+        let n = gatherable(ready, job.attempts(), batch_max.saturating_sub(job.items.len()));
+        for next in ready.drain(..n) {
+            job.items.extend(next.items);
         }
         job.batch = new_batch_id();
         for p in &mut job.items {
@@ -165,6 +157,26 @@ fn take_job(ready: &mut VecDeque<Job>, batch_max: usize) -> Job {
         }
     }
     job
+}
+
+/// Puts `items` back at the front of `ready` in their order, each as an event sent alone.
+fn push_front_singly(ready: &mut VecDeque<Job>, items: impl DoubleEndedIterator<Item = Pending>) {
+    for p in items.rev() {
+        ready.push_front(Job {
+            items: vec![Pending { batch: 0, ..p }],
+            batch: 0,
+        });
+    }
+}
+
+/// How many jobs at the front of `ready`, at most `max`, a new batch gathers: events sent
+/// alone so far (one a job) with `attempts` failed attempts.
+fn gatherable(ready: &VecDeque<Job>, attempts: u32, max: usize) -> usize {
+    ready
+        .iter()
+        .take(max)
+        .take_while(|j| j.batch == 0 && j.attempts() == attempts)
+        .count()
 }
 
 /// How long the endpoint has been failing without a success, for `disable_after`,
@@ -182,6 +194,9 @@ struct FailingStreak {
     stored: Option<Duration>,
     /// The write that cleared the log's record, until it is known to have gone through.
     clearing: Option<Ticket<()>>,
+    /// How long a run lasts before it is kept, and how much longer before it is kept again.
+    keep_after: Duration,
+    refresh: Duration,
     url: String,
     setting: String,
 }
@@ -202,13 +217,18 @@ const KEEP_FAILING_AFTER: Duration = Duration::from_secs(10);
 const REFRESH_FAILING_MAX: Duration = Duration::from_secs(600);
 
 impl FailingStreak {
-    fn load(log: &dyn ClickLog, endpoint: &str, url: &str) -> Self {
+    fn load(log: &dyn ClickLog, endpoint: &str, url: &str, disable_after: Duration) -> Self {
         let setting = failing_for_setting(endpoint);
         let mut streak = FailingStreak {
             started: None,
             carried: Duration::ZERO,
             stored: None,
             clearing: None,
+            keep_after: KEEP_FAILING_AFTER.min(disable_after / 4),
+            refresh: KEEP_FAILING_AFTER
+                .max(disable_after / 100)
+                .min(REFRESH_FAILING_MAX)
+                .min(disable_after / 4),
             url: url.to_owned(),
             setting,
         };
@@ -233,7 +253,7 @@ impl FailingStreak {
     }
 
     /// Notes a failure at `url`; returns how long the endpoint has been failing there.
-    fn failed(&mut self, log: &dyn ClickLog, now: Instant, url: &str, disable_after: Duration) -> Duration {
+    fn failed(&mut self, log: &dyn ClickLog, now: Instant, url: &str) -> Duration {
         self.check_clearing();
         if url != self.url {
             // A new URL is a new run; what the log holds is of the old one.
@@ -249,14 +269,9 @@ impl FailingStreak {
             .started
             .get_or_insert_with(|| now.checked_sub(carried).unwrap_or(now));
         let failing_for = now.duration_since(started);
-        let keep_after = KEEP_FAILING_AFTER.min(disable_after / 4);
-        let refresh = KEEP_FAILING_AFTER
-            .max(disable_after / 100)
-            .min(REFRESH_FAILING_MAX)
-            .min(disable_after / 4);
         let due = match self.stored {
-            None => failing_for >= keep_after,
-            Some(kept) => failing_for >= kept + refresh,
+            None => failing_for >= self.keep_after,
+            Some(kept) => failing_for >= kept + self.refresh,
         };
         if due {
             self.keep(log, failing_for);
@@ -332,8 +347,20 @@ const RESTART_AFTER_MAX: Duration = Duration::from_secs(60);
 
 /// Runs the endpoint's worker until the endpoint stops or the daemon shuts down.
 pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
-    let stopped = || ep.stopping.load(Ordering::SeqCst) || *ctx.shutdown.borrow();
+    let stopped = || stopping(&ep, &ctx.shutdown);
     restarting_after_panics(&ep.id, || run_once(ep.clone(), ctx.clone()), stopped).await;
+}
+
+/// Whether the endpoint's worker is to finish what is in flight and stop.
+fn stopping(ep: &LiveEndpoint, shutdown: &watch::Receiver<bool>) -> bool {
+    ep.stopping.load(Ordering::SeqCst) || *shutdown.borrow()
+}
+
+/// Clears a flag another task raises now and then; true if it was raised. Read first: the
+/// loop asks every turn, and a write each time would bounce the endpoint's cache line
+/// with the ingest threads that count its pending clicks.
+fn take_flag(flag: &std::sync::atomic::AtomicBool) -> bool {
+    flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::SeqCst)
 }
 
 /// Runs `worker` again whenever it panics, after a pause that doubles with each panic
@@ -384,7 +411,7 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         ctx.policy.per_receiver,
     );
     let breaker = Breaker::new(ctx.policy.breaker_failures, ctx.policy.breaker_cooldown);
-    let failing = FailingStreak::load(ctx.log.as_ref(), &ep.id, &settings.config.url);
+    let failing = FailingStreak::load(ctx.log.as_ref(), &ep.id, &settings.config.url, ctx.policy.disable_after);
     let mut worker = Worker {
         ep,
         ctx,
@@ -421,11 +448,11 @@ impl Worker {
     async fn run(&mut self) {
         loop {
             let settings = self.ep.settings();
-            if self.ep.enabled_again.swap(false, Ordering::SeqCst) {
+            if take_flag(&self.ep.enabled_again) {
                 self.failing.ended(self.ctx.log.as_ref());
                 self.reported_too_long = false;
             }
-            let draining = self.ep.stopping.load(Ordering::SeqCst) || *self.ctx.shutdown.borrow();
+            let draining = stopping(&self.ep, &self.ctx.shutdown);
             if draining && self.inflight.is_empty() {
                 self.flush_completed();
                 self.failing.stopping(self.ctx.log.as_ref());
@@ -437,7 +464,7 @@ impl Worker {
                 self.slot = None;
                 self.slot_wait = None;
             }
-            if self.ep.rewind.swap(false, Ordering::SeqCst) {
+            if take_flag(&self.ep.rewind) {
                 self.cursor = None;
                 self.caught_up = false;
                 self.batches_paged.clear();
@@ -641,14 +668,12 @@ impl Worker {
             if self.breaker.state(now) == CircuitState::Open {
                 break;
             }
-            // What `take_job` would gather: events sent alone so far, with as many attempts.
-            let attempts = self.ready.front().map_or(0, Job::attempts);
-            let fresh = self
-                .ready
-                .iter()
-                .take_while(|j| j.batch == 0 && j.attempts() == attempts)
-                .count();
-            if batch_max > 1 && self.ready.front().is_some_and(|j| j.batch == 0) && fresh < batch_max {
+            // What `take_job` would gather now, counted only for an endpoint that batches.
+            let gathered = match self.ready.front() {
+                Some(front) if batch_max > 1 => gatherable(&self.ready, front.attempts(), batch_max),
+                _ => 0,
+            };
+            if (1..batch_max).contains(&gathered) {
                 // A partial batch waits for more events until its linger runs out.
                 let deadline = self.ready_since.unwrap_or(now) + linger;
                 if now < deadline {
@@ -877,7 +902,7 @@ impl Worker {
             return;
         }
         self.concurrency = (self.concurrency / 2).max(1);
-        self.note_failure(&sent_with.config.url, &result.error);
+        self.note_failure(now, &sent_with.config.url, &result.error);
         if self.breaker.on_failure(now, probe) {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
@@ -971,7 +996,7 @@ impl Worker {
         let dead_at_ms = now_ms();
         let mut letters = Vec::new();
         let mut renderable = Vec::new();
-        for (((mut p, body), id), accepted) in job.items.into_iter().zip(bodies).zip(event_ids).zip(accepted_ms) {
+        for (((p, body), id), accepted) in job.items.into_iter().zip(bodies).zip(event_ids).zip(accepted_ms) {
             let failed = known
                 .take()
                 .or_else(|| match self.render(settings, &[body.as_ref()], &id, false) {
@@ -991,18 +1016,10 @@ impl Worker {
                         settings.config.format.as_str()
                     )),
                 }),
-                None => {
-                    p.batch = 0;
-                    renderable.push(Job {
-                        items: vec![p],
-                        batch: 0,
-                    });
-                }
+                None => renderable.push(p),
             }
         }
-        for job in renderable.into_iter().rev() {
-            self.ready.push_front(job);
-        }
+        push_front_singly(&mut self.ready, renderable.into_iter());
         if !letters.is_empty() {
             self.bury(letters);
         }
@@ -1032,12 +1049,10 @@ impl Worker {
     }
 
     /// Counts a failed attempt toward the operational `failing` and `disabled` thresholds.
-    fn note_failure(&mut self, url: &str, error: &Option<String>) {
+    fn note_failure(&mut self, now: Instant, url: &str, error: &Option<String>) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let disable_after = self.ctx.policy.disable_after;
-        let failing_for = self
-            .failing
-            .failed(self.ctx.log.as_ref(), Instant::now(), url, disable_after);
+        let failing_for = self.failing.failed(self.ctx.log.as_ref(), now, url);
         if !self.reported_failing && self.consecutive_failures >= self.ctx.policy.failing_after {
             self.reported_failing = true;
             self.report(WorkerEvent::Failing {
@@ -1164,11 +1179,11 @@ mod tests {
         let after = Duration::from_secs(100);
         let sync = || async { log.put_setting("sync", None).await.unwrap().unwrap() };
         let t0 = Instant::now();
-        let mut streak = FailingStreak::load(log.as_ref(), "e", a);
-        assert_eq!(streak.failed(log.as_ref(), t0, a, after), Duration::ZERO);
+        let mut streak = FailingStreak::load(log.as_ref(), "e", a, after);
+        assert_eq!(streak.failed(log.as_ref(), t0, a), Duration::ZERO);
         // Kept once it has lasted 10 s (less than a quarter of disable_after), then
         // refreshed every 10 s more.
-        streak.failed(log.as_ref(), t0 + Duration::from_secs(5), a, after);
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(5), a);
         sync().await;
         assert!(
             log.get_setting("failing-for/e").unwrap().is_none(),
@@ -1178,22 +1193,22 @@ mod tests {
             let v = log.get_setting("failing-for/e").unwrap().unwrap();
             serde_json::from_slice::<StoredStreak>(&v).unwrap().failing_ms
         };
-        streak.failed(log.as_ref(), t0 + Duration::from_secs(12), a, after);
-        streak.failed(log.as_ref(), t0 + Duration::from_secs(18), a, after);
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(12), a);
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(18), a);
         sync().await;
         assert_eq!(kept(&log), 12_000);
-        streak.failed(log.as_ref(), t0 + Duration::from_secs(30), a, after);
+        streak.failed(log.as_ref(), t0 + Duration::from_secs(30), a);
         sync().await;
         assert_eq!(kept(&log), 30_000);
         // The next run of the daemon goes on from what was kept, at the same URL only.
-        let mut again = FailingStreak::load(log.as_ref(), "e", a);
+        let mut again = FailingStreak::load(log.as_ref(), "e", a, after);
         let t1 = t0 + Duration::from_secs(1000);
-        assert_eq!(again.failed(log.as_ref(), t1, a, after), Duration::from_secs(30));
-        let mut moved = FailingStreak::load(log.as_ref(), "e", b);
-        assert_eq!(moved.failed(log.as_ref(), t1, b, after), Duration::ZERO);
+        assert_eq!(again.failed(log.as_ref(), t1, a), Duration::from_secs(30));
+        let mut moved = FailingStreak::load(log.as_ref(), "e", b, after);
+        assert_eq!(moved.failed(log.as_ref(), t1, b), Duration::ZERO);
         // A new URL in the same run of the daemon starts a new run too.
         assert_eq!(
-            again.failed(log.as_ref(), t1 + Duration::from_secs(5), b, after),
+            again.failed(log.as_ref(), t1 + Duration::from_secs(5), b),
             Duration::ZERO
         );
         again.ended(log.as_ref());
