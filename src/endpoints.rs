@@ -455,14 +455,7 @@ impl EndpointRegistry {
         };
         // A new endpoint takes over neither the failing time nor the disabling of one that
         // had its id before (a config-file endpoint since removed).
-        for left in [
-            failing_for_setting(&config.id),
-            format!("{DISABLED_PREFIX}{}", config.id),
-        ] {
-            if self.log.get_setting(&left)?.is_some() {
-                wait(self.log.put_setting(&left, None)).await?;
-            }
-        }
+        self.clear_marks(&config.id).await?;
         self.persist_api(&stored).await?;
         let live = self.make_live(&config, EndpointSource::Api, created_at).await?;
         self.publish_change(&live, None, true);
@@ -505,7 +498,7 @@ impl EndpointRegistry {
         let live = self.get(id).ok_or_else(|| EndpointError::NotFound(id.into()))?;
         let marker = serde_json::to_vec(&DisabledMarker { reason: reason.into() })
             .map_err(|e| LogError::Corrupt(e.to_string()))?;
-        wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), Some(marker))).await?;
+        wait(self.log.put_setting(&disabled_setting(id), Some(marker))).await?;
         let before = live.settings();
         let mut settings = self.settings_for(&before.config, live.source).await?;
         settings.disabled_reason = Some(reason.into());
@@ -590,7 +583,7 @@ impl EndpointRegistry {
             .await?;
         }
         if enable == Some(true) {
-            wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
+            wait(self.log.put_setting(&disabled_setting(id), None)).await?;
             if live.settings().disabled_reason.is_some() {
                 live.enabled_again.store(true, Ordering::SeqCst);
             }
@@ -616,9 +609,19 @@ impl EndpointRegistry {
         self.stop_worker(&live).await;
         wait(self.log.forget_endpoint(live.key)).await?;
         wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
-        wait(self.log.put_setting(&format!("{DISABLED_PREFIX}{id}"), None)).await?;
-        wait(self.log.put_setting(&failing_for_setting(id), None)).await?;
+        self.clear_marks(id).await?;
         live.add_pending(-live.pending.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    /// Removes what the log keeps of an endpoint id's disabling and failing time; writes
+    /// only what is there.
+    async fn clear_marks(&self, id: &str) -> Result<(), EndpointError> {
+        for mark in [disabled_setting(id), failing_for_setting(id)] {
+            if self.log.get_setting(&mark)?.is_some() {
+                wait(self.log.put_setting(&mark, None)).await?;
+            }
+        }
         Ok(())
     }
 
@@ -827,7 +830,7 @@ impl EndpointRegistry {
         }
         let disabled_reason = self
             .log
-            .get_setting(&format!("{DISABLED_PREFIX}{}", config.id))?
+            .get_setting(&disabled_setting(&config.id))?
             .and_then(|b| serde_json::from_slice::<DisabledMarker>(&b).ok())
             .map(|m| m.reason)
             .or_else(|| (!config.enabled).then(|| "disabled".to_string()));
@@ -987,6 +990,11 @@ pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, 
             why: e.into_inner().to_string(),
         }
     })
+}
+
+/// The setting that marks an endpoint disabled (a [`DisabledMarker`]).
+fn disabled_setting(id: &str) -> String {
+    format!("{DISABLED_PREFIX}{id}")
 }
 
 /// The setting in which an endpoint's worker keeps how long the endpoint has been failing.

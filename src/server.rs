@@ -386,16 +386,14 @@ async fn handle_worker_event(registry: &EndpointRegistry, event: WorkerEvent) {
             .emit_operational("endpoint.disabled", json!({"endpoint": endpoint, "reason": reason}))
             .await;
     };
-    match event {
-        WorkerEvent::Gone { endpoint } | WorkerEvent::FailingTooLong { endpoint }
-            if endpoint == OPERATIONS_ENDPOINT =>
-        {
+    if event.endpoint() == OPERATIONS_ENDPOINT {
+        // Its own troubles are not operational events: they would queue behind themselves.
+        if matches!(event, WorkerEvent::Gone { .. } | WorkerEvent::FailingTooLong { .. }) {
             tracing::error!("the operations endpoint is gone or failing; operational events wait in its queue");
         }
-        WorkerEvent::Failing { endpoint, .. }
-        | WorkerEvent::Recovered { endpoint }
-        | WorkerEvent::DeadLetter { endpoint, .. }
-            if endpoint == OPERATIONS_ENDPOINT => {}
+        return;
+    }
+    match event {
         WorkerEvent::Gone { endpoint } => disable(endpoint, "gone").await,
         WorkerEvent::FailingTooLong { endpoint } => disable(endpoint, "failing").await,
         WorkerEvent::Failing {
@@ -507,9 +505,11 @@ fn over_budget_after(was_over: bool, bytes: u64, complete: bool, max_bytes: u64)
 
 /// Closes or opens ingest on a measured storage size, logging each change once.
 fn apply_storage_budget(gate: &IngestGate, bytes: u64, complete: bool, max_bytes: u64) {
+    // Housekeeping alone writes the flag, so what it read is what it changes.
     let was_over = gate.over_budget.load(Ordering::Relaxed);
     let over = over_budget_after(was_over, bytes, complete, max_bytes);
-    if over != gate.over_budget.swap(over, Ordering::Relaxed) {
+    if over != was_over {
+        gate.over_budget.store(over, Ordering::Relaxed);
         if over {
             tracing::warn!(
                 bytes,
