@@ -162,15 +162,26 @@ pub struct SledLog {
     /// Tests stop the next prune between its plan and its writes: it tells the first
     /// sender, and goes on when the receiver gets a message.
     #[cfg(test)]
-    prune_pause: Arc<Mutex<Option<PrunePause>>>,
+    prune_pause: Arc<Mutex<Option<Pause>>>,
     /// Tests stop the next `pending_after` with runs to read between its look at memory
     /// and its look at sled, as [`Self::prune_pause`] stops a prune.
     #[cfg(test)]
-    read_pause: Mutex<Option<PrunePause>>,
+    read_pause: Mutex<Option<Pause>>,
 }
 
+/// A test's stop: whoever reaches it tells the sender, and goes on once the receiver
+/// gets a message.
 #[cfg(test)]
-type PrunePause = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+type Pause = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+/// Stops here if a test set `hook`, once.
+#[cfg(test)]
+fn pause_at(hook: &Mutex<Option<Pause>>) {
+    if let Some((reached, resume)) = lock(hook).take() {
+        let _ = reached.send(());
+        let _ = resume.recv();
+    }
+}
 
 /// How many of the latest events [`RecentEvents`] keeps.
 const RECENT_EVENTS: usize = 8192;
@@ -905,18 +916,14 @@ impl Writer {
         };
         // Writes nobody waits for, held back in arrival order: delivery progress for up to
         // DEFER_PROGRESS, and what a failed group carried (progress, dead letters) for
-        // about RETRY_FAILED_AFTER more. `deferred_since` is when the wait began, or for a failed
-        // group's writes a time ahead, so that the same elapsed test covers both.
+        // about RETRY_FAILED_AFTER more, until `deferred_until`.
         let mut deferred: Vec<WriteOp> = Vec::new();
-        let mut deferred_since: Option<Instant> = None;
+        let mut deferred_until: Option<Instant> = None;
         loop {
-            let deadline = [
-                dirty.then(|| last_flush + lazy_interval),
-                deferred_since.map(|since| since + DEFER_PROGRESS),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let deadline = [dirty.then(|| last_flush + lazy_interval), deferred_until]
+                .into_iter()
+                .flatten()
+                .min();
             let first = match deadline {
                 Some(deadline) => match self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Ok(op) => Some(op),
@@ -940,22 +947,21 @@ impl Writer {
                 }
             }
             if !ops.is_empty() && ops.len() < MAX_OPS_PER_COMMIT && ops.iter().all(WriteOp::is_progress) {
-                let since = *deferred_since.get_or_insert_with(Instant::now);
-                if since.elapsed() < DEFER_PROGRESS {
+                let until = *deferred_until.get_or_insert_with(|| Instant::now() + DEFER_PROGRESS);
+                if Instant::now() < until {
                     deferred = ops;
                     continue;
                 }
             }
-            deferred_since = None;
+            deferred_until = None;
             let closing = ops.iter().any(WriteOp::stops_writer);
             let applied_any = !ops.is_empty();
             let (waiting, needs_flush, retry) = self.commit(ops);
             if !retry.is_empty() {
                 // Tried again with the next group that carries more than progress, or
-                // else after a pause, so a failing disk is not hammered in a loop. The
-                // pause is a `deferred_since` in the future: `elapsed()` reads 0 until then.
+                // else after a pause, so a failing disk is not hammered in a loop.
                 deferred = retry;
-                deferred_since = Some(Instant::now() + RETRY_FAILED_AFTER);
+                deferred_until = Some(Instant::now() + RETRY_FAILED_AFTER + DEFER_PROGRESS);
             }
             dirty |= applied_any;
             let flush_now = closing
@@ -1836,20 +1842,22 @@ impl ClickLog for SledLog {
     }
 
     fn pending_after(&self, endpoint: EndpointKey, after: Option<Seq>, limit: usize) -> Result<Vec<Pending>, LogError> {
+        {
+            let fresh = lock(&self.fresh);
+            if !fresh.may_have_runs(endpoint) {
+                // Memory alone: a spill writes runs only after marking them here.
+                return Ok(fresh
+                    .after(endpoint, after, limit)
+                    .into_iter()
+                    .map(Pending::fresh)
+                    .collect());
+            }
+        }
         // Memory first: an entry moving to a run is written there before it leaves memory.
         let _reading = self.spilling.read().unwrap_or_else(PoisonError::into_inner);
-        let (fresh, with_runs) = {
-            let fresh = lock(&self.fresh);
-            (fresh.after(endpoint, after, limit), fresh.may_have_runs(endpoint))
-        };
-        if !with_runs {
-            return Ok(fresh.into_iter().map(Pending::fresh).collect());
-        }
+        let fresh = lock(&self.fresh).after(endpoint, after, limit);
         #[cfg(test)]
-        if let Some((reached, resume)) = lock(&self.read_pause).take() {
-            let _ = reached.send(());
-            let _ = resume.recv();
-        }
+        pause_at(&self.read_pause);
         let stored = read_pending(&self.tree, endpoint, after, limit, || {})?;
         Ok(merge_pending(stored, fresh, limit))
     }
@@ -2094,10 +2102,7 @@ impl ClickLog for SledLog {
                     apply(Vec::new())?;
                     let plan = prune_plan(&tree, cutoff)?;
                     #[cfg(test)]
-                    if let Some(pause) = pause.lock().ok().and_then(|mut p| p.take()) {
-                        let _ = pause.0.send(());
-                        let _ = pause.1.recv();
-                    }
+                    pause_at(&pause);
                     apply(plan.steps)?;
                     // Hourly at most: naming the endpoint may scan every in-memory queue.
                     let held = plan.held_at.filter(|_| warning.due(now_ms).is_some());
