@@ -3,7 +3,8 @@
 //! The data flows ingest → log → route → deliver (format, sign, send): [`ingest`]
 //! validates and enriches a click and appends it to the durable [`log`] with the endpoints
 //! [`route`] chose; [`deliver`] drains each endpoint's queue. [`config`], [`endpoints`],
-//! [`admin`] and [`metrics`] stand beside that flow; [`server`] wires it all together and
+//! [`admin`] and [`metrics`] stand beside that flow, and [`said_seldom`] keeps its warnings
+//! from flooding the journal; [`server`] wires it all together and
 //! [`client`] is the reference ingest client behind `clickhook send`. The library must not
 //! read the process's arguments or environment (systemd's notify socket aside, which
 //! [`server`] tells of readiness and the watchdog when it is set), install signal
@@ -20,6 +21,7 @@ pub mod ingest;
 pub mod log;
 pub mod metrics;
 pub mod route;
+pub mod said_seldom;
 pub mod server;
 
 pub use server::{bind, run, Control, Listeners};

@@ -11,6 +11,7 @@ use super::slots::ReceiverSlots;
 use super::{DeliveryPolicy, WorkerEvent};
 use crate::endpoints::{failing_for_setting, AttemptRecord, EndpointSettings, LiveEndpoint};
 use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq, Ticket};
+use crate::said_seldom::RateLimited;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use hyper::Uri;
@@ -88,8 +89,7 @@ struct Worker {
     /// Settings that answered 410; launching resumes when the settings change.
     gone_at: Option<Arc<EndpointSettings>>,
     /// Failure logging is rate-limited so a dead endpoint cannot flood the journal.
-    last_failure_log: Option<Instant>,
-    failures_unlogged: u64,
+    failure_log: RateLimited,
     /// Failed attempts since the last success (`failing` times the run).
     consecutive_failures: u32,
     failing: FailingStreak,
@@ -338,7 +338,7 @@ fn new_batch_id() -> u64 {
 }
 
 /// At most one failure line per endpoint per this interval; the rest are counted.
-const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+const FAILURE_LOG_EVERY_MS: u64 = 10_000;
 
 /// The first pause before a worker that panicked starts again; it doubles with each
 /// panic in a row, up to [`RESTART_AFTER_MAX`].
@@ -429,8 +429,7 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         breaker,
         limiter: None,
         gone_at: None,
-        last_failure_log: None,
-        failures_unlogged: 0,
+        failure_log: RateLimited::new(FAILURE_LOG_EVERY_MS),
         consecutive_failures: 0,
         failing,
         reported_failing: false,
@@ -907,10 +906,7 @@ impl Worker {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
         self.report_circuit(now);
-        if self
-            .last_failure_log
-            .is_none_or(|t| now.duration_since(t) >= FAILURE_LOG_EVERY)
-        {
+        if let Some(times) = self.failure_log.due(now_ms()) {
             tracing::warn!(
                 endpoint = %self.ep.id,
                 event = %event_ids.first().map(String::as_str).unwrap_or(""),
@@ -918,13 +914,9 @@ impl Worker {
                 outcome = result.outcome.as_str(),
                 status = ?result.status,
                 error = ?result.error,
-                suppressed = self.failures_unlogged,
+                suppressed = times - 1,
                 "delivery attempt failed"
             );
-            self.last_failure_log = Some(now);
-            self.failures_unlogged = 0;
-        } else {
-            self.failures_unlogged += 1;
         }
         match self.ctx.policy.schedule.delay(attempt_no, result.retry_after) {
             Some(delay) => {
