@@ -6,7 +6,7 @@
 use crate::deliver::format::{self, RenderContext};
 use crate::deliver::send::{AddressPolicy, ConnectionBudget, EndpointClient};
 use crate::endpoints::{endpoint_config_from, EndpointError, EndpointRegistry, LiveEndpoint};
-use crate::ingest::http::{bearer_matches, json, json_error};
+use crate::ingest::http::{bearer_matches, json, json_error, method_not_allowed};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -231,6 +231,9 @@ enum ApiError {
 
 impl ApiError {
     fn response(&self) -> Response<Full<Bytes>> {
+        if let ApiError::MethodNotAllowed(allow) = self {
+            return method_not_allowed(allow);
+        }
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -238,12 +241,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let mut resp = json_error(status, &self.to_string(), None);
-        if let ApiError::MethodNotAllowed(allow) = self {
-            resp.headers_mut()
-                .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
-        }
-        resp
+        json_error(status, &self.to_string(), None)
     }
 }
 

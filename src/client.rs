@@ -19,12 +19,8 @@ pub const HTTP_CHUNK: usize = 1000;
 pub enum ClientError {
     #[error("cannot connect to {0}: {1}")]
     Connect(String, std::io::Error),
-    #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
     #[error("HTTP error: {0}")]
     Http(String),
-    #[error("the daemon closed the connection with {0} lines unanswered")]
-    Unanswered(usize),
 }
 
 /// A client for `http://` and `https://` URLs (the daemon may sit behind a TLS proxy),
@@ -116,7 +112,9 @@ pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
     }
     let unanswered = sent_rx.len();
     if unanswered > 0 && report.cut_short.is_none() {
-        report.cut_short = Some(ClientError::Unanswered(unanswered).to_string());
+        report.cut_short = Some(format!(
+            "the daemon closed the connection with {unanswered} lines unanswered"
+        ));
     }
     Ok(report)
 }
@@ -134,7 +132,6 @@ pub async fn send_http<R: AsyncRead + Unpin>(
     let mut chunk = Vec::new();
     // The input's line number of each line in the chunk.
     let mut chunk_lines: Vec<usize> = Vec::new();
-    let mut count = 0usize;
     let mut file_line = 0usize;
     loop {
         let line = match lines.next_line().await {
@@ -151,10 +148,12 @@ pub async fn send_http<R: AsyncRead + Unpin>(
                 chunk.extend_from_slice(l.as_bytes());
                 chunk.push(b'\n');
                 chunk_lines.push(file_line);
-                count += 1;
             }
         }
-        if count > 0 && (count == HTTP_CHUNK || line.is_none()) {
+        let count = chunk_lines.len();
+        if count == HTTP_CHUNK || (count > 0 && line.is_none()) {
+            // Not empty: it has a first and a last line.
+            let (first, last) = (chunk_lines[0], chunk_lines[count - 1]);
             let mut req = hyper::Request::post(&url).header("content-type", "application/x-ndjson");
             if let Some(t) = token {
                 req = req.header("authorization", format!("Bearer {t}"));
@@ -165,23 +164,15 @@ pub async fn send_http<R: AsyncRead + Unpin>(
             let answer = match client.request(req).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    resp.into_body().collect().await.map(|b| (status, b.to_bytes()))
+                    let body = resp.into_body().collect().await;
+                    body.map(|b| (status, b.to_bytes())).map_err(|e| e.to_string())
                 }
-                Err(e) => {
-                    report.cut_short = Some(format!(
-                        "{url}: {e} (lines {} to {} unanswered)",
-                        chunk_lines[0], file_line
-                    ));
-                    break;
-                }
+                Err(e) => Err(e.to_string()),
             };
             let (status, body) = match answer {
                 Ok(answer) => answer,
                 Err(e) => {
-                    report.cut_short = Some(format!(
-                        "{url}: {e} (lines {} to {} unanswered)",
-                        chunk_lines[0], file_line
-                    ));
+                    report.cut_short = Some(format!("{url}: {e} (lines {first} to {file_line} unanswered)"));
                     break;
                 }
             };
@@ -194,7 +185,7 @@ pub async fn send_http<R: AsyncRead + Unpin>(
                 // lines; the whole chunk is refused.
                 let at = match answer["index"].as_u64().and_then(|i| chunk_lines.get(i as usize)) {
                     Some(line) => format!("line {line}"),
-                    None => format!("lines {} to {}", chunk_lines[0], chunk_lines[chunk_lines.len() - 1]),
+                    None => format!("lines {first} to {last}"),
                 };
                 report.errors.push(format!(
                     "{at}: {status} {}",
@@ -203,7 +194,6 @@ pub async fn send_http<R: AsyncRead + Unpin>(
                         .map_or_else(|| String::from_utf8_lossy(&body).trim().to_string(), str::to_string)
                 ));
             }
-            count = 0;
             chunk_lines.clear();
         }
         if line.is_none() {

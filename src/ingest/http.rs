@@ -107,12 +107,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/clicks") => ingest(req, &ingestor, &settings).await,
-        (_, "/v1/clicks") => {
-            let mut resp = json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST", None);
-            resp.headers_mut()
-                .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
-            resp
-        }
+        (_, "/v1/clicks") => method_not_allowed("POST"),
         _ => json_error(
             StatusCode::NOT_FOUND,
             "no such route; clicks go to POST /v1/clicks",
@@ -285,6 +280,18 @@ pub fn json_error(status: StatusCode, message: &str, index: Option<usize>) -> Re
         None => serde_json::json!({ "error": message }),
     };
     json(status, &value)
+}
+
+/// A 405 for a route asked with a method it does not take; `allow` lists those it does.
+pub fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("this route takes {allow}"),
+        None,
+    );
+    resp.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    resp
 }
 
 fn unavailable(message: &str) -> Response<Full<Bytes>> {

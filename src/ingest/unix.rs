@@ -87,19 +87,16 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
     loop {
         let start = buf.len();
         buf.resize(start + READ_CHUNK, 0);
-        let (n, shutting_down) = tokio::select! {
-            r = read.read(&mut buf[start..]) => (r, false),
-            _ = shutdown.changed() => (Ok(0), true),
+        let n = tokio::select! {
+            r = read.read(&mut buf[start..]) => r,
+            // The daemon stops reading, not the client: a line cut here is not the
+            // client's fault, and goes unanswered (nor stored) rather than blamed.
+            _ = shutdown.changed() => break,
         };
         // A read error ends the connection like an end of stream: answer what was read.
         let n = n.unwrap_or_default();
         buf.truncate(start + n);
         let closing = n == 0;
-        if shutting_down {
-            // The daemon stops reading, not the client: a line cut here is not the
-            // client's fault, and goes unanswered (nor stored) rather than blamed.
-            break;
-        }
         if closing && (!buf.is_empty() || skipping) {
             // A last line without its newline is still a line, and an over-long one is
             // still answered.
