@@ -445,15 +445,13 @@ impl Config {
     /// [`Config::load`], and the files only a start opens (the GeoIP database) must be
     /// readable: `check-config` and `serve` look, a reload (which opens none) does not.
     pub fn load_to_start(path: &Path) -> Result<Config, ConfigError> {
-        let config = Self::load(path)?;
+        let text = Self::read(path)?;
+        let config = Config::parse(&text, path)?;
         if let Some(geoip) = &config.enrich.geoip {
             let geoip = config.resolve(geoip);
             std::fs::File::open(&geoip).map_err(|e| {
-                let error = ConfigError::invalid(path, "enrich.geoip", format!("cannot read {}: {e}", geoip.display()));
-                match std::fs::read_to_string(path) {
-                    Ok(text) => error.placed_in(&text),
-                    Err(_) => error,
-                }
+                ConfigError::invalid(path, "enrich.geoip", format!("cannot read {}: {e}", geoip.display()))
+                    .placed_in(&text)
             })?;
         }
         Ok(config)
@@ -461,11 +459,14 @@ impl Config {
 
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+        Config::parse(&Self::read(path)?, path)
+    }
+
+    fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             file: path.display().to_string(),
             cause,
-        })?;
-        Config::parse(&text, path)
+        })
     }
 
     /// Parses and validates config text as if read from `path`.
@@ -759,10 +760,11 @@ pub fn validate_endpoint(ep: &EndpointConfig) -> Result<(), (&'static str, Strin
         ));
     }
     for (name, value) in &ep.headers {
-        if name.parse::<hyper::header::HeaderName>().is_err() {
+        let Ok(parsed) = name.parse::<hyper::header::HeaderName>() else {
             return Err(("headers", format!("{name:?} is not a valid header name")));
-        }
-        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        };
+        // A parsed name is lowercase.
+        if RESERVED_HEADERS.contains(&parsed.as_str()) {
             return Err((
                 "headers",
                 format!("{name:?} is set by clickhook on every request and cannot be replaced"),

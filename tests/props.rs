@@ -309,7 +309,7 @@ fn accepted_or_rejected(value: Value, index: usize) -> Result<bool, TestCaseErro
                 .map_err(|e| TestCaseError::fail(format!("the stored event is not JSON: {e}")))?;
             prop_assert_eq!(&stored["id"], &Value::String(c.id.clone()));
             prop_assert!(stored["timestamp"].is_string());
-            prop_assert!(!c.link_id.is_empty());
+            prop_assert!(!c.routing.link_id.is_empty());
             prop_assert!(
                 !c.id.is_empty() && c.id.len() <= 128 && c.id.bytes().all(|b| b.is_ascii_graphic()),
                 "an event id must fit a webhook-id header: {:?}",
@@ -318,15 +318,7 @@ fn accepted_or_rejected(value: Value, index: usize) -> Result<bool, TestCaseErro
             renders_everywhere(&c.data, &c.id)?;
             // A replay routes the stored event again: it must read back what ingest routed.
             let facts = StoredFacts::of(&c.data);
-            prop_assert_eq!(
-                facts,
-                Some(StoredFacts {
-                    link_id: c.link_id.clone(),
-                    workspace_id: c.workspace_id.clone(),
-                    is_bot: c.is_bot,
-                }),
-                "the stored event's routing facts"
-            );
+            prop_assert_eq!(facts, Some(c.routing.clone()), "the stored event's routing facts");
             Ok(true)
         }
     }

@@ -249,7 +249,7 @@ fn enrich_both(enricher: &Enricher, click: Value) -> (Value, bool) {
         Value::Object(map.clone()),
         "over text and over a map differ"
     );
-    assert_eq!(prepared.is_bot, is_bot);
+    assert_eq!(prepared.routing.is_bot, is_bot);
     (Value::Object(map), is_bot)
 }
 

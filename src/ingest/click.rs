@@ -34,9 +34,8 @@ impl ClickError {
 pub struct PreparedClick {
     pub id: String,
     pub client_id: bool,
-    pub link_id: String,
-    pub workspace_id: Option<String>,
-    pub is_bot: bool,
+    /// What routing looks at, as the stored JSON gives it back.
+    pub routing: StoredFacts,
     /// The stored event JSON, beginning `{"id":…,"timestamp":…,`.
     pub data: Vec<u8>,
 }
@@ -44,15 +43,11 @@ pub struct PreparedClick {
 impl PreparedClick {
     /// What routing looks at.
     pub fn facts(&self) -> ClickFacts<'_> {
-        ClickFacts {
-            link_id: &self.link_id,
-            workspace_id: self.workspace_id.as_deref(),
-            is_bot: self.is_bot,
-        }
+        self.routing.facts()
     }
 }
 
-/// What routing looked at when a stored click came in, read back from its stored JSON.
+/// What routing looks at: taken from a click at ingest, or read back from its stored JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredFacts {
     pub link_id: String,
@@ -375,9 +370,11 @@ pub fn prepare_raw(
     Ok(PreparedClick {
         id,
         client_id,
-        link_id,
-        workspace_id,
-        is_bot,
+        routing: StoredFacts {
+            link_id,
+            workspace_id,
+            is_bot,
+        },
         data,
     })
 }
@@ -776,7 +773,7 @@ mod tests {
     #[test]
     fn minimal_click_gets_id_timestamp_and_enrichment() {
         let c = prep(r#"{"link":{"id":12345}}"#).unwrap();
-        assert_eq!(c.link_id, "12345");
+        assert_eq!(c.routing.link_id, "12345");
         assert!(!c.client_id && c.id.starts_with("evt_"));
         let text = String::from_utf8(c.data.clone()).unwrap();
         assert!(
@@ -865,7 +862,7 @@ mod tests {
     #[test]
     fn a_repeated_name_keeps_its_first_place_and_last_value() {
         let c = prep_text(r#"{"link":{"id":1,"slug":"s","id":2},"x":1,"link":{"id":3,"id":4},"x":2}"#).unwrap();
-        assert_eq!(c.link_id, "4");
+        assert_eq!(c.routing.link_id, "4");
         let text = String::from_utf8(c.data).unwrap();
         assert!(text.contains(r#","link":{"id":4},"x":2,"click":"#), "{text}");
         assert_eq!(text.matches("\"link\"").count(), 1);
@@ -876,7 +873,7 @@ mod tests {
         }
         many.push_str(r#","k3":"last","id":"z"}}"#);
         let c = prep_text(&many).unwrap();
-        assert_eq!(c.link_id, "z");
+        assert_eq!(c.routing.link_id, "z");
         let v: Value = serde_json::from_slice(&c.data).unwrap();
         assert_eq!(v["link"]["k3"], "last");
         assert_eq!(v["link"].as_object().unwrap().len(), 41);
@@ -885,7 +882,7 @@ mod tests {
     #[test]
     fn escapes_are_decoded_where_read_and_checked_everywhere() {
         let c = prep_text(r#"{"li\u006ek":{"id":"a\"b"},"id":"\u0065vt"}"#).unwrap();
-        assert_eq!((c.link_id.as_str(), c.id.as_str()), ("a\"b", "evt"));
+        assert_eq!((c.routing.link_id.as_str(), c.id.as_str()), ("a\"b", "evt"));
         let v: Value = serde_json::from_slice(&c.data).unwrap();
         assert_eq!(v["link"]["id"], "a\"b");
         // A lone surrogate deep in a member that is only copied is still refused: the
