@@ -790,6 +790,11 @@ async fn a_410_from_a_url_the_endpoint_has_left_does_not_disable_it() {
     assert_eq!(s, 200, "{v}");
     let delivered = sink.wait_for("/new", 1, WAIT).await;
     assert_eq!(delivered.len(), 1, "the click went to the new URL");
+    let (_, attempts) = d.admin_get("/v1/endpoints/moving/attempts").await;
+    assert!(
+        attempts.as_array().unwrap().iter().any(|a| a["status"] == 410),
+        "the old URL's 410 reached the daemon: {attempts}"
+    );
     let (_, ep) = d.admin_get("/v1/endpoints/moving").await;
     assert_eq!(ep["enabled"], true, "{ep}");
 }

@@ -115,7 +115,10 @@ async fn accepts_arrays_and_ndjson_with_ids_in_input_order() {
         .await
         .unwrap();
     let mut answer = String::new();
-    get.read_to_string(&mut answer).await.unwrap();
+    tokio::time::timeout(WAIT, get.read_to_string(&mut answer))
+        .await
+        .expect("the connection closes after the answer")
+        .unwrap();
     assert!(
         answer.starts_with("HTTP/1.1 405") && answer.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
         "{answer}"
@@ -674,11 +677,18 @@ async fn clicks_of_a_client_that_hung_up_before_its_answer_are_delivered() {
         settled = if caught_up { settled + 1 } else { 0 };
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    assert_eq!(settled, 2, "stored clicks stayed undelivered: {}", d.logs());
     let before = delivered(&sink);
     assert!(!before.is_empty(), "{}", d.logs());
     assert_eq!(d.terminate(), 0);
     d.spawn();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The restarted daemon sends whatever was left waiting: wait until nothing is pending.
+    for n in 0..20 {
+        let (_, stats) = d
+            .admin_get_until(&format!("/v1/endpoints/e{n}/stats"), |_, v| v["pending"] == 0)
+            .await;
+        assert_eq!(stats["pending"], 0, "e{n}: {stats}");
+    }
     assert_eq!(
         delivered(&sink),
         before,
