@@ -763,8 +763,9 @@ pub fn validate_endpoint(ep: &EndpointConfig) -> Result<(), (&'static str, Strin
         let Ok(parsed) = name.parse::<hyper::header::HeaderName>() else {
             return Err(("headers", format!("{name:?} is not a valid header name")));
         };
-        // A parsed name is lowercase.
-        if RESERVED_HEADERS.contains(&parsed.as_str()) {
+        // A parsed name is lowercase. Rebrandly's `apikey` carries the endpoint's secret.
+        let rebrandly_key = ep.format == Format::Rebrandly && parsed.as_str() == "apikey";
+        if RESERVED_HEADERS.contains(&parsed.as_str()) || rebrandly_key {
             return Err((
                 "headers",
                 format!("{name:?} is set by clickhook on every request and cannot be replaced"),
@@ -968,6 +969,18 @@ mod tests {
         }
         let t = "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nheaders = { \"x-team\" = \"growth\" }\n";
         assert!(parse(t).is_ok());
+        // A rebrandly endpoint's `apikey` is its secret, sent by clickhook.
+        let key =
+            "[[endpoints]]\nid = \"a\"\nurl = \"http://x\"\nformat = \"rebrandly\"\nheaders = { \"ApiKey\" = \"k\" }\n";
+        let err = parse(key).unwrap_err().to_string();
+        assert!(
+            err.contains("endpoints[0].headers") && err.contains("cannot be replaced"),
+            "{err}"
+        );
+        assert!(
+            parse(&key.replace("rebrandly", "linkly")).is_ok(),
+            "another format may send one"
+        );
     }
 
     #[test]
