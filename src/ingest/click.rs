@@ -119,8 +119,18 @@ pub fn split_body(body: &[u8], framing: Framing) -> Result<Vec<&RawValue>, Click
         Framing::Json => {
             let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
             let malformed = |e: serde_json::Error| {
-                let index = if is_array { locate_array_error(body) } else { 0 };
-                ClickError::at(index, format!("malformed JSON: {e}"))
+                if !is_array {
+                    return ClickError::at(0, format!("malformed JSON: {e}"));
+                }
+                match locate_array_error(body) {
+                    ArrayError::InElement(index) => ClickError::at(index, format!("malformed JSON: {e}")),
+                    // No object is at fault: the text follows the last one, which the
+                    // index names (an index past the end would name nothing).
+                    ArrayError::AfterArray(len) => ClickError::at(
+                        len.saturating_sub(1),
+                        format!("malformed JSON after the array's {len} objects: {e}"),
+                    ),
+                }
             };
             if is_array {
                 serde_json::from_slice::<Vec<&RawValue>>(body).map_err(malformed)
@@ -173,8 +183,17 @@ fn check_depth(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// For a malformed array, the index of the element where parsing failed (0 otherwise).
-fn locate_array_error(body: &[u8]) -> usize {
+/// Where a malformed array went wrong.
+#[derive(Debug, PartialEq)]
+enum ArrayError {
+    /// In the element at this index (or where it should have begun).
+    InElement(usize),
+    /// After a complete array of this many elements: text follows it.
+    AfterArray(usize),
+}
+
+/// Where parsing a malformed array failed.
+fn locate_array_error(body: &[u8]) -> ArrayError {
     use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
     struct Count<'a>(&'a mut usize);
     impl<'de> Visitor<'de> for Count<'_> {
@@ -191,8 +210,10 @@ fn locate_array_error(body: &[u8]) -> usize {
     }
     let mut n = 0;
     let mut de = serde_json::Deserializer::from_slice(body);
-    let _ = (&mut de).deserialize_seq(Count(&mut n));
-    n
+    match (&mut de).deserialize_seq(Count(&mut n)) {
+        Ok(()) => ArrayError::AfterArray(n),
+        Err(_) => ArrayError::InElement(n),
+    }
 }
 
 const MAX_ID_LEN: usize = 128;
@@ -948,5 +969,20 @@ mod tests {
         assert_eq!(split_body(&bad, Framing::Ndjson).unwrap_err().index, 1);
         let bad_arr = br#"[{"link":{"id":1}},{"link":{"id":2}},{"link":]"#.to_vec();
         assert_eq!(split_body(&bad_arr, Framing::Json).unwrap_err().index, 2);
+    }
+
+    #[test]
+    fn text_after_an_array_names_its_last_object_and_says_where_it_is() {
+        let trailing = br#"[{"link":{"id":1}},{"link":{"id":2}}] x"#.to_vec();
+        let e = split_body(&trailing, Framing::Json).unwrap_err();
+        assert_eq!(e.index, 1);
+        assert!(e.message.contains("after the array's 2 objects"), "{}", e.message);
+        let empty = b"[] x".to_vec();
+        assert_eq!(split_body(&empty, Framing::Json).unwrap_err().index, 0);
+        // A fault inside an element still names that element.
+        let inner = br#"[{"link":{"id":1}},{"link" 2}] x"#.to_vec();
+        let e = split_body(&inner, Framing::Json).unwrap_err();
+        assert_eq!(e.index, 1);
+        assert!(!e.message.contains("after the array"), "{}", e.message);
     }
 }
