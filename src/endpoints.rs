@@ -228,8 +228,18 @@ impl LiveEndpoint {
     pub fn set_circuit(&self, open_until_ms: Option<u64>) {
         // 0 marks closed; a real time is never 0.
         let until = open_until_ms.map_or(0, |ms| ms.max(1));
-        self.circuit_open_until_ms.store(until, Ordering::Relaxed);
-        self.metrics.circuit_open.set(if until == 0 { 0.0 } else { 1.0 });
+        let before = self.circuit_open_until_ms.swap(until, Ordering::Relaxed);
+        if !self.metrics.shared() {
+            self.metrics.circuit_open.set(if until == 0 { 0.0 } else { 1.0 });
+            return;
+        }
+        // The shared series counts open circuits: only this endpoint's changes move it,
+        // where setting it would overwrite the others'.
+        match (before == 0, until == 0) {
+            (true, false) => self.metrics.circuit_open.increment(1.0),
+            (false, true) => self.metrics.circuit_open.decrement(1.0),
+            _ => {}
+        }
     }
 
     pub fn circuit_state(&self) -> CircuitState {
@@ -611,6 +621,7 @@ impl EndpointRegistry {
         wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
         self.clear_marks(id).await?;
         live.add_pending(-live.pending.load(Ordering::Relaxed));
+        live.set_circuit(None);
         Ok(())
     }
 

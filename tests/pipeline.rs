@@ -1091,6 +1091,39 @@ async fn endpoints_past_the_series_cap_share_one_label() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_circuit_series_counts_the_open_circuits_past_the_cap() {
+    let sink = Sink::start().await;
+    sink.default_answer("/down", Answer::Status(500));
+    let d = Daemon::start(
+        &(config_text(&endpoint("a", &sink.url("/a"), ""))
+            + "\n[metrics]\nmax_endpoint_series = 1\n[breaker]\nfailures = 1\ncooldown = \"1h\"\n"),
+    );
+    let series = "clickhook_endpoint_circuit_open{endpoint=\"_other\"}";
+    for id in ["b", "c"] {
+        let body = serde_json::json!({"id": id, "url": sink.url("/down")});
+        let (status, answer) = request(
+            "POST",
+            &format!("{}/v1/endpoints", d.admin),
+            &body.to_string(),
+            &[("content-type", "application/json")],
+        )
+        .await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    d.post(&click("1", "w"), "application/json").await;
+    sink.wait_for("/down", 2, WAIT).await;
+    // Each of the two set the series to 1 before: the second open circuit overwrote the first.
+    assert_eq!(d.metric_until(series, |v| v == 2.0).await, 2.0, "two circuits are open");
+    let (status, _) = request("DELETE", &format!("{}/v1/endpoints/b", d.admin), "", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        d.metric_until(series, |v| v == 1.0).await,
+        1.0,
+        "a deleted endpoint's open circuit no longer counts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_caps_its_connections() {
     let d = Daemon::start(&config_text(""));
     let addr = d.admin.trim_start_matches("http://").to_string();
