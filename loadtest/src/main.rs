@@ -14,7 +14,7 @@ use clickhook_loadtest::{
     Transport,
 };
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -49,9 +49,10 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// The clickhook binary to start.
-    #[arg(long, default_value = "target/release/clickhook")]
-    daemon_bin: PathBuf,
+    /// The clickhook binary to start [default: this workspace's daemon, built in release
+    /// first, so that a missing or stale binary is never what gets measured].
+    #[arg(long)]
+    daemon_bin: Option<PathBuf>,
     /// Attach to a running daemon's HTTP ingest instead of starting one (needs --admin-url).
     #[arg(long)]
     ingest_url: Option<String>,
@@ -208,6 +209,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// Builds this workspace's daemon (release) and returns its path. Cargo finds nothing to
+/// do when it is up to date.
+fn build_workspace_daemon() -> anyhow::Result<PathBuf> {
+    let Some(root) = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .filter(|r| r.join("Cargo.toml").exists())
+    else {
+        bail!("the workspace this load generator was built in is gone: pass --daemon-bin");
+    };
+    // `cargo run` says which cargo it is; run bare, the one on the PATH.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(&cargo)
+        .args(["build", "--release", "--quiet", "-p", "clickhook", "--bin", "clickhook"])
+        .current_dir(root)
+        .status()
+        .with_context(|| {
+            format!(
+                "running {} to build the daemon; or pass --daemon-bin",
+                Path::new(&cargo).display()
+            )
+        })?;
+    if !status.success() {
+        bail!("building the daemon (cargo build --release -p clickhook) failed ({status}); or pass --daemon-bin");
+    }
+    Ok(release_binary(root, std::env::var_os("CARGO_TARGET_DIR").as_deref()))
+}
+
+/// Where cargo puts the release daemon: `CARGO_TARGET_DIR` (relative to the workspace) or
+/// the workspace's `target`.
+fn release_binary(root: &Path, target_dir: Option<&std::ffi::OsStr>) -> PathBuf {
+    root.join(target_dir.unwrap_or("target".as_ref()))
+        .join("release")
+        .join("clickhook")
+}
+
 fn scenario(scenario: Scenario, a: RunArgs) -> anyhow::Result<bool> {
     let attach = if a.ingest_url.is_some() || a.socket.is_some() || a.admin_url.is_some() {
         let Some(admin_url) = a.admin_url else {
@@ -224,9 +260,15 @@ fn scenario(scenario: Scenario, a: RunArgs) -> anyhow::Result<bool> {
     } else {
         None
     };
+    let daemon_bin = match (&attach, a.daemon_bin) {
+        (_, Some(bin)) => bin,
+        // Attached, nothing is started.
+        (Some(_), None) => PathBuf::new(),
+        (None, None) => build_workspace_daemon()?,
+    };
     let options = ScenarioOptions {
         scenario,
-        daemon_bin: a.daemon_bin,
+        daemon_bin,
         attach,
         clicks: a.clicks,
         rate: a.rate,
@@ -372,6 +414,20 @@ fn wrk_script(secret: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_release_daemon_is_where_cargo_puts_it() {
+        let root = Path::new("/w");
+        assert_eq!(release_binary(root, None), Path::new("/w/target/release/clickhook"));
+        assert_eq!(
+            release_binary(root, Some("out".as_ref())),
+            Path::new("/w/out/release/clickhook")
+        );
+        assert_eq!(
+            release_binary(root, Some("/tmp/t".as_ref())),
+            Path::new("/tmp/t/release/clickhook")
+        );
+    }
 
     #[test]
     fn durations_parse() {
