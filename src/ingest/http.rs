@@ -30,6 +30,17 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct HttpIngestSettings {
     pub max_body: usize,
     pub tokens: Vec<String>,
+    /// Bytes of request bodies all connections may hold at once ([`body_budget`]).
+    pub body_budget: usize,
+}
+
+/// Bytes of request bodies the listener holds at once, across its connections: each
+/// request is bounded by `max_body`, but 4,096 connections of 8 MiB bodies would be 32 GiB.
+/// A request whose bytes do not fit is answered 503 with `Retry-After` (backpressure)
+/// rather than waiting, so requests half read never wait on each other. At least one
+/// largest body always fits.
+pub fn body_budget(max_body: usize) -> usize {
+    (128usize << 20).max(max_body).min(u32::MAX as usize)
 }
 
 /// At most this many open ingest HTTP connections: past it, new connections wait in the kernel's backlog
@@ -43,6 +54,7 @@ pub async fn serve(
     settings: HttpIngestSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(settings.body_budget));
     let settings = Arc::new(settings);
     let mut connections = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -66,10 +78,11 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let ingestor = ingestor.clone();
         let settings = settings.clone();
+        let budget = budget.clone();
         let mut shutdown = shutdown.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let service = service_fn(move |req| handle(req, ingestor.clone(), settings.clone()));
+            let service = service_fn(move |req| handle(req, ingestor.clone(), settings.clone(), budget.clone()));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -104,9 +117,10 @@ async fn handle(
     req: Request<Incoming>,
     ingestor: Arc<Ingestor>,
     settings: Arc<HttpIngestSettings>,
+    budget: Arc<tokio::sync::Semaphore>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     Ok(match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/clicks") => ingest(req, &ingestor, &settings).await,
+        (&Method::POST, "/v1/clicks") => ingest(req, &ingestor, &settings, budget).await,
         (_, "/v1/clicks") => method_not_allowed("POST"),
         _ => json_error(
             StatusCode::NOT_FOUND,
@@ -116,7 +130,12 @@ async fn handle(
     })
 }
 
-async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpIngestSettings) -> Response<Full<Bytes>> {
+async fn ingest(
+    req: Request<Incoming>,
+    ingestor: &Ingestor,
+    settings: &HttpIngestSettings,
+    budget: Arc<tokio::sync::Semaphore>,
+) -> Response<Full<Bytes>> {
     if !settings.tokens.is_empty() && !authorized(&req, &settings.tokens) {
         metrics::ingest_rejected(Source::Http, "unauthorized", 1);
         return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token", None);
@@ -150,9 +169,11 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
             return json_error(StatusCode::BAD_REQUEST, &msg, None);
         }
     };
+    // Held until the answer: the body, and the clicks made from it, live until then.
+    let mut held = None;
     let reading = tokio::time::timeout(
         BODY_READ_TIMEOUT,
-        Limited::new(req.into_body(), settings.max_body).collect(),
+        read_body(req.into_body(), settings.max_body, &budget, &mut held),
     );
     let Ok(body) = reading.await else {
         metrics::ingest_rejected(Source::Http, "invalid", 1);
@@ -163,12 +184,21 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
         );
     };
     let body = match body {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             metrics::ingest_rejected(Source::Http, "too_large", 1);
             return too_large(settings.max_body);
         }
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}"), None),
+        Err(BodyError::OverBudget) => {
+            metrics::ingest_rejected(Source::Http, "unavailable", 1);
+            return unavailable(&format!(
+                "the ingest listener holds its budget of {} bytes of request bodies; retry",
+                settings.body_budget
+            ));
+        }
+        Err(BodyError::Read(e)) => {
+            return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}"), None)
+        }
     };
     let clicks = match prepare_body(ingestor, &body, framing, format) {
         Ok(c) => c,
@@ -195,6 +225,63 @@ async fn ingest(req: Request<Incoming>, ingestor: &Ingestor, settings: &HttpInge
             unavailable(&e.to_string())
         }
     }
+}
+
+/// Why a body was not read whole.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("over max_body")]
+    TooLarge,
+    #[error("over the listener's body budget")]
+    OverBudget,
+    #[error("{0}")]
+    Read(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Reads a body of at most `max` bytes, each frame's bytes taken from `budget` into `held`
+/// as it arrives.
+async fn read_body(
+    body: Incoming,
+    max: usize,
+    budget: &Arc<tokio::sync::Semaphore>,
+    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Bytes, BodyError> {
+    let mut body = Limited::new(body, max);
+    // A body in one frame (most are) is kept as it came, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                BodyError::TooLarge
+            } else {
+                BodyError::Read(e)
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        // Within `max`, which the budget's size is at least and fits in a u32.
+        let len = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
+        let taken = budget
+            .clone()
+            .try_acquire_many_owned(len)
+            .map_err(|_| BodyError::OverBudget)?;
+        match held {
+            Some(permit) => permit.merge(taken),
+            None => *held = Some(taken),
+        }
+        match first.take() {
+            None if bytes.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    bytes.extend_from_slice(&earlier);
+                }
+                bytes.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| bytes.into()))
 }
 
 /// Parses, adapts and validates a whole body; the first bad object rejects it all.
@@ -306,4 +393,84 @@ fn too_large(max: usize) -> Response<Full<Bytes>> {
         &format!("body over ingest.http.max_body ({max} bytes)"),
         None,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrich::Enricher;
+    use crate::ingest::IngestGate;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// The HTTP ingest listener on a real log in `dir`, with a body budget of `budget`.
+    async fn listener_in(dir: &std::path::Path, budget: usize) -> (std::net::SocketAddr, Vec<watch::Sender<bool>>) {
+        let (log, registry, running) = crate::endpoints::registry_in(dir);
+        let ingestor = Arc::new(Ingestor::new(
+            log,
+            registry,
+            Arc::new(Enricher::new()),
+            Arc::new(IngestGate::default()),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let settings = HttpIngestSettings {
+            max_body: 1 << 20,
+            tokens: Vec::new(),
+            body_budget: budget,
+        };
+        tokio::spawn(serve(listener, ingestor, settings, shutdown));
+        (addr, vec![running, stop])
+    }
+
+    /// Sends a request's head and the first `part` bytes of a `len`-byte JSON body.
+    async fn begin(addr: std::net::SocketAddr, len: usize, part: usize) -> TcpStream {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/clicks HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&click_body(len)[..part]).await.unwrap();
+        conn
+    }
+
+    /// A click padded to exactly `len` bytes.
+    fn click_body(len: usize) -> Vec<u8> {
+        let frame = br#"{"link":{"id":"l"},"metadata":{"pad":""}}"#;
+        let mut body = frame[..frame.len() - 3].to_vec();
+        body.resize(len - 3, b'.');
+        body.extend_from_slice(b"\"}}");
+        body
+    }
+
+    async fn status_of(mut conn: TcpStream) -> (u16, String) {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer).to_string();
+        (text[9..12].parse().unwrap(), text)
+    }
+
+    #[tokio::test]
+    async fn bodies_past_the_listeners_byte_budget_are_answered_503_until_it_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _keep) = listener_in(dir.path(), 64 << 10).await;
+        // 60 KiB of a 100 KiB body arrives and stays: it holds most of the 64 KiB budget.
+        let mut holding = begin(addr, 100 << 10, 60 << 10).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, answer) = status_of(begin(addr, 10 << 10, 10 << 10).await).await;
+        assert_eq!(status, 503, "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("retry-after"), "{answer}");
+        // The held body completes, over the budget: it is answered 503 too, and frees it.
+        holding.write_all(&click_body(100 << 10)[60 << 10..]).await.unwrap();
+        let (status, _) = status_of(holding).await;
+        assert_eq!(status, 503);
+        let (status, answer) = status_of(begin(addr, 10 << 10, 10 << 10).await).await;
+        assert_eq!(status, 202, "{answer}");
+    }
 }
