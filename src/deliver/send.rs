@@ -200,13 +200,65 @@ pub fn is_private(ip: IpAddr) -> bool {
 /// one lookup, and a changed record is followed within it.
 const RESOLVED_FOR: Duration = Duration::from_secs(30);
 
-/// A lookup's outcome, shared by everyone who asked for the name while it ran.
+/// Entries a table keeps before it looks for ones to drop; it then waits until it has
+/// doubled, so a table of many live entries is not scanned on every insert.
+const TABLE_PRUNE_FLOOR: usize = 4096;
+
+/// A lookup's outcome, shared by everyone who asks for the name while it runs.
 type Lookup =
     futures_util::future::Shared<Pin<Box<dyn Future<Output = Result<Arc<[SocketAddr]>, Arc<io::Error>>> + Send>>>;
 
 enum Resolved {
-    Running(Lookup),
-    Known { at: Instant, addrs: Arc<[SocketAddr]> },
+    /// `id` tells this lookup from a later one of the same name.
+    Running {
+        id: u64,
+        lookup: Lookup,
+    },
+    Known {
+        at: Instant,
+        addrs: Arc<[SocketAddr]>,
+    },
+}
+
+#[derive(Default)]
+struct NameTable {
+    names: std::collections::HashMap<String, Resolved>,
+    prune_at: usize,
+    next_id: u64,
+}
+
+impl NameTable {
+    /// Drops the answers past [`RESOLVED_FOR`] once the table has grown.
+    fn prune(&mut self) {
+        if self.names.len() < self.prune_at.max(TABLE_PRUNE_FLOOR) {
+            return;
+        }
+        self.names.retain(|_, r| match r {
+            Resolved::Running { .. } => true,
+            Resolved::Known { at, .. } => at.elapsed() < RESOLVED_FOR,
+        });
+        self.prune_at = 2 * self.names.len();
+    }
+
+    /// Files lookup `id`'s outcome if the name still waits for that lookup: an answer is
+    /// kept, a failure is not (the next attempt asks again).
+    fn file(&mut self, name: &str, id: u64, outcome: &Result<Arc<[SocketAddr]>, Arc<io::Error>>) {
+        if !matches!(self.names.get(name), Some(Resolved::Running { id: running, .. }) if *running == id) {
+            return;
+        }
+        match outcome {
+            Ok(addrs) => {
+                let known = Resolved::Known {
+                    at: Instant::now(),
+                    addrs: addrs.clone(),
+                };
+                self.names.insert(name.to_string(), known);
+            }
+            Err(_) => {
+                self.names.remove(name);
+            }
+        }
+    }
 }
 
 /// Resolves names and drops every address the policy refuses, so the address vetted is
@@ -216,7 +268,7 @@ enum Resolved {
 #[derive(Clone)]
 pub struct GuardedResolver {
     policy: AddressPolicy,
-    names: Arc<std::sync::Mutex<std::collections::HashMap<String, Resolved>>>,
+    table: Arc<std::sync::Mutex<NameTable>>,
     /// Lookups started, for tests.
     lookups: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -225,7 +277,7 @@ impl GuardedResolver {
     fn new(policy: AddressPolicy) -> Self {
         GuardedResolver {
             policy,
-            names: Arc::default(),
+            table: Arc::default(),
             lookups: Arc::default(),
         }
     }
@@ -245,91 +297,108 @@ impl GuardedResolver {
 
     /// Every address of `host`, from a lookup of the last [`RESOLVED_FOR`] if there is one.
     async fn addresses(&self, host: &str) -> Result<Arc<[SocketAddr]>, io::Error> {
-        let lookup = {
-            let Ok(mut names) = self.names.lock() else {
+        let (id, lookup) = {
+            let Ok(mut table) = self.table.lock() else {
                 return Err(io::Error::other("the resolver's table is poisoned"));
             };
-            match names.get(host) {
+            match table.names.get(host) {
                 Some(Resolved::Known { at, addrs }) if at.elapsed() < RESOLVED_FOR => return Ok(addrs.clone()),
-                Some(Resolved::Running(lookup)) => lookup.clone(),
+                Some(Resolved::Running { id, lookup }) => (*id, lookup.clone()),
                 _ => {
-                    // Names of endpoints long gone go when the table has grown.
-                    if names.len() >= 4096 {
-                        names.retain(|_, r| matches!(r, Resolved::Running(_)));
-                    }
+                    table.prune();
+                    table.next_id += 1;
+                    let id = table.next_id;
                     self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let name = host.to_string();
-                    let run: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
-                        match tokio::net::lookup_host((name.as_str(), 0)).await {
-                            Ok(addrs) => Ok(addrs.collect::<Vec<_>>().into()),
-                            Err(e) => Err(Arc::new(e)),
-                        }
-                    });
-                    let lookup = futures_util::FutureExt::shared(run);
-                    names.insert(host.to_string(), Resolved::Running(lookup.clone()));
-                    lookup
+                    let lookup = self.start_lookup(host, id);
+                    let running = Resolved::Running {
+                        id,
+                        lookup: lookup.clone(),
+                    };
+                    table.names.insert(host.to_string(), running);
+                    (id, lookup)
                 }
             }
         };
         let outcome = lookup.await;
-        if let Ok(mut names) = self.names.lock() {
-            // Whoever finishes first files the outcome; a failure is not kept, so the
-            // next attempt asks again.
-            if matches!(names.get(host), Some(Resolved::Running(_))) {
-                match &outcome {
-                    Ok(addrs) => {
-                        names.insert(
-                            host.to_string(),
-                            Resolved::Known {
-                                at: Instant::now(),
-                                addrs: addrs.clone(),
-                            },
-                        );
-                    }
-                    Err(_) => {
-                        names.remove(host);
-                    }
-                }
+        if outcome.is_err() {
+            // The lookup's task files its own outcome; one that never ran to its end
+            // (cancelled with its runtime) is taken out here.
+            if let Ok(mut table) = self.table.lock() {
+                table.file(host, id, &outcome);
             }
         }
         outcome.map_err(|e| io::Error::new(e.kind(), e.to_string()))
     }
+
+    /// Looks `host` up in a task of its own, which files the outcome in the table when
+    /// it ends: a lookup every asker gave up on (their deadlines passed) still ends there,
+    /// and is not served later as if it were fresh.
+    fn start_lookup(&self, host: &str, id: u64) -> Lookup {
+        let (table, name) = (self.table.clone(), host.to_string());
+        let task = tokio::spawn(async move {
+            let outcome: Result<Arc<[SocketAddr]>, Arc<io::Error>> =
+                match tokio::net::lookup_host((name.as_str(), 0)).await {
+                    Ok(addrs) => Ok(addrs.collect::<Vec<_>>().into()),
+                    Err(e) => Err(Arc::new(e)),
+                };
+            if let Ok(mut table) = table.lock() {
+                table.file(&name, id, &outcome);
+            }
+            outcome
+        });
+        let run: Pin<Box<dyn Future<Output = _> + Send>> =
+            Box::pin(async move { task.await.unwrap_or_else(|e| Err(Arc::new(io::Error::other(e)))) });
+        futures_util::FutureExt::shared(run)
+    }
 }
 
-impl tower_service::Service<Name> for GuardedResolver {
+/// Addresses already resolved (and vetted), handed to hyper-util's connector so that it
+/// connects to exactly those: it asks its resolver again otherwise.
+#[derive(Clone)]
+struct PinnedAddresses(Arc<[SocketAddr]>);
+
+impl tower_service::Service<Name> for PinnedAddresses {
     type Response = std::vec::IntoIter<SocketAddr>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, io::Error>> + Send>>;
+    type Future = std::future::Ready<Result<Self::Response, io::Error>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, name: Name) -> Self::Future {
-        let resolver = self.clone();
-        Box::pin(async move { Ok(resolver.resolve(name.as_str()).await?.into_iter()) })
+    fn call(&mut self, _name: Name) -> Self::Future {
+        std::future::ready(Ok(self.0.to_vec().into_iter()))
     }
 }
 
-/// The plain-TCP connector with the guard also applied to IP-literal hosts, which
-/// hyper-util connects to without asking the resolver.
+/// The plain-TCP connector: it resolves and vets the host first (IP literals too, which
+/// hyper-util connects to without asking a resolver), then waits for its place among the
+/// receiver's connects and for an open-connection slot, then connects to exactly the
+/// addresses vetted.
 #[derive(Clone)]
 pub struct GuardedConnector {
-    inner: HttpConnector<GuardedResolver>,
-    /// The resolver `inner` asks, with the same table: the connector resolves first.
     resolver: GuardedResolver,
-    policy: AddressPolicy,
     budget: ConnectionBudget,
+    connect_timeout: Duration,
 }
 
 impl GuardedConnector {
-    fn new(inner: HttpConnector<GuardedResolver>, resolver: GuardedResolver, budget: ConnectionBudget) -> Self {
+    fn new(resolver: GuardedResolver, budget: ConnectionBudget, connect_timeout: Duration) -> Self {
         GuardedConnector {
-            inner,
-            policy: resolver.policy.clone(),
             resolver,
             budget,
+            connect_timeout,
         }
+    }
+
+    /// hyper-util's connector for one connect, to `addrs`.
+    fn plain(&self, addrs: Arc<[SocketAddr]>) -> HttpConnector<PinnedAddresses> {
+        let mut http = HttpConnector::new_with_resolver(PinnedAddresses(addrs));
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(self.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http
     }
 }
 
@@ -353,32 +422,47 @@ pub struct ConnectionBudget {
 /// Connects in progress, per receiver address.
 #[derive(Debug, Default)]
 struct ConnectsPerReceiver {
-    receivers: std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<tokio::sync::Semaphore>>>,
+    receivers: std::sync::Mutex<ReceiverTable>,
+}
+
+#[derive(Debug, Default)]
+struct ReceiverTable {
+    permits: std::collections::HashMap<SocketAddr, Arc<tokio::sync::Semaphore>>,
+    prune_at: usize,
 }
 
 impl ConnectsPerReceiver {
     async fn acquire(&self, receiver: SocketAddr) -> Result<tokio::sync::OwnedSemaphorePermit, io::Error> {
         let permits = {
-            let Ok(mut receivers) = self.receivers.lock() else {
+            let Ok(mut table) = self.receivers.lock() else {
                 return Err(io::Error::other("the connect table is poisoned"));
             };
-            // Receivers nobody is connecting to go when the table has grown: a permit
-            // or a wait for one holds its receiver's entry.
-            if receivers.len() >= 4096 {
-                receivers.retain(|_, permits| Arc::strong_count(permits) > 1);
+            match table.permits.get(&receiver) {
+                Some(permits) => permits.clone(),
+                None => {
+                    // Receivers nobody is connecting to go when the table has grown: a
+                    // permit or a wait for one holds its receiver's entry.
+                    if table.permits.len() >= table.prune_at.max(TABLE_PRUNE_FLOOR) {
+                        table.permits.retain(|_, permits| Arc::strong_count(permits) > 1);
+                        table.prune_at = 2 * table.permits.len();
+                    }
+                    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTING));
+                    table.permits.insert(receiver, permits.clone());
+                    permits
+                }
             }
-            receivers
-                .entry(receiver)
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTING)))
-                .clone()
         };
         permits.acquire_owned().await.map_err(io::Error::other)
     }
 
     /// Connects in progress, across receivers.
     fn in_progress(&self) -> usize {
-        self.receivers.lock().map_or(0, |receivers| {
-            receivers.values().map(|p| MAX_CONNECTING - p.available_permits()).sum()
+        self.receivers.lock().map_or(0, |table| {
+            table
+                .permits
+                .values()
+                .map(|p| MAX_CONNECTING - p.available_permits())
+                .sum()
         })
     }
 }
@@ -479,8 +563,8 @@ impl tower_service::Service<Uri> for GuardedConnector {
     type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
@@ -489,12 +573,12 @@ impl tower_service::Service<Uri> for GuardedConnector {
             .unwrap_or_default()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            if !self.policy.permits(ip) {
+        let literal = host.parse::<IpAddr>().ok();
+        if let Some(ip) = literal {
+            if !self.resolver.policy.permits(ip) {
                 return Box::pin(async move { Err(SendError::PrivateAddress(ip).into()) });
             }
         }
-        let literal = host.parse::<IpAddr>().ok();
         let host = host.to_string();
         let port = uri
             .port_u16()
@@ -503,26 +587,25 @@ impl tower_service::Service<Uri> for GuardedConnector {
             } else {
                 80
             });
-        let mut inner = self.inner.clone();
-        let resolver = self.resolver.clone();
-        let budget = self.budget.clone();
+        let this = self.clone();
         Box::pin(async move {
-            let slot = budget.open.acquire_owned().await?;
-            // The receiver is the first address `inner` will try; its lookup (which
-            // `inner` then finds in the resolver's table) waits outside any bound.
-            let receiver = match literal {
-                Some(ip) => SocketAddr::new(ip, port),
-                None => {
-                    let addrs = resolver.resolve(&host).await?;
-                    let first = addrs.first().ok_or_else(|| SendError::Resolve {
-                        host: host.clone(),
-                        reason: "no addresses".into(),
-                    })?;
-                    SocketAddr::new(first.ip(), port)
-                }
+            // The lookup waits outside every bound: a slow DNS server holds up its own
+            // names only. Then the receiver's connects, then the open connections: a
+            // connect waiting at a blackholed receiver holds no slot another could use.
+            let addrs: Arc<[SocketAddr]> = match literal {
+                Some(ip) => Arc::new([SocketAddr::new(ip, port)]),
+                None => this.resolver.resolve(&host).await?.into(),
             };
-            let connecting = budget.connecting.acquire(receiver).await?;
-            let stream = inner.call(uri).await?;
+            let Some(receiver) = addrs.first().map(|a| SocketAddr::new(a.ip(), port)) else {
+                return Err(SendError::Resolve {
+                    host,
+                    reason: "no addresses".into(),
+                }
+                .into());
+            };
+            let connecting = this.budget.connecting.acquire(receiver).await?;
+            let slot = this.budget.open.clone().acquire_owned().await?;
+            let stream = this.plain(addrs).call(uri).await?;
             drop(connecting);
             Ok(BudgetedStream {
                 inner: stream,
@@ -601,18 +684,16 @@ pub type OriginSlot = ReceiverSlot;
 
 impl EndpointClient {
     pub fn new(policy: AddressPolicy, budget: ConnectionBudget, connect_timeout: Duration, max_idle: usize) -> Self {
-        let resolver = GuardedResolver::new(policy);
-        let mut http = HttpConnector::new_with_resolver(resolver.clone());
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config())
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(GuardedConnector::new(http, resolver, budget));
+            .wrap_connector(GuardedConnector::new(
+                GuardedResolver::new(policy),
+                budget,
+                connect_timeout,
+            ));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -838,11 +919,7 @@ mod tests {
     }
 
     fn connector(policy: AddressPolicy, budget: ConnectionBudget) -> GuardedConnector {
-        let resolver = GuardedResolver::new(policy);
-        let mut http = HttpConnector::new_with_resolver(resolver.clone());
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(30)));
-        GuardedConnector::new(http, resolver, budget)
+        GuardedConnector::new(GuardedResolver::new(policy), budget, Duration::from_secs(30))
     }
 
     fn private_allowed() -> AddressPolicy {
@@ -884,7 +961,9 @@ mod tests {
         let dead_port = dead.local_addr().unwrap().port();
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live_port = live.local_addr().unwrap().port();
-        let budget = ConnectionBudget::new(4 * MAX_CONNECTING);
+        // Open connections for the dead receiver's connects and 4 more: those waiting
+        // for the receiver's permits must not hold any.
+        let budget = ConnectionBudget::new(MAX_CONNECTING + 4);
         let conn = connector(private_allowed(), budget.clone());
         let mut hanging = Vec::new();
         for _ in 0..MAX_CONNECTING + 8 {
@@ -897,6 +976,7 @@ mod tests {
             "the dead receiver holds its own permits: {}",
             budget.connects_in_progress()
         );
+        assert_eq!(budget.available(), 4, "connects waiting for a permit hold no open slot");
         for host in ["127.0.0.1", "localhost"] {
             let uri: Uri = format!("http://{host}:{live_port}/").parse().unwrap();
             let connected = tokio::time::timeout(Duration::from_secs(5), conn.clone().call(uri)).await;
@@ -951,6 +1031,46 @@ mod tests {
         assert!(resolver.resolve(bad).await.is_err());
         assert!(resolver.resolve(bad).await.is_err());
         assert_eq!(resolver.lookups.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_lookup_its_askers_gave_up_on_still_files_its_answer() {
+        let resolver = GuardedResolver::new(private_allowed());
+        // Its one asker looks once, then gives up (its deadline passed).
+        let mut asking = Box::pin(resolver.resolve("localhost"));
+        let answered = futures_util::FutureExt::now_or_never(&mut asking);
+        assert!(answered.is_none(), "a lookup cannot end before its first wait");
+        drop(asking);
+        let filed = || {
+            matches!(
+                resolver.table.lock().unwrap().names.get("localhost"),
+                Some(Resolved::Known { .. })
+            )
+        };
+        assert!(
+            eventually_async(filed).await,
+            "the answer is filed with the time it came"
+        );
+        assert!(resolver.resolve("localhost").await.is_ok());
+        assert_eq!(resolver.lookups.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_grown_name_table_drops_only_old_answers_and_then_waits_to_double() {
+        let mut table = NameTable::default();
+        let addrs: Arc<[SocketAddr]> = Arc::new([SocketAddr::from(([192, 0, 2, 1], 0))]);
+        let old = Instant::now() - RESOLVED_FOR - Duration::from_secs(1);
+        for i in 0..TABLE_PRUNE_FLOOR {
+            let at = if i % 2 == 0 { old } else { Instant::now() };
+            let addrs = addrs.clone();
+            table.names.insert(format!("h{i}"), Resolved::Known { at, addrs });
+        }
+        table.prune();
+        assert_eq!(table.names.len(), TABLE_PRUNE_FLOOR / 2, "the fresh half stays");
+        assert!(table.names.contains_key("h1") && !table.names.contains_key("h0"));
+        table.names.insert("late".into(), Resolved::Known { at: old, addrs });
+        table.prune();
+        assert!(table.names.contains_key("late"), "no scan before the table doubles");
     }
 
     #[tokio::test]
