@@ -367,7 +367,8 @@ impl tower_service::Service<Name> for PinnedAddresses {
     }
 
     fn call(&mut self, _name: Name) -> Self::Future {
-        std::future::ready(Ok(self.0.to_vec().into_iter()))
+        let addrs: Vec<SocketAddr> = self.0.iter().copied().collect();
+        std::future::ready(Ok(addrs.into_iter()))
     }
 }
 
