@@ -37,8 +37,9 @@ pub struct HttpIngestSettings {
 /// Bytes of request bodies the listener holds at once, across its connections: each
 /// request is bounded by `max_body`, but 4,096 connections of 8 MiB bodies would be 32 GiB.
 /// A request whose bytes do not fit is answered 503 with `Retry-After` (backpressure)
-/// rather than waiting, so requests half read never wait on each other. At least one
-/// largest body always fits.
+/// rather than waiting, so requests half read never wait on each other: one with a
+/// `Content-Length` before any of its body is read, a chunked one when a chunk does not
+/// fit. A largest body fits whenever nothing else holds the budget.
 pub fn body_budget(max_body: usize) -> usize {
     (128usize << 20).max(max_body).min(u32::MAX as usize)
 }
@@ -173,7 +174,7 @@ async fn ingest(
     let mut held = None;
     let reading = tokio::time::timeout(
         BODY_READ_TIMEOUT,
-        read_body(req.into_body(), settings.max_body, &budget, &mut held),
+        read_body(req.into_body(), declared, settings.max_body, &budget, &mut held),
     );
     let Ok(body) = reading.await else {
         metrics::ingest_rejected(Source::Http, "invalid", 1);
@@ -238,14 +239,25 @@ enum BodyError {
     Read(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Reads a body of at most `max` bytes, each frame's bytes taken from `budget` into `held`
-/// as it arrives.
+/// Reads a body of at most `max` bytes into memory taken from `budget` and kept in
+/// `held`: a declared length all at once before reading, a chunked body chunk by chunk.
 async fn read_body(
     body: Incoming,
+    declared: Option<u64>,
     max: usize,
     budget: &Arc<tokio::sync::Semaphore>,
     held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Bytes, BodyError> {
+    if let Some(len) = declared {
+        // At most `max_body`, checked before, which the budget's size is at least.
+        let len = u32::try_from(len).map_err(|_| BodyError::TooLarge)?;
+        *held = Some(
+            budget
+                .clone()
+                .try_acquire_many_owned(len)
+                .map_err(|_| BodyError::OverBudget)?,
+        );
+    }
     let mut body = Limited::new(body, max);
     // A body in one frame (most are) is kept as it came, without a copy.
     let mut first: Option<Bytes> = None;
@@ -261,15 +273,17 @@ async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        // Within `max`, which the budget's size is at least and fits in a u32.
-        let len = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
-        let taken = budget
-            .clone()
-            .try_acquire_many_owned(len)
-            .map_err(|_| BodyError::OverBudget)?;
-        match held {
-            Some(permit) => permit.merge(taken),
-            None => *held = Some(taken),
+        if declared.is_none() {
+            // Within `max`, which the budget's size is at least and fits in a u32.
+            let len = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
+            let taken = budget
+                .clone()
+                .try_acquire_many_owned(len)
+                .map_err(|_| BodyError::OverBudget)?;
+            match held {
+                Some(permit) => permit.merge(taken),
+                None => *held = Some(taken),
+            }
         }
         match first.take() {
             None if bytes.is_empty() => first = Some(data),
@@ -460,16 +474,31 @@ mod tests {
     async fn bodies_past_the_listeners_byte_budget_are_answered_503_until_it_frees() {
         let dir = tempfile::tempdir().unwrap();
         let (addr, _keep) = listener_in(dir.path(), 64 << 10).await;
-        // 60 KiB of a 100 KiB body arrives and stays: it holds most of the 64 KiB budget.
-        let mut holding = begin(addr, 100 << 10, 60 << 10).await;
+        // A 60 KiB body, half sent, holds its whole length of the 64 KiB budget.
+        let mut holding = begin(addr, 60 << 10, 30 << 10).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let (status, answer) = status_of(begin(addr, 10 << 10, 10 << 10).await).await;
+        // A declared length that does not fit is refused before its body is read.
+        let (status, answer) = status_of(begin(addr, 10 << 10, 0).await).await;
         assert_eq!(status, 503, "{answer}");
         assert!(answer.to_ascii_lowercase().contains("retry-after"), "{answer}");
-        // The held body completes, over the budget: it is answered 503 too, and frees it.
-        holding.write_all(&click_body(100 << 10)[60 << 10..]).await.unwrap();
-        let (status, _) = status_of(holding).await;
-        assert_eq!(status, 503);
+        // So is a chunk that does not fit.
+        let mut chunked = TcpStream::connect(addr).await.unwrap();
+        let body = click_body(10 << 10);
+        let head = "POST /v1/clicks HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
+        let request = [
+            head.as_bytes(),
+            format!("{:x}\r\n", body.len()).as_bytes(),
+            &body,
+            b"\r\n0\r\n\r\n",
+        ]
+        .concat();
+        chunked.write_all(&request).await.unwrap();
+        let (status, answer) = status_of(chunked).await;
+        assert_eq!(status, 503, "{answer}");
+        // The held body completes and is stored; then the budget is free again.
+        holding.write_all(&click_body(60 << 10)[30 << 10..]).await.unwrap();
+        let (status, answer) = status_of(holding).await;
+        assert_eq!(status, 202, "{answer}");
         let (status, answer) = status_of(begin(addr, 10 << 10, 10 << 10).await).await;
         assert_eq!(status, 202, "{answer}");
     }
