@@ -621,7 +621,6 @@ impl EndpointRegistry {
         wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
         self.clear_marks(id).await?;
         live.add_pending(-live.pending.load(Ordering::Relaxed));
-        live.set_circuit(None);
         Ok(())
     }
 
@@ -970,6 +969,8 @@ impl EndpointRegistry {
         if let Some(h) = handle {
             let _ = h.await;
         }
+        // No circuit of a stopped endpoint is open: the shared series counts open ones.
+        live.set_circuit(None);
     }
 
     /// Stops every worker once they have finished their in-flight attempts.

@@ -1094,10 +1094,11 @@ async fn endpoints_past_the_series_cap_share_one_label() {
 async fn the_shared_circuit_series_counts_the_open_circuits_past_the_cap() {
     let sink = Sink::start().await;
     sink.default_answer("/down", Answer::Status(500));
-    let d = Daemon::start(
-        &(config_text(&endpoint("a", &sink.url("/a"), ""))
-            + "\n[metrics]\nmax_endpoint_series = 1\n[breaker]\nfailures = 1\ncooldown = \"1h\"\n"),
-    );
+    let config = |endpoints: &str| {
+        config_text(&(endpoint("a", &sink.url("/a"), "") + endpoints))
+            + "\n[metrics]\nmax_endpoint_series = 1\n[breaker]\nfailures = 1\ncooldown = \"1h\"\n"
+    };
+    let d = Daemon::start(&config(&endpoint("z", &sink.url("/down"), "")));
     let series = "clickhook_endpoint_circuit_open{endpoint=\"_other\"}";
     for id in ["b", "c"] {
         let body = serde_json::json!({"id": id, "url": sink.url("/down")});
@@ -1111,15 +1112,26 @@ async fn the_shared_circuit_series_counts_the_open_circuits_past_the_cap() {
         assert_eq!(status, 201, "{answer}");
     }
     d.post(&click("1", "w"), "application/json").await;
-    sink.wait_for("/down", 2, WAIT).await;
-    // Each of the two set the series to 1 before: the second open circuit overwrote the first.
-    assert_eq!(d.metric_until(series, |v| v == 2.0).await, 2.0, "two circuits are open");
+    sink.wait_for("/down", 3, WAIT).await;
+    // Each of them set the series to 1 before: the last open circuit overwrote the others.
+    assert_eq!(
+        d.metric_until(series, |v| v == 3.0).await,
+        3.0,
+        "three circuits are open"
+    );
     let (status, _) = request("DELETE", &format!("{}/v1/endpoints/b", d.admin), "", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(
+        d.metric_until(series, |v| v == 2.0).await,
+        2.0,
+        "a deleted endpoint's open circuit no longer counts"
+    );
+    std::fs::write(d.config_path(), config("")).unwrap();
+    d.signal(libc::SIGHUP);
+    assert_eq!(
         d.metric_until(series, |v| v == 1.0).await,
         1.0,
-        "a deleted endpoint's open circuit no longer counts"
+        "nor does one of an endpoint the file no longer has"
     );
 }
 
