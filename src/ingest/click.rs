@@ -194,7 +194,7 @@ enum ArrayError {
 
 /// Where parsing a malformed array failed.
 fn locate_array_error(body: &[u8]) -> ArrayError {
-    use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+    use serde::de::{Deserializer, SeqAccess, Visitor};
     struct Count<'a>(&'a mut usize);
     impl<'de> Visitor<'de> for Count<'_> {
         type Value = ();
@@ -202,7 +202,9 @@ fn locate_array_error(body: &[u8]) -> ArrayError {
             f.write_str("an array")
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {
+            // Read as the body is (not skipped), so an element fails here as it failed
+            // there: invalid UTF-8 in a string, say.
+            while seq.next_element::<&RawValue>()?.is_some() {
                 *self.0 += 1;
             }
             Ok(())
@@ -210,9 +212,11 @@ fn locate_array_error(body: &[u8]) -> ArrayError {
     }
     let mut n = 0;
     let mut de = serde_json::Deserializer::from_slice(body);
-    match (&mut de).deserialize_seq(Count(&mut n)) {
-        Ok(()) => ArrayError::AfterArray(n),
-        Err(_) => ArrayError::InElement(n),
+    let whole_array = (&mut de).deserialize_seq(Count(&mut n)).is_ok();
+    if whole_array && de.end().is_err() {
+        ArrayError::AfterArray(n)
+    } else {
+        ArrayError::InElement(n)
     }
 }
 
@@ -983,6 +987,13 @@ mod tests {
         let inner = br#"[{"link":{"id":1}},{"link" 2}] x"#.to_vec();
         let e = split_body(&inner, Framing::Json).unwrap_err();
         assert_eq!(e.index, 1);
+        assert!(!e.message.contains("after the array"), "{}", e.message);
+        // Invalid UTF-8 inside an element is that element's fault.
+        let mut bad_text = br#"[{"link":{"id":1}},{"link":{"id":"x"}},{"link":{"id":3}}]"#.to_vec();
+        let at = bad_text.iter().position(|b| *b == b'x').unwrap();
+        bad_text[at] = 0xff;
+        let e = split_body(&bad_text, Framing::Json).unwrap_err();
+        assert_eq!(e.index, 1, "{}", e.message);
         assert!(!e.message.contains("after the array"), "{}", e.message);
     }
 }
