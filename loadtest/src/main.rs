@@ -209,8 +209,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Builds this workspace's daemon (release) and returns its path. Cargo finds nothing to
-/// do when it is up to date.
+/// Builds this workspace's daemon (release) and returns the path cargo reports for it
+/// (wherever a target directory or target triple put it). Cargo finds nothing to do when
+/// it is up to date.
 fn build_workspace_daemon() -> anyhow::Result<PathBuf> {
     let Some(root) = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -220,28 +221,48 @@ fn build_workspace_daemon() -> anyhow::Result<PathBuf> {
     };
     // `cargo run` says which cargo it is; run bare, the one on the PATH.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(&cargo)
-        .args(["build", "--release", "--quiet", "-p", "clickhook", "--bin", "clickhook"])
+    let output = std::process::Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--message-format=json-render-diagnostics",
+            "-p",
+            "clickhook",
+            "--bin",
+            "clickhook",
+        ])
         .current_dir(root)
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .with_context(|| {
             format!(
                 "running {} to build the daemon; or pass --daemon-bin",
                 Path::new(&cargo).display()
             )
         })?;
-    if !status.success() {
-        bail!("building the daemon (cargo build --release -p clickhook) failed ({status}); or pass --daemon-bin");
+    if !output.status.success() {
+        bail!(
+            "building the daemon (cargo build --release -p clickhook) failed ({}); or pass --daemon-bin",
+            output.status
+        );
     }
-    Ok(release_binary(root, std::env::var_os("CARGO_TARGET_DIR").as_deref()))
+    built_daemon(&String::from_utf8_lossy(&output.stdout))
+        .context("cargo built the daemon but named no executable for it; pass --daemon-bin")
 }
 
-/// Where cargo puts the release daemon: `CARGO_TARGET_DIR` (relative to the workspace) or
-/// the workspace's `target`.
-fn release_binary(root: &Path, target_dir: Option<&std::ffi::OsStr>) -> PathBuf {
-    root.join(target_dir.unwrap_or("target".as_ref()))
-        .join("release")
-        .join("clickhook")
+/// The daemon's executable among cargo's JSON messages.
+fn built_daemon(messages: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "clickhook")
+        .filter(|m| {
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
 }
 
 fn scenario(scenario: Scenario, a: RunArgs) -> anyhow::Result<bool> {
@@ -416,17 +437,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_release_daemon_is_where_cargo_puts_it() {
-        let root = Path::new("/w");
-        assert_eq!(release_binary(root, None), Path::new("/w/target/release/clickhook"));
+    fn the_daemon_is_where_cargo_says_it_put_it() {
+        let messages = [
+            r#"{"reason":"compiler-artifact","target":{"name":"clickhook","kind":["lib"]},"executable":null}"#,
+            "not json",
+            r#"{"reason":"compiler-artifact","target":{"name":"other","kind":["bin"]},"executable":"/t/release/other"}"#,
+            r#"{"reason":"compiler-artifact","target":{"name":"clickhook","kind":["bin"]},"executable":"/t/x86_64-unknown-linux-gnu/release/clickhook"}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ]
+        .join("\n");
         assert_eq!(
-            release_binary(root, Some("out".as_ref())),
-            Path::new("/w/out/release/clickhook")
+            built_daemon(&messages),
+            Some(PathBuf::from("/t/x86_64-unknown-linux-gnu/release/clickhook"))
         );
-        assert_eq!(
-            release_binary(root, Some("/tmp/t".as_ref())),
-            Path::new("/tmp/t/release/clickhook")
-        );
+        assert_eq!(built_daemon(r#"{"reason":"build-finished","success":true}"#), None);
     }
 
     #[test]
