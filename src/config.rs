@@ -505,6 +505,14 @@ impl Config {
                 "must be more than 0",
             ));
         }
+        // Bodies are counted against the listener's byte budget in 32-bit amounts.
+        if self.ingest.http.max_body.0 > u64::from(u32::MAX) {
+            return Err(ConfigError::invalid(
+                file,
+                "ingest.http.max_body",
+                "must be less than 4 GiB",
+            ));
+        }
         if self.ingest.http.tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::invalid(
                 file,
@@ -881,6 +889,17 @@ mod tests {
         // A key the file leaves out is placed at the table around it, or nowhere.
         assert_eq!(line_of_key(table, "endpoints[0].timeout"), Some(3));
         assert_eq!(line_of_key(table, "breaker.failures"), None);
+    }
+
+    #[test]
+    fn max_body_is_more_than_0_and_less_than_4_gib() {
+        let err = parse("[ingest.http]\nmax_body = \"4GiB\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("line 2: ingest.http.max_body: must be less than 4 GiB"),
+            "{err}"
+        );
+        assert!(parse("[ingest.http]\nmax_body = \"3GiB\"\n").is_ok());
+        assert!(parse("[ingest.http]\nmax_body = \"0\"\n").is_err());
     }
 
     #[test]

@@ -195,6 +195,10 @@ pub fn is_private(ip: IpAddr) -> bool {
     }
 }
 
+/// How long a lookup may take: past it, its askers get an error and the next asks again,
+/// where a lookup stuck on a lost reply would otherwise answer every asker until it ends.
+const LOOKUP_LIMIT: Duration = Duration::from_secs(10);
+
 /// How long a name's addresses are reused. The system resolver gives no TTL; this keeps
 /// a burst of new connections to one receiver (thousands of endpoints waking at once) to
 /// one lookup, and a changed record is followed within it.
@@ -220,11 +224,20 @@ enum Resolved {
     },
 }
 
+/// Names looked up lately, shared by every client of the daemon (through its
+/// [`ConnectionBudget`]): a name is looked up once per [`RESOLVED_FOR`] whatever the
+/// delivery thread or endpoint timeout asking.
 #[derive(Default)]
-struct NameTable {
+pub struct NameTable {
     names: std::collections::HashMap<String, Resolved>,
     prune_at: usize,
     next_id: u64,
+}
+
+impl std::fmt::Debug for NameTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NameTable").field("names", &self.names.len()).finish()
+    }
 }
 
 impl NameTable {
@@ -271,18 +284,22 @@ pub struct GuardedResolver {
     table: Arc<std::sync::Mutex<NameTable>>,
     /// Lookups started, for tests.
     lookups: Arc<std::sync::atomic::AtomicUsize>,
+    /// Turns the addresses of each answer, so connects spread over a name's addresses as
+    /// a fresh lookup's rotated order spread them.
+    turn: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl GuardedResolver {
-    fn new(policy: AddressPolicy) -> Self {
+    fn new(policy: AddressPolicy, table: Arc<std::sync::Mutex<NameTable>>) -> Self {
         GuardedResolver {
             policy,
-            table: Arc::default(),
+            table,
             lookups: Arc::default(),
+            turn: Arc::default(),
         }
     }
 
-    /// The permitted addresses of `host`.
+    /// The permitted addresses of `host`, turned one further each time.
     async fn resolve(&self, host: &str) -> Result<Vec<SocketAddr>, io::Error> {
         let addrs = self.addresses(host).await?;
         let permitted: Vec<SocketAddr> = addrs.iter().copied().filter(|a| self.policy.permits(a.ip())).collect();
@@ -292,7 +309,8 @@ impl GuardedResolver {
                 SendError::PrivateAddress(first.ip()),
             ));
         }
-        Ok(permitted)
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(turned(permitted, turn))
     }
 
     /// Every address of `host`, from a lookup of the last [`RESOLVED_FOR`] if there is one.
@@ -336,11 +354,15 @@ impl GuardedResolver {
     fn start_lookup(&self, host: &str, id: u64) -> Lookup {
         let (table, name) = (self.table.clone(), host.to_string());
         let task = tokio::spawn(async move {
-            let outcome: Result<Arc<[SocketAddr]>, Arc<io::Error>> =
-                match tokio::net::lookup_host((name.as_str(), 0)).await {
-                    Ok(addrs) => Ok(addrs.collect::<Vec<_>>().into()),
-                    Err(e) => Err(Arc::new(e)),
-                };
+            let lookup = tokio::time::timeout(LOOKUP_LIMIT, tokio::net::lookup_host((name.as_str(), 0)));
+            let outcome: Result<Arc<[SocketAddr]>, Arc<io::Error>> = match lookup.await {
+                Ok(Ok(addrs)) => Ok(addrs.collect::<Vec<_>>().into()),
+                Ok(Err(e)) => Err(Arc::new(e)),
+                Err(_) => Err(Arc::new(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no DNS answer within {} s", LOOKUP_LIMIT.as_secs()),
+                ))),
+            };
             if let Ok(mut table) = table.lock() {
                 table.file(&name, id, &outcome);
             }
@@ -350,6 +372,21 @@ impl GuardedResolver {
             Box::pin(async move { task.await.unwrap_or_else(|e| Err(Arc::new(io::Error::other(e)))) });
         futures_util::FutureExt::shared(run)
     }
+}
+
+/// `addrs` turned by `turn` within each address family, the first address's family
+/// first: hyper-util tries that family, then the other after a moment (happy eyeballs).
+fn turned(addrs: Vec<SocketAddr>, turn: usize) -> Vec<SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+    let (mut first, mut other): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    for family in [&mut first, &mut other] {
+        if !family.is_empty() {
+            let by = turn % family.len();
+            family.rotate_left(by);
+        }
+    }
+    first.extend(other);
+    first
 }
 
 /// Addresses already resolved (and vetted), handed to hyper-util's connector so that it
@@ -418,6 +455,7 @@ impl GuardedConnector {
 pub struct ConnectionBudget {
     open: Arc<tokio::sync::Semaphore>,
     connecting: Arc<ConnectsPerReceiver>,
+    names: Arc<std::sync::Mutex<NameTable>>,
 }
 
 /// Connects in progress, per receiver address.
@@ -483,6 +521,7 @@ impl ConnectionBudget {
         ConnectionBudget {
             open: Arc::new(tokio::sync::Semaphore::new(connections.max(1))),
             connecting: Arc::default(),
+            names: Arc::default(),
         }
     }
 
@@ -691,7 +730,7 @@ impl EndpointClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(GuardedConnector::new(
-                GuardedResolver::new(policy),
+                GuardedResolver::new(policy, budget.names.clone()),
                 budget,
                 connect_timeout,
             ));
@@ -920,7 +959,8 @@ mod tests {
     }
 
     fn connector(policy: AddressPolicy, budget: ConnectionBudget) -> GuardedConnector {
-        GuardedConnector::new(GuardedResolver::new(policy), budget, Duration::from_secs(30))
+        let names = budget.names.clone();
+        GuardedConnector::new(GuardedResolver::new(policy, names), budget, Duration::from_secs(30))
     }
 
     fn private_allowed() -> AddressPolicy {
@@ -1004,7 +1044,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_is_looked_up_once_for_everyone_who_asks_meanwhile_and_then_reused() {
-        let resolver = GuardedResolver::new(private_allowed());
+        let resolver = GuardedResolver::new(private_allowed(), Arc::default());
         let asks: Vec<_> = (0..50)
             .map(|_| {
                 let resolver = resolver.clone();
@@ -1036,7 +1076,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lookup_its_askers_gave_up_on_still_files_its_answer() {
-        let resolver = GuardedResolver::new(private_allowed());
+        let resolver = GuardedResolver::new(private_allowed(), Arc::default());
         // Its one asker looks once, then gives up (its deadline passed).
         let mut asking = Box::pin(resolver.resolve("localhost"));
         let answered = futures_util::FutureExt::now_or_never(&mut asking);
@@ -1061,17 +1101,85 @@ mod tests {
         let mut table = NameTable::default();
         let addrs: Arc<[SocketAddr]> = Arc::new([SocketAddr::from(([192, 0, 2, 1], 0))]);
         let old = Instant::now() - RESOLVED_FOR - Duration::from_secs(1);
-        for i in 0..TABLE_PRUNE_FLOOR {
-            let at = if i % 2 == 0 { old } else { Instant::now() };
+        let mut add = |table: &mut NameTable, name: String, at: Instant| {
             let addrs = addrs.clone();
-            table.names.insert(format!("h{i}"), Resolved::Known { at, addrs });
+            table.names.insert(name, Resolved::Known { at, addrs });
+        };
+        for i in 0..TABLE_PRUNE_FLOOR {
+            add(&mut table, format!("fresh{i}"), Instant::now());
+        }
+        add(&mut table, "old".into(), old);
+        table.prune();
+        assert_eq!(table.names.len(), TABLE_PRUNE_FLOOR, "only the old answer goes");
+        // Now it waits until it holds twice as many before it looks again.
+        add(&mut table, "old again".into(), old);
+        for i in 0..TABLE_PRUNE_FLOOR - 2 {
+            add(&mut table, format!("more{i}"), Instant::now());
         }
         table.prune();
-        assert_eq!(table.names.len(), TABLE_PRUNE_FLOOR / 2, "the fresh half stays");
-        assert!(table.names.contains_key("h1") && !table.names.contains_key("h0"));
-        table.names.insert("late".into(), Resolved::Known { at: old, addrs });
+        assert!(
+            table.names.contains_key("old again"),
+            "no scan before the table doubles"
+        );
+        add(&mut table, "one more".into(), Instant::now());
         table.prune();
-        assert!(table.names.contains_key("late"), "no scan before the table doubles");
+        assert!(!table.names.contains_key("old again"), "a scan once it has");
+    }
+
+    #[test]
+    fn a_lookups_outcome_is_filed_only_while_the_name_waits_for_that_lookup() {
+        let mut table = NameTable::default();
+        let pending = || -> Lookup { futures_util::FutureExt::shared(Box::pin(std::future::pending())) };
+        table.names.insert(
+            "h".into(),
+            Resolved::Running {
+                id: 2,
+                lookup: pending(),
+            },
+        );
+        let failed: Result<Arc<[SocketAddr]>, Arc<io::Error>> = Err(Arc::new(io::Error::other("x")));
+        // An older lookup's failure leaves the newer one running.
+        table.file("h", 1, &failed);
+        assert!(matches!(table.names.get("h"), Some(Resolved::Running { id: 2, .. })));
+        let answer: Result<Arc<[SocketAddr]>, Arc<io::Error>> = Ok(Arc::new([SocketAddr::from(([192, 0, 2, 1], 0))]));
+        table.file("h", 2, &answer);
+        assert!(matches!(table.names.get("h"), Some(Resolved::Known { .. })));
+        // A failure filed late does not remove the answer.
+        table.file("h", 2, &failed);
+        assert!(matches!(table.names.get("h"), Some(Resolved::Known { .. })));
+    }
+
+    #[test]
+    fn answers_turn_within_each_family_the_first_family_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let addrs = vec![
+            a("[2001:db8::1]:0"),
+            a("192.0.2.1:0"),
+            a("[2001:db8::2]:0"),
+            a("192.0.2.2:0"),
+            a("192.0.2.3:0"),
+        ];
+        assert_eq!(
+            turned(addrs.clone(), 0),
+            vec![
+                a("[2001:db8::1]:0"),
+                a("[2001:db8::2]:0"),
+                a("192.0.2.1:0"),
+                a("192.0.2.2:0"),
+                a("192.0.2.3:0")
+            ]
+        );
+        assert_eq!(
+            turned(addrs, 1),
+            vec![
+                a("[2001:db8::2]:0"),
+                a("[2001:db8::1]:0"),
+                a("192.0.2.2:0"),
+                a("192.0.2.3:0"),
+                a("192.0.2.1:0")
+            ]
+        );
+        assert!(turned(Vec::new(), 3).is_empty());
     }
 
     #[tokio::test]

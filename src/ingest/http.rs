@@ -36,10 +36,12 @@ pub struct HttpIngestSettings {
 
 /// Bytes of request bodies the listener holds at once, across its connections: each
 /// request is bounded by `max_body`, but 4,096 connections of 8 MiB bodies would be 32 GiB.
-/// A request whose bytes do not fit is answered 503 with `Retry-After` (backpressure)
-/// rather than waiting, so requests half read never wait on each other: one with a
-/// `Content-Length` before any of its body is read, a chunked one when a chunk does not
-/// fit. A largest body fits whenever nothing else holds the budget.
+/// Bytes are taken as they arrive, so only bytes sent hold it: a client that declares a
+/// large body and sends nothing holds nothing. A request whose bytes do not fit is
+/// answered 503 with `Retry-After` (backpressure) rather than waiting, so requests half
+/// read never wait on each other: at once when its `Content-Length` is more than is free
+/// when it starts, else when a part of its body does not fit. A largest body fits
+/// whenever nothing else holds the budget.
 pub fn body_budget(max_body: usize) -> usize {
     (128usize << 20).max(max_body).min(u32::MAX as usize)
 }
@@ -239,8 +241,9 @@ enum BodyError {
     Read(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Reads a body of at most `max` bytes into memory taken from `budget` and kept in
-/// `held`: a declared length all at once before reading, a chunked body chunk by chunk.
+/// Reads a body of at most `max` bytes into memory taken from `budget` as it arrives and
+/// kept in `held`. A declared length more than is free now is refused before any of it is
+/// read.
 async fn read_body(
     body: Incoming,
     declared: Option<u64>,
@@ -248,20 +251,15 @@ async fn read_body(
     budget: &Arc<tokio::sync::Semaphore>,
     held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Bytes, BodyError> {
-    if let Some(len) = declared {
-        // At most `max_body`, checked before, which the budget's size is at least.
-        let len = u32::try_from(len).map_err(|_| BodyError::TooLarge)?;
-        *held = Some(
-            budget
-                .clone()
-                .try_acquire_many_owned(len)
-                .map_err(|_| BodyError::OverBudget)?,
-        );
+    let declared = declared.and_then(|len| usize::try_from(len).ok());
+    if declared.is_some_and(|len| len > budget.available_permits()) {
+        return Err(BodyError::OverBudget);
     }
     let mut body = Limited::new(body, max);
-    // A body in one frame (most are) is kept as it came, without a copy.
+    // A body in one frame (most are) is kept as it came, without a copy; one in parts is
+    // gathered where its declared length fits.
     let mut first: Option<Bytes> = None;
-    let mut bytes = Vec::new();
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(max));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
@@ -273,17 +271,15 @@ async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if declared.is_none() {
-            // Within `max`, which the budget's size is at least and fits in a u32.
-            let len = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
-            let taken = budget
-                .clone()
-                .try_acquire_many_owned(len)
-                .map_err(|_| BodyError::OverBudget)?;
-            match held {
-                Some(permit) => permit.merge(taken),
-                None => *held = Some(taken),
-            }
+        // Within `max`, which the budget's size is at least and fits in a u32.
+        let len = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
+        let taken = budget
+            .clone()
+            .try_acquire_many_owned(len)
+            .map_err(|_| BodyError::OverBudget)?;
+        match held {
+            Some(permit) => permit.merge(taken),
+            None => *held = Some(taken),
         }
         match first.take() {
             None if bytes.is_empty() => first = Some(data),
@@ -474,8 +470,10 @@ mod tests {
     async fn bodies_past_the_listeners_byte_budget_are_answered_503_until_it_frees() {
         let dir = tempfile::tempdir().unwrap();
         let (addr, _keep) = listener_in(dir.path(), 64 << 10).await;
-        // A 60 KiB body, half sent, holds its whole length of the 64 KiB budget.
-        let mut holding = begin(addr, 60 << 10, 30 << 10).await;
+        // A declared length holds nothing until its bytes come.
+        let idle = begin(addr, 60 << 10, 0).await;
+        // 56 KiB of a 60 KiB body arrive: they hold most of the 64 KiB budget.
+        let mut holding = begin(addr, 60 << 10, 56 << 10).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         // A declared length that does not fit is refused before its body is read.
         let (status, answer) = status_of(begin(addr, 10 << 10, 0).await).await;
@@ -496,9 +494,10 @@ mod tests {
         let (status, answer) = status_of(chunked).await;
         assert_eq!(status, 503, "{answer}");
         // The held body completes and is stored; then the budget is free again.
-        holding.write_all(&click_body(60 << 10)[30 << 10..]).await.unwrap();
+        holding.write_all(&click_body(60 << 10)[56 << 10..]).await.unwrap();
         let (status, answer) = status_of(holding).await;
         assert_eq!(status, 202, "{answer}");
+        drop(idle);
         let (status, answer) = status_of(begin(addr, 10 << 10, 10 << 10).await).await;
         assert_eq!(status, 202, "{answer}");
     }
