@@ -1101,7 +1101,7 @@ mod tests {
         let mut table = NameTable::default();
         let addrs: Arc<[SocketAddr]> = Arc::new([SocketAddr::from(([192, 0, 2, 1], 0))]);
         let old = Instant::now() - RESOLVED_FOR - Duration::from_secs(1);
-        let mut add = |table: &mut NameTable, name: String, at: Instant| {
+        let add = |table: &mut NameTable, name: String, at: Instant| {
             let addrs = addrs.clone();
             table.names.insert(name, Resolved::Known { at, addrs });
         };
