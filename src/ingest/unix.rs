@@ -41,6 +41,34 @@ struct Group {
 /// instead of costing memory here.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// How a connection may hold lines: each at most `max_line` bytes, and what a line being
+/// read holds past one read ([`READ_CHUNK`]) taken from a budget the listener's
+/// connections share. Lines of clicks are far shorter, so only long lines touch the
+/// budget; without it, 1,024 connections each in the middle of an 8 MiB line would hold
+/// 8 GiB.
+#[derive(Clone)]
+pub(crate) struct LineLimits {
+    max_line: usize,
+    long_lines: Arc<tokio::sync::Semaphore>,
+}
+
+impl LineLimits {
+    pub(crate) fn new(max_line: usize, budget: usize) -> Self {
+        LineLimits {
+            max_line,
+            long_lines: Arc::new(tokio::sync::Semaphore::new(budget)),
+        }
+    }
+}
+
+/// Why a line is being skipped to its end.
+#[derive(Clone, Copy)]
+enum Skipped {
+    TooLong,
+    /// Its bytes past one read did not fit in the listener's budget of long lines.
+    OverBudget,
+}
+
 pub async fn serve(
     listener: UnixListener,
     ingestor: Arc<Ingestor>,
@@ -49,6 +77,7 @@ pub async fn serve(
 ) {
     let mut connections = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let limits = LineLimits::new(max_line, super::http::body_budget(max_line));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
@@ -59,7 +88,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, _)) => {
-                let conn = connection(stream, ingestor.clone(), max_line, shutdown.clone());
+                let conn = connection(stream, ingestor.clone(), limits.clone(), shutdown.clone());
                 connections.spawn(async move {
                     let _slot = slot;
                     conn.await
@@ -75,15 +104,23 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
-async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize, mut shutdown: watch::Receiver<bool>) {
+async fn connection(
+    stream: UnixStream,
+    ingestor: Arc<Ingestor>,
+    limits: LineLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let max_line = limits.max_line;
     let (mut read, write) = stream.into_split();
     let (parsed_tx, parsed_rx) = mpsc::channel::<JoinHandle<Parsed>>(PARSE_AHEAD);
     let (tx, rx) = mpsc::channel::<Group>(REPLY_QUEUE);
     let writer = tokio::spawn(write_replies(write, rx));
     let submitter = tokio::spawn(submit_in_order(parsed_rx, tx, ingestor.clone()));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // Inside an overlong line: its bytes are dropped until its newline.
-    let mut skipping = false;
+    // Inside a line refused before its end: its bytes are dropped until its newline.
+    let mut skipping: Option<Skipped> = None;
+    // The budget the line being read holds for its bytes past one read.
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     loop {
         let start = buf.len();
         buf.resize(start + READ_CHUNK, 0);
@@ -97,7 +134,7 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
         let n = n.unwrap_or_default();
         buf.truncate(start + n);
         let closing = n == 0;
-        if closing && (!buf.is_empty() || skipping) {
+        if closing && (!buf.is_empty() || skipping.is_some()) {
             // A last line without its newline is still a line, and an over-long one is
             // still answered.
             buf.push(b'\n');
@@ -111,9 +148,15 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
             .map_or(0, |last| start + last + 1);
         if whole > 0 {
             let chunk: Vec<u8> = buf.drain(..whole).collect();
-            let first_line_skipped = std::mem::replace(&mut skipping, false);
+            let first_line_skipped = skipping.take();
             let ingestor = ingestor.clone();
-            let task = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
+            // The long line this chunk ends holds its budget until it is parsed.
+            let line_budget = held.take();
+            let task = tokio::spawn(async move {
+                let parsed = parse_chunk(&ingestor, chunk, max_line, first_line_skipped);
+                drop(line_budget);
+                parsed
+            });
             // The queue is full while replies wait for a client that reads none: a
             // shutdown does not wait for it (these lines are never answered, nor stored).
             let sent = tokio::select! {
@@ -124,9 +167,27 @@ async fn connection(stream: UnixStream, ingestor: Arc<Ingestor>, max_line: usize
                 break;
             }
         }
-        if buf.len() > max_line {
-            skipping = true;
+        if skipping.is_some() || buf.len() > max_line {
+            skipping.get_or_insert(Skipped::TooLong);
             buf.clear();
+            held = None;
+        } else if let Some(past_one_read) = buf.len().checked_sub(READ_CHUNK).filter(|n| *n > 0) {
+            // Within `max_line`, which the budget is at least and fits in a u32.
+            let holding = held.as_ref().map_or(0, |p| p.num_permits());
+            let more = u32::try_from(past_one_read.saturating_sub(holding)).unwrap_or(u32::MAX);
+            if more > 0 {
+                match limits.long_lines.clone().try_acquire_many_owned(more) {
+                    Ok(taken) => match &mut held {
+                        Some(permit) => permit.merge(taken),
+                        None => held = Some(taken),
+                    },
+                    Err(_) => {
+                        skipping = Some(Skipped::OverBudget);
+                        buf.clear();
+                        held = None;
+                    }
+                }
+            }
         }
         if closing {
             break;
@@ -168,18 +229,22 @@ struct Parsed {
 }
 
 /// Parses and validates the whole lines of `chunk`. `first_line_skipped`: the chunk
-/// starts with the tail of an over-long line, answered as such.
-fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_skipped: bool) -> Parsed {
+/// starts with the tail of a line refused before its end, answered as such.
+fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_skipped: Option<Skipped>) -> Parsed {
     let mut lines = Vec::new();
     let mut good: Vec<PreparedClick> = Vec::new();
     let received = click::received_now();
     let mut skipping = first_line_skipped;
     for line in chunk.split(|b| *b == b'\n') {
-        let was_skipping = std::mem::replace(&mut skipping, false);
-        if was_skipping || line.len() > max_line {
-            lines.push(LineResult::Rejected(format!(
-                "line longer than ingest.http.max_body ({max_line} bytes)"
-            )));
+        let refused = match skipping.take() {
+            None if line.len() <= max_line => None,
+            Some(Skipped::OverBudget) => {
+                Some("the socket listener holds as many long lines as it may at once; send the line again".to_string())
+            }
+            _ => Some(format!("line longer than ingest.http.max_body ({max_line} bytes)")),
+        };
+        if let Some(reason) = refused {
+            lines.push(LineResult::Rejected(reason));
         } else if !line.iter().all(u8::is_ascii_whitespace) {
             let result = click::prepare_raw(line, 0, &ingestor.enricher, &received).map_err(|e| e.message);
             lines.push(match result {
@@ -304,7 +369,12 @@ mod tests {
     fn stuck_connection(ingestor: &Arc<Ingestor>) -> (JoinHandle<()>, watch::Sender<bool>) {
         let (client, server) = UnixStream::pair().unwrap();
         let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(connection(server, ingestor.clone(), 1 << 20, shutdown));
+        let task = tokio::spawn(connection(
+            server,
+            ingestor.clone(),
+            LineLimits::new(1 << 20, 1 << 20),
+            shutdown,
+        ));
         let (read, mut write) = client.into_split();
         let line = br#"{"link":{"id":"l"},"metadata":{"pad":"................................................................................................................................................................"}}
 "#;
@@ -362,7 +432,12 @@ mod tests {
         let (_log, ingestor, _running) = ingestor_in(dir.path());
         let (client, server) = UnixStream::pair().unwrap();
         let (stop, shutdown) = watch::channel(false);
-        let connection = tokio::spawn(connection(server, ingestor, 1 << 20, shutdown));
+        let connection = tokio::spawn(connection(
+            server,
+            ingestor,
+            LineLimits::new(1 << 20, 1 << 20),
+            shutdown,
+        ));
         let (read, mut write) = client.into_split();
         write
             .write_all(b"{\"link\":{\"id\":\"l\"}}\n{\"link\":{\"id\"")
@@ -375,6 +450,72 @@ mod tests {
         connection.await.unwrap();
         assert_eq!(replies.next_line().await.unwrap(), None, "the cut line got an answer");
         drop(write);
+    }
+
+    /// A click line padded to exactly `len` bytes, without its newline.
+    fn long_line(len: usize) -> Vec<u8> {
+        let frame = br#"{"link":{"id":"l"},"metadata":{"pad":""}}"#;
+        let mut line = frame[..frame.len() - 3].to_vec();
+        line.resize(len - 3, b'.');
+        line.extend_from_slice(b"\"}}");
+        line
+    }
+
+    /// Long lines being read hold a budget the listener's connections share; a line whose
+    /// bytes do not fit is refused and skipped to its end, and the next one fits again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_lines_past_the_listeners_budget_are_refused_until_it_frees() {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, ingestor, _running) = ingestor_in(dir.path());
+        let limits = LineLimits::new(1 << 20, 32 << 10);
+        let open = |ingestor: &Arc<Ingestor>| {
+            let (client, server) = UnixStream::pair().unwrap();
+            let (stop, shutdown) = watch::channel(false);
+            tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
+            let (read, write) = client.into_split();
+            (tokio::io::BufReader::new(read).lines(), write, stop)
+        };
+        let (mut a_replies, mut a, _a_stop) = open(&ingestor);
+        let (mut b_replies, mut b, _b_stop) = open(&ingestor);
+        // A holds 30 KiB of the 32 KiB budget: its line is 30 KiB past one read, unfinished.
+        let a_line = long_line(READ_CHUNK + (30 << 10) + 1);
+        a.write_all(&a_line[..a_line.len() - 1]).await.unwrap();
+        let holding = || limits.long_lines.available_permits() == 2 << 10;
+        for _ in 0..200 {
+            if holding() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(holding(), "{}", limits.long_lines.available_permits());
+        // B's line runs on past two reads before its end (reads take at most one
+        // READ_CHUNK), so it is held unfinished past one read: refused, and answered at
+        // its end.
+        let mut b_overlong = long_line(READ_CHUNK + (10 << 10));
+        b_overlong.extend(std::iter::repeat_n(b'.', 2 * READ_CHUNK));
+        b_overlong.push(b'\n');
+        b.write_all(&b_overlong).await.unwrap();
+        let refused = b_replies.next_line().await.unwrap().unwrap();
+        assert!(
+            refused.starts_with("err ") && refused.contains("long lines"),
+            "{refused}"
+        );
+        // A finishes and is stored; its budget goes back, and B's line now fits.
+        a.write_all(&a_line[a_line.len() - 1..]).await.unwrap();
+        a.write_all(b"\n").await.unwrap();
+        let stored = a_replies.next_line().await.unwrap().unwrap();
+        assert!(stored.starts_with("ok "), "{stored}");
+        let b_line = long_line(READ_CHUNK + (10 << 10));
+        b.write_all(&b_line).await.unwrap();
+        b.write_all(b"\n").await.unwrap();
+        let stored = b_replies.next_line().await.unwrap().unwrap();
+        assert!(stored.starts_with("ok "), "{stored}");
+        assert_eq!(
+            limits.long_lines.available_permits(),
+            32 << 10,
+            "every long line gave its budget back"
+        );
     }
 
     /// At shutdown such a client's replies get a few seconds, then its connection closes,
