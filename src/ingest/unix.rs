@@ -189,6 +189,10 @@ async fn connection(
                 }
             }
         }
+        if held.is_none() && buf.capacity() > 4 * READ_CHUNK {
+            // A long line's room goes back with its budget.
+            buf.shrink_to(2 * READ_CHUNK);
+        }
         if closing {
             break;
         }
