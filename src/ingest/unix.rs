@@ -26,6 +26,8 @@ enum LineResult {
     /// Answered with the next id of the group's append.
     Click,
     Rejected(String),
+    /// Not taken now, through no fault of the line: it may be sent again.
+    Unavailable(&'static str),
 }
 
 /// The lines of one read, in order, with the append that covers the good ones.
@@ -67,7 +69,13 @@ enum Skipped {
     TooLong,
     /// Its bytes past one read did not fit in the listener's budget of long lines.
     OverBudget,
+    /// It held budget past [`LONG_LINE_WAIT`] without ending.
+    TooSlow,
 }
+
+/// How long a line may hold the listener's budget of long lines before it ends: a writer
+/// that stalls halfway through a long line would otherwise hold it for good.
+const LONG_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub async fn serve(
     listener: UnixListener,
@@ -117,18 +125,33 @@ async fn connection(
     let writer = tokio::spawn(write_replies(write, rx));
     let submitter = tokio::spawn(submit_in_order(parsed_rx, tx, ingestor.clone()));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // Inside a line refused before its end: its bytes are dropped until its newline.
+    // Inside a line refused before its end: its bytes are dropped until its newline, and
+    // counted (`skipped`) so that one refused for the budget is told if it is too long.
     let mut skipping: Option<Skipped> = None;
-    // The budget the line being read holds for its bytes past one read.
-    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut skipped = 0usize;
+    // The budget the line being read holds for its bytes past one read, and until when.
+    let mut held: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)> = None;
     loop {
         let start = buf.len();
         buf.resize(start + READ_CHUNK, 0);
+        let held_until = held.as_ref().map(|(_, until)| *until);
         let n = tokio::select! {
             r = read.read(&mut buf[start..]) => r,
             // The daemon stops reading, not the client: a line cut here is not the
             // client's fault, and goes unanswered (nor stored) rather than blamed.
             _ = shutdown.changed() => break,
+            _ = async {
+                match held_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                skipped = start;
+                skipping = Some(Skipped::TooSlow);
+                buf.clear();
+                held = None;
+                continue;
+            }
         };
         // A read error ends the connection like an end of stream: answer what was read.
         let n = n.unwrap_or_default();
@@ -147,14 +170,22 @@ async fn connection(
             .rposition(|b| *b == b'\n')
             .map_or(0, |last| start + last + 1);
         if whole > 0 {
-            let chunk: Vec<u8> = buf.drain(..whole).collect();
+            let chunk: Vec<u8> = if whole > READ_CHUNK {
+                // A long line: the chunk takes the buffer's room, not a copy of it.
+                let rest = buf[whole..].to_vec();
+                buf.truncate(whole);
+                std::mem::replace(&mut buf, rest)
+            } else {
+                buf.drain(..whole).collect()
+            };
             let first_line_skipped = skipping.take();
             let ingestor = ingestor.clone();
-            // The long line this chunk ends holds its budget until it is parsed.
-            let line_budget = held.take();
+            // The long line this chunk ends holds its budget until its clicks are
+            // submitted to the log.
+            let line_budget = held.take().map(|(permit, _)| permit);
             let task = tokio::spawn(async move {
-                let parsed = parse_chunk(&ingestor, chunk, max_line, first_line_skipped);
-                drop(line_budget);
+                let mut parsed = parse_chunk(&ingestor, chunk, max_line, first_line_skipped);
+                parsed.budget = line_budget;
                 parsed
             });
             // The queue is full while replies wait for a client that reads none: a
@@ -167,21 +198,30 @@ async fn connection(
                 break;
             }
         }
-        if skipping.is_some() || buf.len() > max_line {
-            skipping.get_or_insert(Skipped::TooLong);
+        if skipping.is_some() {
+            // Still inside the refused line. One refused for the budget or its pace is
+            // told it is too long once it is.
+            skipped += buf.len();
+            if skipped > max_line {
+                skipping = Some(Skipped::TooLong);
+            }
+            buf.clear();
+        } else if buf.len() > max_line {
+            skipping = Some(Skipped::TooLong);
             buf.clear();
             held = None;
         } else if let Some(past_one_read) = buf.len().checked_sub(READ_CHUNK).filter(|n| *n > 0) {
             // Within `max_line`, which the budget is at least and fits in a u32.
-            let holding = held.as_ref().map_or(0, |p| p.num_permits());
+            let holding = held.as_ref().map_or(0, |(p, _)| p.num_permits());
             let more = u32::try_from(past_one_read.saturating_sub(holding)).unwrap_or(u32::MAX);
             if more > 0 {
                 match limits.long_lines.clone().try_acquire_many_owned(more) {
                     Ok(taken) => match &mut held {
-                        Some(permit) => permit.merge(taken),
-                        None => held = Some(taken),
+                        Some((permit, _)) => permit.merge(taken),
+                        None => held = Some((taken, tokio::time::Instant::now() + LONG_LINE_WAIT)),
                     },
                     Err(_) => {
+                        skipped = buf.len();
                         skipping = Some(Skipped::OverBudget);
                         buf.clear();
                         held = None;
@@ -189,7 +229,7 @@ async fn connection(
                 }
             }
         }
-        if held.is_none() && buf.capacity() > 4 * READ_CHUNK {
+        if held.is_none() && buf.capacity() > 2 * READ_CHUNK {
             // A long line's room goes back with its budget.
             buf.shrink_to(2 * READ_CHUNK);
         }
@@ -230,6 +270,8 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 struct Parsed {
     lines: Vec<LineResult>,
     good: Vec<PreparedClick>,
+    /// The budget of the long line among them, held until their clicks are submitted.
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Parses and validates the whole lines of `chunk`. `first_line_skipped`: the chunk
@@ -242,13 +284,20 @@ fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_
     for line in chunk.split(|b| *b == b'\n') {
         let refused = match skipping.take() {
             None if line.len() <= max_line => None,
-            Some(Skipped::OverBudget) => {
-                Some("the socket listener holds as many long lines as it may at once; send the line again".to_string())
-            }
-            _ => Some(format!("line longer than ingest.http.max_body ({max_line} bytes)")),
+            Some(Skipped::OverBudget) => Some(LineResult::Unavailable(
+                "the socket listener holds as many long lines as it may at once; send the line again",
+            )),
+            Some(Skipped::TooSlow) => Some(LineResult::Rejected(format!(
+                "a line over {} KiB must end within {} s",
+                READ_CHUNK >> 10,
+                LONG_LINE_WAIT.as_secs()
+            ))),
+            _ => Some(LineResult::Rejected(format!(
+                "line longer than ingest.http.max_body ({max_line} bytes)"
+            ))),
         };
-        if let Some(reason) = refused {
-            lines.push(LineResult::Rejected(reason));
+        if let Some(refused) = refused {
+            lines.push(refused);
         } else if !line.iter().all(u8::is_ascii_whitespace) {
             let result = click::prepare_raw(line, 0, &ingestor.enricher, &received).map_err(|e| e.message);
             lines.push(match result {
@@ -260,7 +309,11 @@ fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_
             });
         }
     }
-    Parsed { lines, good }
+    Parsed {
+        lines,
+        good,
+        budget: None,
+    }
 }
 
 /// Takes parsed chunks in the order they were read and appends them in that order, so
@@ -271,7 +324,7 @@ async fn submit_in_order(
     ingestor: Arc<Ingestor>,
 ) {
     while let Some(task) = parsed.recv().await {
-        let Parsed { lines, good } = match task.await {
+        let Parsed { lines, good, budget } = match task.await {
             Ok(p) => p,
             Err(e) => {
                 // A parse task cannot panic on input (every error is a rejected line);
@@ -289,6 +342,7 @@ async fn submit_in_order(
             let submitted = ingestor.submit(good, Source::Unix).await;
             Some(tokio::spawn(async move { submitted?.wait().await }))
         };
+        drop(budget);
         if tx.send(Group { lines, appended }).await.is_err() {
             return;
         }
@@ -311,6 +365,7 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
         };
         let mut rejected = 0;
         let mut unavailable = 0;
+        let mut held_back = 0;
         let mut text = String::new();
         for line in group.lines {
             match (line, &mut ids) {
@@ -318,6 +373,11 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
                     rejected += 1;
                     text.push_str("err ");
                     text.push_str(&reason.replace('\n', " "));
+                }
+                (LineResult::Unavailable(reason), _) => {
+                    held_back += 1;
+                    text.push_str("err unavailable: ");
+                    text.push_str(reason);
                 }
                 (LineResult::Click, Ok(ids)) => {
                     text.push_str("ok ");
@@ -333,6 +393,9 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
         }
         if rejected > 0 {
             metrics::ingest_rejected(Source::Unix, "invalid", rejected);
+        }
+        if held_back > 0 {
+            metrics::ingest_rejected(Source::Unix, "unavailable", held_back);
         }
         if let (true, Err((reason, _))) = (unavailable > 0, &ids) {
             metrics::ingest_rejected(Source::Unix, reason, unavailable);
@@ -469,19 +532,11 @@ mod tests {
     /// bytes do not fit is refused and skipped to its end, and the next one fits again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn long_lines_past_the_listeners_budget_are_refused_until_it_frees() {
-        use tokio::io::AsyncBufReadExt;
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
         let limits = LineLimits::new(1 << 20, 32 << 10);
-        let open = |ingestor: &Arc<Ingestor>| {
-            let (client, server) = UnixStream::pair().unwrap();
-            let (stop, shutdown) = watch::channel(false);
-            tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
-            let (read, write) = client.into_split();
-            (tokio::io::BufReader::new(read).lines(), write, stop)
-        };
-        let (mut a_replies, mut a, _a_stop) = open(&ingestor);
-        let (mut b_replies, mut b, _b_stop) = open(&ingestor);
+        let (mut a_replies, mut a, _a_stop) = open_with(&ingestor, &limits);
+        let (mut b_replies, mut b, _b_stop) = open_with(&ingestor, &limits);
         // A holds 30 KiB of the 32 KiB budget: its line is 30 KiB past one read, unfinished.
         let a_line = long_line(READ_CHUNK + (30 << 10) + 1);
         a.write_all(&a_line[..a_line.len() - 1]).await.unwrap();
@@ -519,6 +574,73 @@ mod tests {
             limits.long_lines.available_permits(),
             32 << 10,
             "every long line gave its budget back"
+        );
+    }
+
+    /// A connection to `ingestor` under `limits`: its replies, its writer, and the sender
+    /// that shuts it down.
+    fn open_with(
+        ingestor: &Arc<Ingestor>,
+        limits: &LineLimits,
+    ) -> (
+        tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+        tokio::net::unix::OwnedWriteHalf,
+        watch::Sender<bool>,
+    ) {
+        use tokio::io::AsyncBufReadExt;
+        let (client, server) = UnixStream::pair().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
+        let (read, write) = client.into_split();
+        (tokio::io::BufReader::new(read).lines(), write, stop)
+    }
+
+    /// A line refused for the budget that runs on past `max_line` is told it is too long,
+    /// not to send it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_line_refused_for_the_budget_is_told_when_it_is_too_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, ingestor, _running) = ingestor_in(dir.path());
+        let limits = LineLimits::new(256 << 10, 32 << 10);
+        let (_a_replies, mut a, _a_stop) = open_with(&ingestor, &limits);
+        let (mut b_replies, mut b, _b_stop) = open_with(&ingestor, &limits);
+        a.write_all(&long_line(READ_CHUNK + (30 << 10) + 1)[..READ_CHUNK + (30 << 10)])
+            .await
+            .unwrap();
+        while limits.long_lines.available_permits() != 2 << 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut overlong = vec![b'.'; 300 << 10];
+        overlong.push(b'\n');
+        b.write_all(&overlong).await.unwrap();
+        let reply = b_replies.next_line().await.unwrap().unwrap();
+        assert!(reply.starts_with("err line longer than"), "{reply}");
+    }
+
+    /// A long line that stops coming gives its budget back after a while, and is told why.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_line_that_stalls_gives_its_budget_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, ingestor, _running) = ingestor_in(dir.path());
+        let limits = LineLimits::new(1 << 20, 64 << 10);
+        let (mut replies, mut write, _stop) = open_with(&ingestor, &limits);
+        let line = long_line(READ_CHUNK + (40 << 10));
+        write.write_all(&line[..READ_CHUNK + (20 << 10)]).await.unwrap();
+        while limits.long_lines.available_permits() == 64 << 10 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(LONG_LINE_WAIT + Duration::from_secs(1)).await;
+        assert_eq!(
+            limits.long_lines.available_permits(),
+            64 << 10,
+            "the stalled line holds nothing"
+        );
+        write.write_all(&line[READ_CHUNK + (20 << 10)..]).await.unwrap();
+        write.write_all(b"\n").await.unwrap();
+        let reply = replies.next_line().await.unwrap().unwrap();
+        assert!(
+            reply.starts_with("err a line over 64 KiB must end within 30 s"),
+            "{reply}"
         );
     }
 
