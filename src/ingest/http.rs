@@ -445,14 +445,7 @@ mod tests {
         conn
     }
 
-    /// A click padded to exactly `len` bytes.
-    fn click_body(len: usize) -> Vec<u8> {
-        let frame = br#"{"link":{"id":"l"},"metadata":{"pad":""}}"#;
-        let mut body = frame[..frame.len() - 3].to_vec();
-        body.resize(len - 3, b'.');
-        body.extend_from_slice(b"\"}}");
-        body
-    }
+    use crate::ingest::padded_click as click_body;
 
     async fn status_of(mut conn: TcpStream) -> (u16, String) {
         let mut answer = Vec::new();

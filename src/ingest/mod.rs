@@ -207,3 +207,13 @@ impl Ingestor {
         })
     }
 }
+
+/// A click padded to exactly `len` bytes of JSON, for tests of long bodies and lines.
+#[cfg(test)]
+pub(crate) fn padded_click(len: usize) -> Vec<u8> {
+    let frame = br#"{"link":{"id":"l"},"metadata":{"pad":""}}"#;
+    let mut click = frame[..frame.len() - 3].to_vec();
+    click.resize(len - 3, b'.');
+    click.extend_from_slice(b"\"}}");
+    click
+}

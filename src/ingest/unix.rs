@@ -519,14 +519,7 @@ mod tests {
         drop(write);
     }
 
-    /// A click line padded to exactly `len` bytes, without its newline.
-    fn long_line(len: usize) -> Vec<u8> {
-        let frame = br#"{"link":{"id":"l"},"metadata":{"pad":""}}"#;
-        let mut line = frame[..frame.len() - 3].to_vec();
-        line.resize(len - 3, b'.');
-        line.extend_from_slice(b"\"}}");
-        line
-    }
+    use crate::ingest::padded_click as long_line;
 
     /// Long lines being read hold a budget the listener's connections share; a line whose
     /// bytes do not fit is refused and skipped to its end, and the next one fits again.
