@@ -279,7 +279,8 @@ async fn check_destination(state: &AdminState, url: &str) -> Result<(), ApiError
         .parse()
         .map_err(|e| ApiError::BadRequest(format!("url: {url:?}: {e}")))?;
     state
-        .addresses
+        .connections
+        .resolver(state.addresses.clone())
         .check_url(&uri)
         .await
         .map_err(|e| ApiError::BadRequest(format!("url: {e}")))

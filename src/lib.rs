@@ -23,5 +23,7 @@ pub mod metrics;
 pub mod route;
 pub mod said_seldom;
 pub mod server;
+#[cfg(test)]
+mod test_util;
 
 pub use server::{bind, run, Control, Listeners};

@@ -416,6 +416,7 @@ mod tests {
     use crate::enrich::Enricher;
     use crate::ingest::IngestGate;
     use crate::log::ClickLog;
+    use crate::test_util::eventually;
     use std::time::Duration;
 
     /// An ingestor on a real log in `dir`, routing to no endpoint.
@@ -534,13 +535,11 @@ mod tests {
         let a_line = long_line(READ_CHUNK + (30 << 10) + 1);
         a.write_all(&a_line[..a_line.len() - 1]).await.unwrap();
         let holding = || limits.long_lines.available_permits() == 2 << 10;
-        for _ in 0..200 {
-            if holding() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(holding(), "{}", limits.long_lines.available_permits());
+        assert!(
+            eventually(Duration::from_secs(2), holding).await,
+            "{}",
+            limits.long_lines.available_permits()
+        );
         // B's line runs on past two reads before its end (reads take at most one
         // READ_CHUNK), so it is held unfinished past one read: refused, and answered at
         // its end.
@@ -600,9 +599,8 @@ mod tests {
         a.write_all(&long_line(READ_CHUNK + (30 << 10) + 1)[..READ_CHUNK + (30 << 10)])
             .await
             .unwrap();
-        while limits.long_lines.available_permits() != 2 << 10 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let holding = || limits.long_lines.available_permits() == 2 << 10;
+        assert!(eventually(Duration::from_secs(2), holding).await);
         let mut overlong = vec![b'.'; 300 << 10];
         overlong.push(b'\n');
         b.write_all(&overlong).await.unwrap();
