@@ -518,14 +518,16 @@ impl Worker {
     /// (after a restart the head can be retries due in hours, with new clicks behind).
     fn page_in(&mut self) -> bool {
         for _ in 0..PAGES_PER_TURN {
-            if self.caught_up || self.ready.len() >= PAGE || self.waiting_jobs.len() >= MAX_WAITING {
-                return false;
-            }
-            if !self.read_page() || !self.ready.is_empty() {
+            if !self.may_read() || !self.read_page() || !self.ready.is_empty() {
                 return false;
             }
         }
-        !self.caught_up && self.waiting_jobs.len() < MAX_WAITING
+        self.may_read()
+    }
+
+    /// Whether the queue has more to read and room for what it reads.
+    fn may_read(&self) -> bool {
+        !self.caught_up && self.ready.len() < PAGE && self.waiting_jobs.len() < MAX_WAITING
     }
 
     /// Reads the next page of the queue; false if the log could not be read.
@@ -906,7 +908,7 @@ impl Worker {
             tracing::warn!(endpoint = %self.ep.id, cooldown = ?self.ctx.policy.breaker_cooldown, "circuit opened");
         }
         self.report_circuit(now);
-        if let Some(times) = self.failure_log.due(now_ms()) {
+        if let Some(times) = self.failure_log.due(at_ms) {
             tracing::warn!(
                 endpoint = %self.ep.id,
                 event = %event_ids.first().map(String::as_str).unwrap_or(""),
