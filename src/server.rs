@@ -226,7 +226,7 @@ pub async fn run(
         HttpIngestSettings {
             max_body,
             tokens: config.ingest.http.tokens.clone(),
-            body_budget: http::body_budget(max_body),
+            body_budget: crate::ingest::ByteBudget::for_max_body(max_body),
         },
         shutdown_rx.clone(),
     ));

@@ -4,7 +4,7 @@
 //! anything the log has not made durable.
 
 use super::click::{self, Framing, PreparedClick};
-use super::{adapters, IngestError, Ingestor};
+use super::{adapters, ByteBudget, IngestError, Ingestor, FINISH_WITHIN};
 use crate::deliver::format::Format;
 use crate::metrics::{self, Source};
 use bytes::Bytes;
@@ -23,27 +23,14 @@ use tokio::task::JoinSet;
 
 /// How long a client may take to send its request headers (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request's body must arrive within this: a client trickling it would otherwise hold
-/// its connection slot, and a shutdown, for ever.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct HttpIngestSettings {
     pub max_body: usize,
     pub tokens: Vec<String>,
-    /// Bytes of request bodies all connections may hold at once ([`body_budget`]).
-    pub body_budget: usize,
-}
-
-/// Bytes of request bodies the listener holds at once, across its connections: each
-/// request is bounded by `max_body`, but 4,096 connections of 8 MiB bodies would be 32 GiB.
-/// Bytes are taken as they arrive, so only bytes sent hold it: a client that declares a
-/// large body and sends nothing holds nothing. A request whose bytes do not fit is
-/// answered 503 with `Retry-After` (backpressure) rather than waiting, so requests half
-/// read never wait on each other: at once when its `Content-Length` is more than is free
-/// when it starts, else when a part of its body does not fit. A largest body fits
-/// whenever nothing else holds the budget.
-pub fn body_budget(max_body: usize) -> usize {
-    (128usize << 20).max(max_body).min(u32::MAX as usize)
+    /// Bytes of request bodies all connections may hold at once. A body whose
+    /// `Content-Length` is more than is free when it starts is answered 503 at once, one
+    /// sent in parts when a part does not fit.
+    pub body_budget: ByteBudget,
 }
 
 /// At most this many open ingest HTTP connections: past it, new connections wait in the kernel's backlog
@@ -57,7 +44,7 @@ pub async fn serve(
     settings: HttpIngestSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let budget = Arc::new(tokio::sync::Semaphore::new(settings.body_budget));
+    let budget = settings.body_budget.clone();
     let settings = Arc::new(settings);
     let mut connections = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -120,7 +107,7 @@ async fn handle(
     req: Request<Incoming>,
     ingestor: Arc<Ingestor>,
     settings: Arc<HttpIngestSettings>,
-    budget: Arc<tokio::sync::Semaphore>,
+    budget: ByteBudget,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/clicks") => ingest(req, &ingestor, &settings, budget).await,
@@ -137,7 +124,7 @@ async fn ingest(
     req: Request<Incoming>,
     ingestor: &Ingestor,
     settings: &HttpIngestSettings,
-    budget: Arc<tokio::sync::Semaphore>,
+    budget: ByteBudget,
 ) -> Response<Full<Bytes>> {
     if !settings.tokens.is_empty() && !authorized(&req, &settings.tokens) {
         metrics::ingest_rejected(Source::Http, "unauthorized", 1);
@@ -172,22 +159,22 @@ async fn ingest(
             return json_error(StatusCode::BAD_REQUEST, &msg, None);
         }
     };
-    // Held until the answer: the body, and the clicks made from it, live until then.
-    let mut held = None;
     let reading = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        read_body(req.into_body(), declared, settings.max_body, &budget, &mut held),
+        FINISH_WITHIN,
+        read_body(req.into_body(), declared, settings.max_body, &budget),
     );
     let Ok(body) = reading.await else {
         metrics::ingest_rejected(Source::Http, "invalid", 1);
         return json_error(
             StatusCode::REQUEST_TIMEOUT,
-            &format!("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+            &format!("the body did not arrive within {} s", FINISH_WITHIN.as_secs()),
             None,
         );
     };
-    let body = match body {
-        Ok(b) => b,
+    // The budget is held until the answer: the body, and the clicks made from it, live
+    // until then.
+    let (body, _held) = match body {
+        Ok(read) => read,
         Err(BodyError::TooLarge) => {
             metrics::ingest_rejected(Source::Http, "too_large", 1);
             return too_large(settings.max_body);
@@ -196,7 +183,7 @@ async fn ingest(
             metrics::ingest_rejected(Source::Http, "unavailable", 1);
             return unavailable(&format!(
                 "the ingest listener holds its budget of {} bytes of request bodies; retry",
-                settings.body_budget
+                settings.body_budget.size()
             ));
         }
         Err(BodyError::Read(e)) => {
@@ -231,35 +218,32 @@ async fn ingest(
 }
 
 /// Why a body was not read whole.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 enum BodyError {
-    #[error("over max_body")]
     TooLarge,
-    #[error("over the listener's body budget")]
     OverBudget,
-    #[error("{0}")]
     Read(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Reads a body of at most `max` bytes into memory taken from `budget` as it arrives and
-/// kept in `held`. A declared length more than is free now is refused before any of it is
-/// read.
+/// Reads a body of at most `max` bytes into memory taken from `budget` as it arrives,
+/// returned with what it holds of the budget. A declared length more than is free now is
+/// refused before any of it is read.
 async fn read_body(
     body: Incoming,
     declared: Option<u64>,
     max: usize,
-    budget: &Arc<tokio::sync::Semaphore>,
-    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
-) -> Result<Bytes, BodyError> {
+    budget: &ByteBudget,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), BodyError> {
     let declared = declared.and_then(|len| usize::try_from(len).ok());
-    if declared.is_some_and(|len| len > budget.available_permits()) {
+    if declared.is_some_and(|len| len > budget.available()) {
         return Err(BodyError::OverBudget);
     }
+    let mut held = None;
     let mut body = Limited::new(body, max);
     // A body in one frame (most are) is kept as it came, without a copy; one in parts is
-    // gathered where its declared length fits.
+    // gathered, in room for its declared length.
     let mut first: Option<Bytes> = None;
-    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(max));
+    let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
@@ -271,27 +255,21 @@ async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        // Within `max`, which the budget's size is at least and fits in a u32.
-        let len = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge)?;
-        let taken = budget
-            .clone()
-            .try_acquire_many_owned(len)
-            .map_err(|_| BodyError::OverBudget)?;
-        match held {
-            Some(permit) => permit.merge(taken),
-            None => *held = Some(taken),
+        if !budget.take(&mut held, data.len()) {
+            return Err(BodyError::OverBudget);
         }
         match first.take() {
             None if bytes.is_empty() => first = Some(data),
             earlier => {
                 if let Some(earlier) = earlier {
+                    bytes.reserve(declared.unwrap_or(0).min(max).max(earlier.len() + data.len()));
                     bytes.extend_from_slice(&earlier);
                 }
                 bytes.extend_from_slice(&data);
             }
         }
     }
-    Ok(first.unwrap_or_else(|| bytes.into()))
+    Ok((first.unwrap_or_else(|| bytes.into()), held))
 }
 
 /// Parses, adapts and validates a whole body; the first bad object rejects it all.
@@ -408,27 +386,19 @@ fn too_large(max: usize) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::Enricher;
-    use crate::ingest::IngestGate;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
     /// The HTTP ingest listener on a real log in `dir`, with a body budget of `budget`.
     async fn listener_in(dir: &std::path::Path, budget: usize) -> (std::net::SocketAddr, Vec<watch::Sender<bool>>) {
-        let (log, registry, running) = crate::endpoints::registry_in(dir);
-        let ingestor = Arc::new(Ingestor::new(
-            log,
-            registry,
-            Arc::new(Enricher::new()),
-            Arc::new(IngestGate::default()),
-        ));
+        let (_log, ingestor, running) = crate::ingest::ingestor_in(dir);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, shutdown) = watch::channel(false);
         let settings = HttpIngestSettings {
             max_body: 1 << 20,
             tokens: Vec::new(),
-            body_budget: budget,
+            body_budget: ByteBudget::of(budget),
         };
         tokio::spawn(serve(listener, ingestor, settings, shutdown));
         (addr, vec![running, stop])

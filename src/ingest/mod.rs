@@ -22,6 +22,60 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// waits (backpressure) instead of queueing without bound.
 const MAX_APPENDS_IN_FLIGHT: usize = 1024;
 
+/// Bytes a client has begun (a request body, a socket line past one read) must all arrive
+/// within this: a client trickling them would otherwise hold what they take for ever.
+const FINISH_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Bytes a listener's connections may hold at once (bodies being read, socket lines
+/// past one read): each is bounded by `max_body`, but thousands of connections of 8 MiB
+/// each would be tens of GiB. Bytes are taken as they arrive, so a client holds only
+/// what it has sent, and never waited for: what does not fit is refused (backpressure)
+/// so that requests half read never wait on each other.
+#[derive(Clone)]
+pub struct ByteBudget {
+    bytes: Arc<Semaphore>,
+    size: usize,
+}
+
+impl ByteBudget {
+    /// 128 MiB, and at least `max_body`: a largest body fits whenever nothing else holds
+    /// the budget. `max_body` is less than 4 GiB (the config says so), as amounts taken
+    /// from a semaphore are.
+    pub fn for_max_body(max_body: usize) -> Self {
+        ByteBudget::of((128usize << 20).max(max_body).min(u32::MAX as usize))
+    }
+
+    pub fn of(size: usize) -> Self {
+        ByteBudget {
+            bytes: Arc::new(Semaphore::new(size)),
+            size,
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Adds `n` bytes to what `held` holds; false, taking nothing, if they do not fit.
+    pub fn take(&self, held: &mut Option<OwnedSemaphorePermit>, n: usize) -> bool {
+        let Ok(n) = u32::try_from(n) else {
+            return false;
+        };
+        let Ok(taken) = self.bytes.clone().try_acquire_many_owned(n) else {
+            return false;
+        };
+        match held {
+            Some(permit) => permit.merge(taken),
+            None => *held = Some(taken),
+        }
+        true
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("{0}")]
@@ -206,6 +260,26 @@ impl Ingestor {
             source,
         })
     }
+}
+
+/// An ingestor on a real log in `dir`, routing to no endpoint; the sender keeps the
+/// registry's workers from seeing a shutdown.
+#[cfg(test)]
+pub(crate) fn ingestor_in(
+    dir: &std::path::Path,
+) -> (
+    Arc<crate::log::SledLog>,
+    Arc<Ingestor>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (log, registry, running) = crate::endpoints::registry_in(dir);
+    let ingestor = Arc::new(Ingestor::new(
+        log.clone(),
+        registry,
+        Arc::new(Enricher::new()),
+        Arc::new(IngestGate::default()),
+    ));
+    (log, ingestor, running)
 }
 
 /// A click padded to exactly `len` bytes of JSON, for tests of long bodies and lines.

@@ -5,12 +5,13 @@
 //! not let one bad line affect its neighbours.
 
 use super::click::{self, PreparedClick};
-use super::{IngestError, Ingestor};
+use super::{ByteBudget, IngestError, Ingestor, FINISH_WITHIN};
 use crate::metrics::{self, Source};
+use bytes::BufMut;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Groups of lines read but not yet answered, per connection.
@@ -51,16 +52,7 @@ const MAX_CONNECTIONS: usize = 1024;
 #[derive(Clone)]
 pub(crate) struct LineLimits {
     max_line: usize,
-    long_lines: Arc<tokio::sync::Semaphore>,
-}
-
-impl LineLimits {
-    pub(crate) fn new(max_line: usize, budget: usize) -> Self {
-        LineLimits {
-            max_line,
-            long_lines: Arc::new(tokio::sync::Semaphore::new(budget)),
-        }
-    }
+    long_lines: ByteBudget,
 }
 
 /// Why a line is being skipped to its end.
@@ -69,13 +61,9 @@ enum Skipped {
     TooLong,
     /// Its bytes past one read did not fit in the listener's budget of long lines.
     OverBudget,
-    /// It held budget past [`LONG_LINE_WAIT`] without ending.
+    /// It held budget past [`FINISH_WITHIN`] without ending.
     TooSlow,
 }
-
-/// How long a line may hold the listener's budget of long lines before it ends: a writer
-/// that stalls halfway through a long line would otherwise hold it for good.
-const LONG_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub async fn serve(
     listener: UnixListener,
@@ -85,7 +73,10 @@ pub async fn serve(
 ) {
     let mut connections = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let limits = LineLimits::new(max_line, super::http::body_budget(max_line));
+    let limits = LineLimits {
+        max_line,
+        long_lines: ByteBudget::for_max_body(max_line),
+    };
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
@@ -120,23 +111,24 @@ async fn connection(
 ) {
     let max_line = limits.max_line;
     let (mut read, write) = stream.into_split();
-    let (parsed_tx, parsed_rx) = mpsc::channel::<JoinHandle<Parsed>>(PARSE_AHEAD);
+    let (parsed_tx, parsed_rx) = mpsc::channel::<(JoinHandle<Parsed>, Option<OwnedSemaphorePermit>)>(PARSE_AHEAD);
     let (tx, rx) = mpsc::channel::<Group>(REPLY_QUEUE);
     let writer = tokio::spawn(write_replies(write, rx));
     let submitter = tokio::spawn(submit_in_order(parsed_rx, tx, ingestor.clone()));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // Inside a line refused before its end: its bytes are dropped until its newline, and
-    // counted (`skipped`) so that one refused for the budget is told if it is too long.
-    let mut skipping: Option<Skipped> = None;
-    let mut skipped = 0usize;
+    // Inside a line refused before its end: why, and its length so far. Its bytes are
+    // dropped until its newline, and counted so that one refused for the budget is told
+    // if it is too long.
+    let mut skipping: Option<(Skipped, usize)> = None;
     // The budget the line being read holds for its bytes past one read, and until when.
-    let mut held: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)> = None;
+    let mut held: Option<(OwnedSemaphorePermit, tokio::time::Instant)> = None;
     loop {
         let start = buf.len();
-        buf.resize(start + READ_CHUNK, 0);
+        buf.reserve(READ_CHUNK);
         let held_until = held.as_ref().map(|(_, until)| *until);
         let n = tokio::select! {
-            r = read.read(&mut buf[start..]) => r,
+            // At most one READ_CHUNK a read, into room not zeroed first.
+            r = async { read.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await } => r,
             // The daemon stops reading, not the client: a line cut here is not the
             // client's fault, and goes unanswered (nor stored) rather than blamed.
             _ = shutdown.changed() => break,
@@ -146,17 +138,14 @@ async fn connection(
                     None => std::future::pending().await,
                 }
             } => {
-                skipped = start;
-                skipping = Some(Skipped::TooSlow);
+                skipping = Some((Skipped::TooSlow, start));
                 buf.clear();
                 held = None;
                 continue;
             }
         };
         // A read error ends the connection like an end of stream: answer what was read.
-        let n = n.unwrap_or_default();
-        buf.truncate(start + n);
-        let closing = n == 0;
+        let closing = n.unwrap_or_default() == 0;
         if closing && (!buf.is_empty() || skipping.is_some()) {
             // A last line without its newline is still a line, and an over-long one is
             // still answered.
@@ -178,55 +167,48 @@ async fn connection(
             } else {
                 buf.drain(..whole).collect()
             };
-            let first_line_skipped = skipping.take();
+            let first_line_skipped = skipping.take().map(|(why, _)| why);
             let ingestor = ingestor.clone();
+            let task = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
             // The long line this chunk ends holds its budget until its clicks are
             // submitted to the log.
             let line_budget = held.take().map(|(permit, _)| permit);
-            let task = tokio::spawn(async move {
-                let mut parsed = parse_chunk(&ingestor, chunk, max_line, first_line_skipped);
-                parsed.budget = line_budget;
-                parsed
-            });
             // The queue is full while replies wait for a client that reads none: a
             // shutdown does not wait for it (these lines are never answered, nor stored).
             let sent = tokio::select! {
-                sent = parsed_tx.send(task) => sent.is_ok(),
+                sent = parsed_tx.send((task, line_budget)) => sent.is_ok(),
                 _ = stopping(&mut shutdown) => false,
             };
             if !sent {
                 break;
             }
         }
-        if skipping.is_some() {
+        if let Some((why, so_far)) = &mut skipping {
             // Still inside the refused line. One refused for the budget or its pace is
             // told it is too long once it is.
-            skipped += buf.len();
-            if skipped > max_line {
-                skipping = Some(Skipped::TooLong);
+            *so_far += buf.len();
+            if *so_far > max_line {
+                *why = Skipped::TooLong;
             }
             buf.clear();
         } else if buf.len() > max_line {
-            skipping = Some(Skipped::TooLong);
+            skipping = Some((Skipped::TooLong, buf.len()));
             buf.clear();
             held = None;
         } else if let Some(past_one_read) = buf.len().checked_sub(READ_CHUNK).filter(|n| *n > 0) {
-            // Within `max_line`, which the budget is at least and fits in a u32.
-            let holding = held.as_ref().map_or(0, |(p, _)| p.num_permits());
-            let more = u32::try_from(past_one_read.saturating_sub(holding)).unwrap_or(u32::MAX);
-            if more > 0 {
-                match limits.long_lines.clone().try_acquire_many_owned(more) {
-                    Ok(taken) => match &mut held {
-                        Some((permit, _)) => permit.merge(taken),
-                        None => held = Some((taken, tokio::time::Instant::now() + LONG_LINE_WAIT)),
-                    },
-                    Err(_) => {
-                        skipped = buf.len();
-                        skipping = Some(Skipped::OverBudget);
-                        buf.clear();
-                        held = None;
-                    }
-                }
+            let (mut permit, finish_by) = match held.take() {
+                Some((permit, finish_by)) => (Some(permit), finish_by),
+                None => (None, tokio::time::Instant::now() + FINISH_WITHIN),
+            };
+            let holding = permit.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+            if limits
+                .long_lines
+                .take(&mut permit, past_one_read.saturating_sub(holding))
+            {
+                held = permit.map(|permit| (permit, finish_by));
+            } else {
+                skipping = Some((Skipped::OverBudget, buf.len()));
+                buf.clear();
             }
         }
         if held.is_none() && buf.capacity() > 2 * READ_CHUNK {
@@ -270,8 +252,6 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 struct Parsed {
     lines: Vec<LineResult>,
     good: Vec<PreparedClick>,
-    /// The budget of the long line among them, held until their clicks are submitted.
-    budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Parses and validates the whole lines of `chunk`. `first_line_skipped`: the chunk
@@ -290,7 +270,7 @@ fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_
             Some(Skipped::TooSlow) => Some(LineResult::Rejected(format!(
                 "a line over {} KiB must end within {} s",
                 READ_CHUNK >> 10,
-                LONG_LINE_WAIT.as_secs()
+                FINISH_WITHIN.as_secs()
             ))),
             _ => Some(LineResult::Rejected(format!(
                 "line longer than ingest.http.max_body ({max_line} bytes)"
@@ -309,22 +289,18 @@ fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_
             });
         }
     }
-    Parsed {
-        lines,
-        good,
-        budget: None,
-    }
+    Parsed { lines, good }
 }
 
 /// Takes parsed chunks in the order they were read and appends them in that order, so
 /// seqs and replies follow the connection's order whichever parse finished first.
 async fn submit_in_order(
-    mut parsed: mpsc::Receiver<JoinHandle<Parsed>>,
+    mut parsed: mpsc::Receiver<(JoinHandle<Parsed>, Option<OwnedSemaphorePermit>)>,
     tx: mpsc::Sender<Group>,
     ingestor: Arc<Ingestor>,
 ) {
-    while let Some(task) = parsed.recv().await {
-        let Parsed { lines, good, budget } = match task.await {
+    while let Some((task, budget)) = parsed.recv().await {
+        let Parsed { lines, good } = match task.await {
             Ok(p) => p,
             Err(e) => {
                 // A parse task cannot panic on input (every error is a rejected line);
@@ -413,39 +389,30 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::Enricher;
-    use crate::ingest::IngestGate;
+    use crate::ingest::{ingestor_in, padded_click};
     use crate::log::ClickLog;
     use crate::test_util::eventually;
+
+    /// Lines of at most `max_line` bytes, with `budget` bytes for long ones.
+    fn limits(max_line: usize, budget: usize) -> LineLimits {
+        LineLimits {
+            max_line,
+            long_lines: ByteBudget::of(budget),
+        }
+    }
     use std::time::Duration;
 
     /// An ingestor on a real log in `dir`, routing to no endpoint.
-    fn ingestor_in(dir: &std::path::Path) -> (Arc<crate::log::SledLog>, Arc<Ingestor>, watch::Sender<bool>) {
-        let (log, registry, running) = crate::endpoints::registry_in(dir);
-        let ingestor = Arc::new(Ingestor::new(
-            log.clone(),
-            registry,
-            Arc::new(Enricher::new()),
-            Arc::new(IngestGate::default()),
-        ));
-        (log, ingestor, running)
-    }
-
     /// A connection whose client writes far more clicks than the socket buffers replies for,
     /// and reads none: the daemon's reply writer blocks. Returns the connection's task and
     /// the sender that shuts it down.
     fn stuck_connection(ingestor: &Arc<Ingestor>) -> (JoinHandle<()>, watch::Sender<bool>) {
         let (client, server) = UnixStream::pair().unwrap();
         let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(connection(
-            server,
-            ingestor.clone(),
-            LineLimits::new(1 << 20, 1 << 20),
-            shutdown,
-        ));
+        let task = tokio::spawn(connection(server, ingestor.clone(), limits(1 << 20, 1 << 20), shutdown));
         let (read, mut write) = client.into_split();
-        let line = br#"{"link":{"id":"l"},"metadata":{"pad":"................................................................................................................................................................"}}
-"#;
+        let mut line = padded_click(201);
+        line.push(b'\n');
         let clicks: Vec<u8> = line.iter().copied().cycle().take(line.len() * 30_000).collect();
         tokio::spawn(async move {
             let _ = write.write_all(&clicks).await;
@@ -500,12 +467,7 @@ mod tests {
         let (_log, ingestor, _running) = ingestor_in(dir.path());
         let (client, server) = UnixStream::pair().unwrap();
         let (stop, shutdown) = watch::channel(false);
-        let connection = tokio::spawn(connection(
-            server,
-            ingestor,
-            LineLimits::new(1 << 20, 1 << 20),
-            shutdown,
-        ));
+        let connection = tokio::spawn(connection(server, ingestor, limits(1 << 20, 1 << 20), shutdown));
         let (read, mut write) = client.into_split();
         write
             .write_all(b"{\"link\":{\"id\":\"l\"}}\n{\"link\":{\"id\"")
@@ -520,30 +482,28 @@ mod tests {
         drop(write);
     }
 
-    use crate::ingest::padded_click as long_line;
-
     /// Long lines being read hold a budget the listener's connections share; a line whose
     /// bytes do not fit is refused and skipped to its end, and the next one fits again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn long_lines_past_the_listeners_budget_are_refused_until_it_frees() {
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
-        let limits = LineLimits::new(1 << 20, 32 << 10);
+        let limits = limits(1 << 20, 32 << 10);
         let (mut a_replies, mut a, _a_stop) = open_with(&ingestor, &limits);
         let (mut b_replies, mut b, _b_stop) = open_with(&ingestor, &limits);
         // A holds 30 KiB of the 32 KiB budget: its line is 30 KiB past one read, unfinished.
-        let a_line = long_line(READ_CHUNK + (30 << 10) + 1);
+        let a_line = padded_click(READ_CHUNK + (30 << 10) + 1);
         a.write_all(&a_line[..a_line.len() - 1]).await.unwrap();
-        let holding = || limits.long_lines.available_permits() == 2 << 10;
+        let holding = || limits.long_lines.available() == 2 << 10;
         assert!(
             eventually(Duration::from_secs(2), holding).await,
             "{}",
-            limits.long_lines.available_permits()
+            limits.long_lines.available()
         );
         // B's line runs on past two reads before its end (reads take at most one
         // READ_CHUNK), so it is held unfinished past one read: refused, and answered at
         // its end.
-        let mut b_overlong = long_line(READ_CHUNK + (10 << 10));
+        let mut b_overlong = padded_click(READ_CHUNK + (10 << 10));
         b_overlong.extend(std::iter::repeat_n(b'.', 2 * READ_CHUNK));
         b_overlong.push(b'\n');
         b.write_all(&b_overlong).await.unwrap();
@@ -557,13 +517,13 @@ mod tests {
         a.write_all(b"\n").await.unwrap();
         let stored = a_replies.next_line().await.unwrap().unwrap();
         assert!(stored.starts_with("ok "), "{stored}");
-        let b_line = long_line(READ_CHUNK + (10 << 10));
+        let b_line = padded_click(READ_CHUNK + (10 << 10));
         b.write_all(&b_line).await.unwrap();
         b.write_all(b"\n").await.unwrap();
         let stored = b_replies.next_line().await.unwrap().unwrap();
         assert!(stored.starts_with("ok "), "{stored}");
         assert_eq!(
-            limits.long_lines.available_permits(),
+            limits.long_lines.available(),
             32 << 10,
             "every long line gave its budget back"
         );
@@ -593,13 +553,13 @@ mod tests {
     async fn a_line_refused_for_the_budget_is_told_when_it_is_too_long() {
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
-        let limits = LineLimits::new(256 << 10, 32 << 10);
+        let limits = limits(256 << 10, 32 << 10);
         let (_a_replies, mut a, _a_stop) = open_with(&ingestor, &limits);
         let (mut b_replies, mut b, _b_stop) = open_with(&ingestor, &limits);
-        a.write_all(&long_line(READ_CHUNK + (30 << 10) + 1)[..READ_CHUNK + (30 << 10)])
+        a.write_all(&padded_click(READ_CHUNK + (30 << 10) + 1)[..READ_CHUNK + (30 << 10)])
             .await
             .unwrap();
-        let holding = || limits.long_lines.available_permits() == 2 << 10;
+        let holding = || limits.long_lines.available() == 2 << 10;
         assert!(eventually(Duration::from_secs(2), holding).await);
         let mut overlong = vec![b'.'; 300 << 10];
         overlong.push(b'\n');
@@ -613,16 +573,16 @@ mod tests {
     async fn a_long_line_that_stalls_gives_its_budget_back() {
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
-        let limits = LineLimits::new(1 << 20, 64 << 10);
+        let limits = limits(1 << 20, 64 << 10);
         let (mut replies, mut write, _stop) = open_with(&ingestor, &limits);
-        let line = long_line(READ_CHUNK + (40 << 10));
+        let line = padded_click(READ_CHUNK + (40 << 10));
         write.write_all(&line[..READ_CHUNK + (20 << 10)]).await.unwrap();
-        while limits.long_lines.available_permits() == 64 << 10 {
+        while limits.long_lines.available() == 64 << 10 {
             tokio::task::yield_now().await;
         }
-        tokio::time::sleep(LONG_LINE_WAIT + Duration::from_secs(1)).await;
+        tokio::time::sleep(FINISH_WITHIN + Duration::from_secs(1)).await;
         assert_eq!(
-            limits.long_lines.available_permits(),
+            limits.long_lines.available(),
             64 << 10,
             "the stalled line holds nothing"
         );
