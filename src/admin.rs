@@ -231,14 +231,12 @@ enum ApiError {
 
 impl ApiError {
     fn response(&self) -> Response<Full<Bytes>> {
-        if let ApiError::MethodNotAllowed(allow) = self {
-            return method_not_allowed(allow);
-        }
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            // The one 405 of both listeners, with its `Allow`.
+            ApiError::MethodNotAllowed(allow) => return method_not_allowed(allow),
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         json_error(status, &self.to_string(), None)

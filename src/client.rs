@@ -107,8 +107,12 @@ pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
     }
     match writer.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => report.cut_short = report.cut_short.take().or(Some(e)),
-        Err(e) => report.cut_short = report.cut_short.take().or(Some(e.to_string())),
+        Ok(Err(e)) => {
+            report.cut_short.get_or_insert(e);
+        }
+        Err(e) => {
+            report.cut_short.get_or_insert(e.to_string());
+        }
     }
     let unanswered = sent_rx.len();
     if unanswered > 0 && report.cut_short.is_none() {
@@ -172,7 +176,10 @@ pub async fn send_http<R: AsyncRead + Unpin>(
             let (status, body) = match answer {
                 Ok(answer) => answer,
                 Err(e) => {
-                    report.cut_short = Some(format!("{url}: {e} (lines {first} to {file_line} unanswered)"));
+                    // An unreadable input found before this stays the first cause.
+                    report
+                        .cut_short
+                        .get_or_insert(format!("{url}: {e} (lines {first} to {file_line} unanswered)"));
                     break;
                 }
             };

@@ -549,7 +549,7 @@ impl Config {
         if self.delivery.timeout.0.is_zero() {
             return Err(ConfigError::invalid(file, "delivery.timeout", "must be more than 0"));
         }
-        self.allowed_cidrs()?;
+        let allowed = self.allowed_cidrs()?;
         if !(0.0..=1.0).contains(&self.retry.jitter) {
             return Err(ConfigError::invalid(
                 file,
@@ -573,7 +573,6 @@ impl Config {
                 ),
             )
         })?;
-        let allowed = self.allowed_cidrs()?;
         if let Some(ops) = self.operations_endpoint() {
             validate_endpoint(&ops)
                 .map_err(|(field, why)| ConfigError::invalid(file, format!("operations.{field}"), why))?;

@@ -40,13 +40,6 @@ pub struct PreparedClick {
     pub data: Vec<u8>,
 }
 
-impl PreparedClick {
-    /// What routing looks at.
-    pub fn facts(&self) -> ClickFacts<'_> {
-        self.routing.facts()
-    }
-}
-
 /// What routing looks at: taken from a click at ingest, or read back from its stored JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredFacts {

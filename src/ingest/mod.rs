@@ -237,7 +237,7 @@ impl Ingestor {
         let routing = self.endpoints.routing();
         for c in clicks {
             let mut endpoints = Vec::new();
-            routing.route(c.facts(), &mut endpoints);
+            routing.route(c.routing.facts(), &mut endpoints);
             ids.push(c.id.clone());
             routes.push(endpoints.clone());
             events.push(NewEvent {
