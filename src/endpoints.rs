@@ -618,7 +618,7 @@ impl EndpointRegistry {
         let _no_replays = live.replaying.lock().await;
         self.stop_worker(&live).await;
         wait(self.log.forget_endpoint(live.key)).await?;
-        wait(self.log.put_setting(&format!("{API_PREFIX}{id}"), None)).await?;
+        wait(self.log.put_setting(&api_setting(id), None)).await?;
         self.clear_marks(id).await?;
         live.add_pending(-live.pending.load(Ordering::Relaxed));
         Ok(())
@@ -723,7 +723,7 @@ impl EndpointRegistry {
     fn stored_api(&self, id: &str) -> Result<StoredApiEndpoint, EndpointError> {
         let bytes = self
             .log
-            .get_setting(&format!("{API_PREFIX}{id}"))?
+            .get_setting(&api_setting(id))?
             .ok_or_else(|| EndpointError::NotFound(id.into()))?;
         Ok(serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt(e.to_string()))?)
     }
@@ -882,7 +882,7 @@ impl EndpointRegistry {
 
     /// The rotated-out key still in its overlap, with when the overlap ends.
     fn previous_secret(&self, id: &str) -> Result<Option<(SigningKey, u64)>, EndpointError> {
-        let Some(bytes) = self.log.get_setting(&format!("{API_PREFIX}{id}"))? else {
+        let Some(bytes) = self.log.get_setting(&api_setting(id))? else {
             return Ok(None);
         };
         let stored: StoredApiEndpoint = serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt(e.to_string()))?;
@@ -895,11 +895,7 @@ impl EndpointRegistry {
 
     async fn persist_api(&self, stored: &StoredApiEndpoint) -> Result<(), EndpointError> {
         let bytes = serde_json::to_vec(stored).map_err(|e| LogError::Corrupt(e.to_string()))?;
-        wait(
-            self.log
-                .put_setting(&format!("{API_PREFIX}{}", stored.config.id), Some(bytes)),
-        )
-        .await?;
+        wait(self.log.put_setting(&api_setting(&stored.config.id), Some(bytes))).await?;
         Ok(())
     }
 
@@ -1005,6 +1001,11 @@ pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, 
 }
 
 /// The setting that marks an endpoint disabled (a [`DisabledMarker`]).
+/// The setting that stores an API endpoint.
+fn api_setting(id: &str) -> String {
+    format!("{API_PREFIX}{id}")
+}
+
 fn disabled_setting(id: &str) -> String {
     format!("{DISABLED_PREFIX}{id}")
 }
@@ -1146,7 +1147,7 @@ mod tests {
         let created = registry.create(config).await.unwrap();
         assert_eq!(created.settings().disabled_reason, None);
         assert_eq!(log.get_setting(&failing_for_setting("crm")).unwrap(), None);
-        assert_eq!(log.get_setting("disabled/crm").unwrap(), None);
+        assert_eq!(log.get_setting(&disabled_setting("crm")).unwrap(), None);
     }
 
     fn record(n: u32) -> AttemptRecord {
