@@ -10,103 +10,86 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn admin(d: &Daemon, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let text = if body.is_null() {
-        String::new()
-    } else {
-        body.to_string()
-    };
-    request(
-        method,
-        &format!("{}{}", d.admin, path),
-        &text,
-        &[("content-type", "application/json")],
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only() {
     let sink = Sink::start().await;
     let mut d = Daemon::start(&config_text(&endpoint("from-file", &sink.url("/file"), "")));
-    let (s, created) = admin(
-        &d,
-        "POST",
-        "/v1/endpoints",
-        json!({"id": "api1", "url": sink.url("/api1"), "links": [7]}),
-    )
-    .await;
+    let (s, created) = d
+        .admin_request(
+            "POST",
+            "/v1/endpoints",
+            json!({"id": "api1", "url": sink.url("/api1"), "links": [7]}),
+        )
+        .await;
     assert_eq!(s, 201, "{created}");
     assert_eq!(created["source"], "api");
     assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
     assert_eq!(created["links"], json!(["7"]));
-    let (s, _) = admin(
-        &d,
-        "POST",
-        "/v1/endpoints",
-        json!({"id": "api1", "url": sink.url("/x")}),
-    )
-    .await;
+    let (s, _) = d
+        .admin_request("POST", "/v1/endpoints", json!({"id": "api1", "url": sink.url("/x")}))
+        .await;
     assert_eq!(s, 409, "duplicate id");
-    let (s, bad) = admin(&d, "POST", "/v1/endpoints", json!({"id": "bad", "url": "ftp://x"})).await;
+    let (s, bad) = d
+        .admin_request("POST", "/v1/endpoints", json!({"id": "bad", "url": "ftp://x"}))
+        .await;
     assert_eq!(s, 400, "{bad}");
-    let (s, reserved) = admin(
-        &d,
-        "POST",
-        "/v1/endpoints",
-        json!({"id": "_operations", "url": sink.url("/ops")}),
-    )
-    .await;
+    let (s, reserved) = d
+        .admin_request(
+            "POST",
+            "/v1/endpoints",
+            json!({"id": "_operations", "url": sink.url("/ops")}),
+        )
+        .await;
     assert_eq!(s, 400, "the operations endpoint's id is taken: {reserved}");
     assert!(reserved.to_string().contains("reserved"), "{reserved}");
     // A field of the wrong type is named, on a create and on a change.
-    let (s, typed) = admin(
-        &d,
-        "POST",
-        "/v1/endpoints",
-        json!({"id": "typed", "url": sink.url("/t"), "max_concurrency": "many"}),
-    )
-    .await;
+    let (s, typed) = d
+        .admin_request(
+            "POST",
+            "/v1/endpoints",
+            json!({"id": "typed", "url": sink.url("/t"), "max_concurrency": "many"}),
+        )
+        .await;
     assert_eq!(s, 400, "{typed}");
     assert!(
         typed["error"].as_str().unwrap().starts_with("max_concurrency: "),
         "{typed}"
     );
-    let (s, typed) = admin(&d, "PATCH", "/v1/endpoints/api1", json!({"links": "7"})).await;
+    let (s, typed) = d
+        .admin_request("PATCH", "/v1/endpoints/api1", json!({"links": "7"}))
+        .await;
     assert_eq!(s, 400, "{typed}");
     assert!(typed["error"].as_str().unwrap().starts_with("links: "), "{typed}");
     // A list's limit out of range is refused, not bent into range.
     for bad in ["0", "10001", "ten", "-1"] {
         for list in ["attempts", "dead"] {
-            let (s, v) = admin(
-                &d,
-                "GET",
-                &format!("/v1/endpoints/api1/{list}?limit={bad}"),
-                Value::Null,
-            )
-            .await;
+            let (s, v) = d
+                .admin_request("GET", &format!("/v1/endpoints/api1/{list}?limit={bad}"), Value::Null)
+                .await;
             assert_eq!(s, 400, "{list}?limit={bad}: {v}");
             assert!(v["error"].as_str().unwrap().starts_with("limit: "), "{v}");
         }
     }
-    let (s, v) = admin(&d, "GET", "/v1/endpoints/api1/attempts?limit=10000", Value::Null).await;
+    let (s, v) = d
+        .admin_request("GET", "/v1/endpoints/api1/attempts?limit=10000", Value::Null)
+        .await;
     assert_eq!(s, 200, "{v}");
     // A known route asked with another method is 405 and names the ones it takes.
-    let (s, v) = admin(&d, "PUT", "/v1/endpoints/api1", json!({})).await;
+    let (s, v) = d.admin_request("PUT", "/v1/endpoints/api1", json!({})).await;
     assert_eq!(
         (s, v["error"].as_str()),
         (405, Some("this route takes GET, PATCH, DELETE")),
         "{v}"
     );
-    let (s, v) = admin(&d, "GET", "/v1/endpoints/api1/replay", Value::Null).await;
+    let (s, v) = d.admin_request("GET", "/v1/endpoints/api1/replay", Value::Null).await;
     assert_eq!((s, v["error"].as_str()), (405, Some("this route takes POST")), "{v}");
-    let (s, _) = admin(&d, "GET", "/v1/nowhere", Value::Null).await;
+    let (s, _) = d.admin_request("GET", "/v1/nowhere", Value::Null).await;
     assert_eq!(s, 404);
-    let (s, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
+    let (s, list) = d.admin_request("GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().unwrap().len(), 2);
     assert!(!list.to_string().contains("whsec_"), "secrets never appear in lists");
-    let (s, one) = admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await;
+    let (s, one) = d.admin_request("GET", "/v1/endpoints/api1", Value::Null).await;
     assert_eq!(s, 200);
     for key in [
         "id",
@@ -129,49 +112,57 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
     ] {
         assert!(one.get(key).is_some(), "endpoint lacks {key}: {one}");
     }
-    let (s, patched) = admin(
-        &d,
-        "PATCH",
-        "/v1/endpoints/api1",
-        json!({"links": [], "include_bots": true}),
-    )
-    .await;
+    let (s, patched) = d
+        .admin_request(
+            "PATCH",
+            "/v1/endpoints/api1",
+            json!({"links": [], "include_bots": true}),
+        )
+        .await;
     assert_eq!(s, 200, "{patched}");
     assert_eq!(patched["include_bots"], true);
     assert_eq!(
-        admin(&d, "PATCH", "/v1/endpoints/from-file", json!({"url": "http://x"}))
+        d.admin_request("PATCH", "/v1/endpoints/from-file", json!({"url": "http://x"}))
             .await
             .0,
         409
     );
-    assert_eq!(admin(&d, "DELETE", "/v1/endpoints/from-file", Value::Null).await.0, 409);
     assert_eq!(
-        admin(&d, "POST", "/v1/endpoints/from-file/secret/rotate", Value::Null)
+        d.admin_request("DELETE", "/v1/endpoints/from-file", Value::Null)
             .await
             .0,
         409
     );
-    assert_eq!(admin(&d, "GET", "/v1/endpoints/nope", Value::Null).await.0, 404);
+    assert_eq!(
+        d.admin_request("POST", "/v1/endpoints/from-file/secret/rotate", Value::Null)
+            .await
+            .0,
+        409
+    );
+    assert_eq!(d.admin_request("GET", "/v1/endpoints/nope", Value::Null).await.0, 404);
 
     // The API endpoint, its change and its secret survive a restart.
     assert_eq!(d.terminate(), 0);
     d.spawn();
-    let (s, again) = admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await;
+    let (s, again) = d.admin_request("GET", "/v1/endpoints/api1", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(again["include_bots"], true);
     assert_eq!(again["created_at"], one["created_at"]);
-    let (_, secret) = admin(&d, "GET", "/v1/endpoints/api1/secret", Value::Null).await;
+    let (_, secret) = d.admin_request("GET", "/v1/endpoints/api1/secret", Value::Null).await;
     assert_eq!(secret["secret"], created["secret"]);
     d.post(&click("7", "w"), "application/json").await;
     let got = sink.wait_for("/api1", 1, WAIT).await;
     assert!(signature_valid(&got[0], secret["secret"].as_str().unwrap()));
 
-    assert_eq!(admin(&d, "DELETE", "/v1/endpoints/api1", Value::Null).await.0, 200);
-    assert_eq!(admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await.0, 404);
+    assert_eq!(
+        d.admin_request("DELETE", "/v1/endpoints/api1", Value::Null).await.0,
+        200
+    );
+    assert_eq!(d.admin_request("GET", "/v1/endpoints/api1", Value::Null).await.0, 404);
     assert_eq!(d.terminate(), 0);
     d.spawn();
     assert_eq!(
-        admin(&d, "GET", "/v1/endpoints/api1", Value::Null).await.0,
+        d.admin_request("GET", "/v1/endpoints/api1", Value::Null).await.0,
         404,
         "deletion survives restarts"
     );
@@ -181,13 +172,17 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
 async fn rotation_signs_with_both_secrets() {
     let sink = Sink::start().await;
     let d = Daemon::start(&config_text(""));
-    let (_, created) = admin(&d, "POST", "/v1/endpoints", json!({"id": "r", "url": sink.url("/r")})).await;
+    let (_, created) = d
+        .admin_request("POST", "/v1/endpoints", json!({"id": "r", "url": sink.url("/r")}))
+        .await;
     let old = created["secret"].as_str().unwrap().to_string();
-    let (s, rotated) = admin(&d, "POST", "/v1/endpoints/r/secret/rotate", Value::Null).await;
+    let (s, rotated) = d
+        .admin_request("POST", "/v1/endpoints/r/secret/rotate", Value::Null)
+        .await;
     assert_eq!(s, 200);
     let new = rotated["secret"].as_str().unwrap().to_string();
     assert_ne!(old, new);
-    let (_, shown) = admin(&d, "GET", "/v1/endpoints/r/secret", Value::Null).await;
+    let (_, shown) = d.admin_request("GET", "/v1/endpoints/r/secret", Value::Null).await;
     assert_eq!(shown["secret"], new.as_str());
     d.post(&click("1", "w"), "application/json").await;
     let got = sink.wait_for("/r", 1, WAIT).await;
@@ -202,7 +197,7 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
     sink.default_answer("/d", Answer::Status(500));
     let cfg = config_text(&endpoint("d", &sink.url("/d"), "")) + "\n[retry]\nschedule = [\"20ms\"]\njitter = 0.0\n";
     let d = Daemon::start(&cfg);
-    let (s, test) = admin(&d, "POST", "/v1/endpoints/d/test", Value::Null).await;
+    let (s, test) = d.admin_request("POST", "/v1/endpoints/d/test", Value::Null).await;
     assert_eq!(s, 200);
     assert_eq!(test["status"], 500);
     assert_eq!(test["body"], "ok");
@@ -218,7 +213,7 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
             .await,
         2.0
     );
-    let (_, dead) = admin(&d, "GET", "/v1/endpoints/d/dead", Value::Null).await;
+    let (_, dead) = d.admin_request("GET", "/v1/endpoints/d/dead", Value::Null).await;
     let mut dead_ids: Vec<String> = dead
         .as_array()
         .unwrap()
@@ -230,7 +225,9 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
     ids.sort();
     assert_eq!(dead_ids, ids);
     assert_eq!(dead[0]["last_status"], 500);
-    let (_, attempts) = admin(&d, "GET", "/v1/endpoints/d/attempts?limit=3", Value::Null).await;
+    let (_, attempts) = d
+        .admin_request("GET", "/v1/endpoints/d/attempts?limit=3", Value::Null)
+        .await;
     let attempts = attempts.as_array().unwrap();
     assert_eq!(attempts.len(), 3);
     for a in attempts {
@@ -238,7 +235,7 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
         assert_eq!(a["outcome"], "http_5xx");
         assert!(a["attempt"].as_u64().unwrap() >= 1 && a["at"].as_str().unwrap().ends_with('Z'));
     }
-    let (_, stats) = admin(&d, "GET", "/v1/endpoints/d/stats", Value::Null).await;
+    let (_, stats) = d.admin_request("GET", "/v1/endpoints/d/stats", Value::Null).await;
     assert_eq!(stats["delivered"], 0);
     assert_eq!(stats["failed_attempts"], 4);
     assert_eq!(stats["pending"], 0);
@@ -248,17 +245,19 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
 
     // The receiver recovers: replaying the dead letters delivers them, and they leave the list.
     sink.default_answer("/d", Answer::Status(200));
-    let (s, r) = admin(&d, "POST", "/v1/endpoints/d/replay", json!({"dead": true})).await;
+    let (s, r) = d
+        .admin_request("POST", "/v1/endpoints/d/replay", json!({"dead": true}))
+        .await;
     assert_eq!((s, r["replayed"].as_u64()), (200, Some(2)));
     let deadline = std::time::Instant::now() + WAIT;
     while std::time::Instant::now() < deadline {
-        let (_, st) = admin(&d, "GET", "/v1/endpoints/d/stats", Value::Null).await;
+        let (_, st) = d.admin_request("GET", "/v1/endpoints/d/stats", Value::Null).await;
         if st["delivered"] == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, stats) = admin(&d, "GET", "/v1/endpoints/d/stats", Value::Null).await;
+    let (_, stats) = d.admin_request("GET", "/v1/endpoints/d/stats", Value::Null).await;
     assert_eq!(
         (stats["delivered"].as_u64(), stats["dead"].as_u64()),
         (Some(2), Some(0)),
@@ -271,16 +270,18 @@ async fn test_event_attempts_stats_dead_letters_and_replay() {
     let since = (chrono::Utc::now() - chrono::Duration::minutes(5)).to_rfc3339();
     let until = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
     let before = sink.received("/d").len();
-    let (s, r) = admin(
-        &d,
-        "POST",
-        "/v1/endpoints/d/replay",
-        json!({"since": since, "until": until}),
-    )
-    .await;
+    let (s, r) = d
+        .admin_request(
+            "POST",
+            "/v1/endpoints/d/replay",
+            json!({"since": since, "until": until}),
+        )
+        .await;
     assert_eq!((s, r["replayed"].as_u64()), (200, Some(2)));
     sink.wait_for("/d", before + 2, WAIT).await;
-    let (s, _) = admin(&d, "POST", "/v1/endpoints/d/replay", json!({"since": "yesterday"})).await;
+    let (s, _) = d
+        .admin_request("POST", "/v1/endpoints/d/replay", json!({"since": "yesterday"}))
+        .await;
     assert_eq!(s, 400);
 }
 
@@ -308,7 +309,9 @@ async fn a_window_replay_sends_only_what_the_endpoints_filters_take() {
     let until = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
     let window = json!({"since": since, "until": until});
     for (id, want) in [("l7", 1), ("all", 3), ("bots", 4), ("gone", 1)] {
-        let (s, r) = admin(&d, "POST", &format!("/v1/endpoints/{id}/replay"), window.clone()).await;
+        let (s, r) = d
+            .admin_request("POST", &format!("/v1/endpoints/{id}/replay"), window.clone())
+            .await;
         assert_eq!((s, r["replayed"].as_u64()), (200, Some(want)), "{id}: {r}");
     }
     sink.wait_for("/l7", 2, WAIT).await;
@@ -337,32 +340,24 @@ async fn a_window_replay_sends_only_what_the_endpoints_filters_take() {
 async fn linkly_compatible_routes_create_link_and_workspace_hooks() {
     let sink = Sink::start().await;
     let d = Daemon::start(&config_text(""));
-    let (s, hook) = admin(
-        &d,
-        "POST",
-        "/api/v1/link/12345/webhooks",
-        json!({"url": sink.url("/l")}),
-    )
-    .await;
+    let (s, hook) = d
+        .admin_request("POST", "/api/v1/link/12345/webhooks", json!({"url": sink.url("/l")}))
+        .await;
     assert_eq!(s, 201, "{hook}");
     assert_eq!(hook.as_object().unwrap().len(), 2, "{hook}");
-    let (s, ws) = admin(
-        &d,
-        "POST",
-        "/api/v1/workspace/1/webhooks",
-        json!({"url": sink.url("/w")}),
-    )
-    .await;
+    let (s, ws) = d
+        .admin_request("POST", "/api/v1/workspace/1/webhooks", json!({"url": sink.url("/w")}))
+        .await;
     assert_eq!(s, 201);
-    let (_, list) = admin(&d, "GET", "/api/v1/link/12345/webhooks", Value::Null).await;
+    let (_, list) = d.admin_request("GET", "/api/v1/link/12345/webhooks", Value::Null).await;
     assert_eq!(list, json!([hook]));
-    let (_, ep) = admin(
-        &d,
-        "GET",
-        &format!("/v1/endpoints/{}", hook["id"].as_str().unwrap()),
-        Value::Null,
-    )
-    .await;
+    let (_, ep) = d
+        .admin_request(
+            "GET",
+            &format!("/v1/endpoints/{}", hook["id"].as_str().unwrap()),
+            Value::Null,
+        )
+        .await;
     assert_eq!(ep["format"], "linkly");
     d.post(
         r#"{"link":{"id":12345,"workspace_id":1},"click":{"ip":"203.0.113.9"}}"#,
@@ -378,13 +373,15 @@ async fn linkly_compatible_routes_create_link_and_workspace_hooks() {
         "linkly never sends the IP"
     );
     let path = format!("/api/v1/workspace/1/webhooks/{}", ws["id"].as_str().unwrap());
-    assert_eq!(admin(&d, "DELETE", &path, Value::Null).await.0, 200);
+    assert_eq!(d.admin_request("DELETE", &path, Value::Null).await.0, 200);
     assert_eq!(
-        admin(&d, "GET", "/api/v1/workspace/1/webhooks", Value::Null).await.1,
+        d.admin_request("GET", "/api/v1/workspace/1/webhooks", Value::Null)
+            .await
+            .1,
         json!([])
     );
     let wrong = format!("/api/v1/link/999/webhooks/{}", hook["id"].as_str().unwrap());
-    assert_eq!(admin(&d, "DELETE", &wrong, Value::Null).await.0, 404);
+    assert_eq!(d.admin_request("DELETE", &wrong, Value::Null).await.0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,19 +434,17 @@ async fn endpoints_in_private_networks_are_refused_at_creation() {
         "http://[fd00::1]/x",
         "http://[fe80::1]/x",
     ] {
-        let (s, body) = admin(&d, "POST", "/v1/endpoints", json!({"id": "p", "url": url})).await;
+        let (s, body) = d
+            .admin_request("POST", "/v1/endpoints", json!({"id": "p", "url": url}))
+            .await;
         assert_eq!(s, 400, "{url}: {body}");
         assert!(body["error"].as_str().unwrap().contains("private"), "{url}: {body}");
     }
-    let (s, body) = admin(
-        &d,
-        "POST",
-        "/v1/endpoints",
-        json!({"id": "p", "url": "file:///etc/passwd"}),
-    )
-    .await;
+    let (s, body) = d
+        .admin_request("POST", "/v1/endpoints", json!({"id": "p", "url": "file:///etc/passwd"}))
+        .await;
     assert_eq!(s, 400, "{body}");
-    let (_, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
+    let (_, list) = d.admin_request("GET", "/v1/endpoints", Value::Null).await;
     assert_eq!(list, json!([]), "nothing was created");
 }
 
@@ -509,12 +504,12 @@ async fn v1a_signatures_verify_with_the_public_key_from_the_api() {
         &sink.url("/both"),
         "signature = \"both\"",
     )));
-    let (s, secret) = admin(&d, "GET", "/v1/endpoints/both/secret", Value::Null).await;
+    let (s, secret) = d.admin_request("GET", "/v1/endpoints/both/secret", Value::Null).await;
     assert_eq!(s, 200);
     let public = secret["public_key"]
         .as_str()
         .expect("a v1a endpoint shows its public key");
-    let (_, ep) = admin(&d, "GET", "/v1/endpoints/both", Value::Null).await;
+    let (_, ep) = d.admin_request("GET", "/v1/endpoints/both", Value::Null).await;
     assert_eq!(ep["signature"], "both");
     assert!(!ep.to_string().contains("whsk_"), "the private key never shows");
     d.post(&click("1", "w"), "application/json").await;
@@ -607,7 +602,7 @@ async fn operational_events_tell_of_failing_dead_letters_recovery_and_disabling(
         assert!(signature_valid(&r, SECRET), "operational events are signed");
         assert_eq!(r.headers["webhook-id"], r.json()["id"].as_str().unwrap());
     }
-    let (_, list) = admin(&d, "GET", "/v1/endpoints", Value::Null).await;
+    let (_, list) = d.admin_request("GET", "/v1/endpoints", Value::Null).await;
     assert!(
         !list.to_string().contains("_operations"),
         "the operations endpoint is internal"
@@ -625,9 +620,13 @@ async fn an_endpoint_failing_for_disable_after_is_disabled() {
     d.post(&click("1", "w"), "application/json").await;
     disabled_for_failing(&d, "down", "failing past disable_after").await;
     // A config-file endpoint is switched off in the file, not here; switched back on here.
-    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": false})).await;
+    let (s, v) = d
+        .admin_request("PATCH", "/v1/endpoints/down", json!({"enabled": false}))
+        .await;
     assert_eq!(s, 409, "{v}");
-    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": true})).await;
+    let (s, v) = d
+        .admin_request("PATCH", "/v1/endpoints/down", json!({"enabled": true}))
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         (v["enabled"].as_bool(), v["disabled_reason"].as_str()),
@@ -664,7 +663,9 @@ async fn disable_after_counts_the_failing_seen_across_a_restart_and_anew_after_a
     assert_eq!(ep["enabled"], true, "the time the daemon was down counted: {ep}");
     // Click 2's retries fail 0.5 s apart: about 2 s kept + 1 s seen now.
     disabled_for_failing(&d, "down", "the failing seen before the restart counts after it").await;
-    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/down", json!({"enabled": true})).await;
+    let (s, v) = d
+        .admin_request("PATCH", "/v1/endpoints/down", json!({"enabled": true}))
+        .await;
     assert_eq!(s, 200, "{v}");
     let seen = sink.received("/down").len();
     d.post(&click("3", "w"), "application/json").await;
@@ -699,13 +700,7 @@ async fn disabled_for_failing(d: &Daemon, id: &str, why: &str) {
 }
 
 async fn attempts_kept(d: &Daemon, id: &str) -> usize {
-    let (_, v) = admin(
-        d,
-        "GET",
-        &format!("/v1/endpoints/{id}/attempts?limit=1000"),
-        Value::Null,
-    )
-    .await;
+    let (_, v) = d.admin_get(&format!("/v1/endpoints/{id}/attempts?limit=1000")).await;
     v.as_array().map_or(0, |a| a.len())
 }
 
@@ -762,7 +757,7 @@ async fn with_many_endpoints_each_keeps_its_share_of_the_attempt_history() {
 
     deliver(&d, &sink, "busy", "/busy", 10, share + 20).await;
     assert_eq!(attempts_kept(&d, "busy").await, share, "and kept to it");
-    let (_, stats) = admin(&d, "GET", "/v1/endpoints/busy/stats", Value::Null).await;
+    let (_, stats) = d.admin_request("GET", "/v1/endpoints/busy/stats", Value::Null).await;
     assert_eq!(stats["delivered"], share + 20, "counters cover every attempt");
 }
 
@@ -774,19 +769,21 @@ async fn a_410_from_a_url_the_endpoint_has_left_does_not_disable_it() {
     sink.default_answer("/old", Answer::Delay(Duration::from_millis(1_500), 410));
     let cfg = config_text("") + "\n[retry]\nschedule = [\"100ms\"]\njitter = 0.0\n";
     let d = Daemon::start(&cfg);
-    let (s, v) = admin(
-        &d,
-        "POST",
-        "/v1/endpoints",
-        json!({"id": "moving", "url": sink.url("/old")}),
-    )
-    .await;
+    let (s, v) = d
+        .admin_request(
+            "POST",
+            "/v1/endpoints",
+            json!({"id": "moving", "url": sink.url("/old")}),
+        )
+        .await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = d.post(&click("1", "w"), "application/json").await;
     assert_eq!(s, 202, "{v}");
     // The attempt is under way at the old URL when the endpoint moves.
     assert_eq!(sink.wait_for("/old", 1, WAIT).await.len(), 1);
-    let (s, v) = admin(&d, "PATCH", "/v1/endpoints/moving", json!({"url": sink.url("/new")})).await;
+    let (s, v) = d
+        .admin_request("PATCH", "/v1/endpoints/moving", json!({"url": sink.url("/new")}))
+        .await;
     assert_eq!(s, 200, "{v}");
     let delivered = sink.wait_for("/new", 1, WAIT).await;
     assert_eq!(delivered.len(), 1, "the click went to the new URL");

@@ -1102,13 +1102,7 @@ async fn the_shared_circuit_series_counts_the_open_circuits_past_the_cap() {
     let series = "clickhook_endpoint_circuit_open{endpoint=\"_other\"}";
     for id in ["b", "c"] {
         let body = serde_json::json!({"id": id, "url": sink.url("/down")});
-        let (status, answer) = request(
-            "POST",
-            &format!("{}/v1/endpoints", d.admin),
-            &body.to_string(),
-            &[("content-type", "application/json")],
-        )
-        .await;
+        let (status, answer) = d.admin_request("POST", "/v1/endpoints", body).await;
         assert_eq!(status, 201, "{answer}");
     }
     d.post(&click("1", "w"), "application/json").await;
@@ -1119,7 +1113,9 @@ async fn the_shared_circuit_series_counts_the_open_circuits_past_the_cap() {
         3.0,
         "three circuits are open"
     );
-    let (status, _) = request("DELETE", &format!("{}/v1/endpoints/b", d.admin), "", &[]).await;
+    let (status, _) = d
+        .admin_request("DELETE", "/v1/endpoints/b", serde_json::Value::Null)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(
         d.metric_until(series, |v| v == 2.0).await,

@@ -367,6 +367,22 @@ impl Daemon {
         .await
     }
 
+    /// An admin API call with a JSON body (none when `body` is null).
+    pub async fn admin_request(&self, method: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let text = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        request(
+            method,
+            &format!("{}{}", self.admin, path),
+            &text,
+            &[("content-type", "application/json")],
+        )
+        .await
+    }
+
     pub async fn admin_get(&self, path: &str) -> (u16, serde_json::Value) {
         request("GET", &format!("{}{}", self.admin, path), "", &[]).await
     }
