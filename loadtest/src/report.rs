@@ -78,7 +78,7 @@ pub struct DaemonReport {
     /// From the daemon's start to the end of the run, its start included.
     pub cpu_seconds: Option<f64>,
     /// Of `cpu_seconds`, what the daemon spent before the first click: starting, and
-    /// creating the scenario's endpoints (0.9–1.2 s for 10,000 of them). An attached daemon
+    /// creating the scenario's endpoints (0.9–1.4 s for 10,000 of them). An attached daemon
     /// counts from its own start.
     pub startup_cpu_seconds: Option<f64>,
     pub peak_rss_bytes: Option<u64>,
