@@ -285,7 +285,9 @@ struct DisabledMarker {
 /// makes a delete wait until the request's append is queued.
 pub struct RoutingPass<'a> {
     _in_progress: std::sync::RwLockReadGuard<'a, ()>,
-    snapshot: Arc<Snapshot>,
+    /// A guard, not a clone: no reference count bounces between the ingest threads for
+    /// it, and like the lock it lives only within the request's routing.
+    snapshot: arc_swap::Guard<Arc<Snapshot>>,
 }
 
 impl RoutingPass<'_> {
@@ -357,7 +359,7 @@ impl EndpointRegistry {
                 .routing_in_progress
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-            snapshot: self.snapshot.load_full(),
+            snapshot: self.snapshot.load(),
         }
     }
 
