@@ -4,6 +4,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use clickhook::client::Resend;
 use clickhook::config::Config;
 use clickhook::Control;
 use mimalloc::MiMalloc;
@@ -259,14 +260,17 @@ fn send(
             None => Box::new(tokio::io::stdin()),
         };
         let report = match (socket, url) {
-            (_, Some(url)) => clickhook::client::send_http(&url, token.as_deref(), input).await?,
+            (_, Some(url)) => clickhook::client::send_http(&url, token.as_deref(), input, Resend::default()).await?,
             (socket, None) => {
                 let socket = socket.unwrap_or_else(|| "clickhook.sock".into());
-                clickhook::client::send_unix(&socket, input).await?
+                clickhook::client::send_unix(&socket, input, Resend::default()).await?
             }
         };
         for e in &report.errors {
             eprintln!("rejected {e}");
+        }
+        if report.resent > 0 {
+            eprintln!("sent again {} lines refused as unavailable", report.resent);
         }
         println!("acknowledged {} rejected {}", report.acknowledged, report.rejected);
         if let Some(why) = &report.cut_short {
