@@ -60,6 +60,13 @@ impl ByteBudget {
         self.bytes.available_permits()
     }
 
+    /// Waits until `n` bytes are free, and takes them: all of the budget when `n` is more.
+    /// `None` only once the budget is closed, which it never is.
+    pub async fn wait_for(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n.min(self.size)).unwrap_or(u32::MAX);
+        self.bytes.clone().acquire_many_owned(n).await.ok()
+    }
+
     /// Adds `n` bytes to what `held` holds; false, taking nothing, if they do not fit.
     pub fn take(&self, held: &mut Option<OwnedSemaphorePermit>, n: usize) -> bool {
         let Ok(n) = u32::try_from(n) else {

@@ -14,11 +14,19 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::{JoinHandle, JoinSet};
 
-/// Groups of lines read but not yet answered, per connection.
-const REPLY_QUEUE: usize = 8;
+/// Reads of a connection between being read and their replies written. A read takes
+/// its place before its clicks take any of the listener's budget, so the replies of a
+/// client that reads none hold up its own reads only, and none of that budget.
+const READS_UNANSWERED: usize = 12;
 const READ_CHUNK: usize = 64 * 1024;
 /// Chunks of a connection being parsed at once, ahead of their append.
 const PARSE_AHEAD: usize = 4;
+/// The memory a click costs from its parse until it is durable, besides its line's bytes:
+/// the prepared click and the log's event.
+const CLICK_COST: usize = 256;
+/// What the clicks of reads not yet durable may cost at once across the socket's
+/// connections (a read's bytes, and [`CLICK_COST`] a line).
+const CLICKS_BUDGET: usize = 64 << 20;
 /// How long a connection's replies may take once the daemon shuts down.
 const SHUTDOWN_REPLIES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -33,6 +41,8 @@ enum LineResult {
 
 /// The lines of one read, in order, with the append that covers the good ones.
 struct Group {
+    /// The read's place among its connection's unanswered ones.
+    _place: OwnedSemaphorePermit,
     lines: Vec<LineResult>,
     /// The append's outcome, awaited in a task of its own: the append's place among those
     /// waiting for the disk goes back once it is durable, whether or not the client reads
@@ -48,11 +58,28 @@ const MAX_CONNECTIONS: usize = 1024;
 /// read holds past one read ([`READ_CHUNK`]) taken from a budget the listener's
 /// connections share. Lines of clicks are far shorter, so only long lines touch the
 /// budget; without it, 1,024 connections each in the middle of an 8 MiB line would hold
-/// 8 GiB.
+/// 8 GiB. Whole lines read take from a second budget until their clicks are durable:
+/// 1,024 connections each with a dozen reads of short clicks parsed ahead held gigabytes.
 #[derive(Clone)]
 pub(crate) struct LineLimits {
     max_line: usize,
     long_lines: ByteBudget,
+    clicks: ByteBudget,
+}
+
+/// What a read of `chunk` takes from the clicks' budget.
+fn clicks_cost(chunk: &[u8]) -> usize {
+    let lines = chunk.iter().filter(|b| **b == b'\n').count();
+    chunk.len().saturating_add(lines.saturating_mul(CLICK_COST))
+}
+
+/// A read's whole lines on their way to the log: their parse, the long line they end and
+/// its budget, what their clicks take from the listener's budget, and their place.
+struct ReadLines {
+    parse: JoinHandle<Parsed>,
+    long_line: Option<OwnedSemaphorePermit>,
+    clicks: OwnedSemaphorePermit,
+    place: OwnedSemaphorePermit,
 }
 
 /// Why a line is being skipped to its end.
@@ -76,6 +103,7 @@ pub async fn serve(
     let limits = LineLimits {
         max_line,
         long_lines: ByteBudget::for_max_body(max_line),
+        clicks: ByteBudget::of(CLICKS_BUDGET),
     };
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -111,8 +139,10 @@ async fn connection(
 ) {
     let max_line = limits.max_line;
     let (mut read, write) = stream.into_split();
-    let (parsed_tx, parsed_rx) = mpsc::channel::<(JoinHandle<Parsed>, Option<OwnedSemaphorePermit>)>(PARSE_AHEAD);
-    let (tx, rx) = mpsc::channel::<Group>(REPLY_QUEUE);
+    let (parsed_tx, parsed_rx) = mpsc::channel::<ReadLines>(PARSE_AHEAD);
+    // Room for every read that holds a place: sending a group never waits.
+    let (tx, rx) = mpsc::channel::<Group>(READS_UNANSWERED);
+    let places = Arc::new(tokio::sync::Semaphore::new(READS_UNANSWERED));
     let writer = tokio::spawn(write_replies(write, rx));
     let submitter = tokio::spawn(submit_in_order(parsed_rx, tx, ingestor.clone()));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -167,16 +197,34 @@ async fn connection(
             } else {
                 buf.drain(..whole).collect()
             };
+            // Waits for a client that reads no replies, or for appends to take clicks
+            // off the budget: backpressure. A shutdown does not wait for either (these
+            // lines are never answered, nor stored).
+            let cost = clicks_cost(&chunk);
+            let room = tokio::select! {
+                room = async {
+                    let place = places.clone().acquire_owned().await.ok()?;
+                    Some((place, limits.clicks.wait_for(cost).await?))
+                } => room,
+                _ = stopping(&mut shutdown) => None,
+            };
+            let Some((place, clicks)) = room else {
+                break;
+            };
             let first_line_skipped = skipping.take().map(|(why, _)| why);
             let ingestor = ingestor.clone();
-            let task = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
+            let parse = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
             // The long line this chunk ends holds its budget until its clicks are
             // submitted to the log.
-            let line_budget = held.take().map(|(permit, _)| permit);
-            // The queue is full while replies wait for a client that reads none: a
-            // shutdown does not wait for it (these lines are never answered, nor stored).
+            let long_line = held.take().map(|(permit, _)| permit);
+            let read = ReadLines {
+                parse,
+                long_line,
+                clicks,
+                place,
+            };
             let sent = tokio::select! {
-                sent = parsed_tx.send((task, line_budget)) => sent.is_ok(),
+                sent = parsed_tx.send(read) => sent.is_ok(),
                 _ = stopping(&mut shutdown) => false,
             };
             if !sent {
@@ -294,13 +342,9 @@ fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_
 
 /// Takes parsed chunks in the order they were read and appends them in that order, so
 /// seqs and replies follow the connection's order whichever parse finished first.
-async fn submit_in_order(
-    mut parsed: mpsc::Receiver<(JoinHandle<Parsed>, Option<OwnedSemaphorePermit>)>,
-    tx: mpsc::Sender<Group>,
-    ingestor: Arc<Ingestor>,
-) {
-    while let Some((task, budget)) = parsed.recv().await {
-        let Parsed { lines, good } = match task.await {
+async fn submit_in_order(mut parsed: mpsc::Receiver<ReadLines>, tx: mpsc::Sender<Group>, ingestor: Arc<Ingestor>) {
+    while let Some(read) = parsed.recv().await {
+        let Parsed { lines, good } = match read.parse.await {
             Ok(p) => p,
             Err(e) => {
                 // A parse task cannot panic on input (every error is a rejected line);
@@ -312,14 +356,24 @@ async fn submit_in_order(
         if lines.is_empty() {
             continue;
         }
+        let clicks = read.clicks;
         let appended = if good.is_empty() {
             None
         } else {
             let submitted = ingestor.submit(good, Source::Unix).await;
-            Some(tokio::spawn(async move { submitted?.wait().await }))
+            Some(tokio::spawn(async move {
+                let durable = submitted?.wait().await;
+                drop(clicks);
+                durable
+            }))
         };
-        drop(budget);
-        if tx.send(Group { lines, appended }).await.is_err() {
+        drop(read.long_line);
+        let group = Group {
+            _place: read.place,
+            lines,
+            appended,
+        };
+        if tx.send(group).await.is_err() {
             return;
         }
     }
@@ -398,6 +452,7 @@ mod tests {
         LineLimits {
             max_line,
             long_lines: ByteBudget::of(budget),
+            clicks: ByteBudget::of(CLICKS_BUDGET),
         }
     }
     use std::time::Duration;
@@ -406,10 +461,10 @@ mod tests {
     /// A connection whose client writes far more clicks than the socket buffers replies for,
     /// and reads none: the daemon's reply writer blocks. Returns the connection's task and
     /// the sender that shuts it down.
-    fn stuck_connection(ingestor: &Arc<Ingestor>) -> (JoinHandle<()>, watch::Sender<bool>) {
+    fn stuck_connection(ingestor: &Arc<Ingestor>, limits: &LineLimits) -> (JoinHandle<()>, watch::Sender<bool>) {
         let (client, server) = UnixStream::pair().unwrap();
         let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(connection(server, ingestor.clone(), limits(1 << 20, 1 << 20), shutdown));
+        let task = tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
         let (read, mut write) = client.into_split();
         let mut line = padded_click(201);
         line.push(b'\n');
@@ -439,12 +494,14 @@ mod tests {
 
     /// A client that writes clicks and never reads its replies holds its connection up, and
     /// nothing else: once its appends are durable they no longer count against the appends
-    /// all connections may have waiting for the disk, so other clients' clicks go on.
+    /// all connections may have waiting for the disk, nor against the clicks' budget, so
+    /// other clients' clicks go on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_that_reads_no_replies_holds_no_place_among_the_appends() {
         let dir = tempfile::tempdir().unwrap();
         let (log, ingestor, _running) = ingestor_in(dir.path());
-        let (_connection, _stop) = stuck_connection(&ingestor);
+        let limits = limits(1 << 20, 1 << 20);
+        let (_connection, _stop) = stuck_connection(&ingestor, &limits);
         let stored = settled(&log, &ingestor).await;
         assert!(stored > 0, "the connection stored nothing");
         assert!(
@@ -456,6 +513,46 @@ mod tests {
             0,
             "durable appends of a stuck connection still count as waiting for the disk"
         );
+        assert_eq!(
+            limits.clicks.available(),
+            CLICKS_BUDGET,
+            "reads of a stuck connection hold the clicks' budget"
+        );
+        let (mut replies, mut write, _other) = open_with(&ingestor, &limits);
+        write.write_all(b"{\"link\":{\"id\":\"l\"}}\n").await.unwrap();
+        let reply = replies.next_line().await.unwrap().unwrap();
+        assert!(reply.starts_with("ok "), "{reply}");
+    }
+
+    /// Whole lines read take from a budget the listener's connections share until their
+    /// clicks are durable; while it is taken, a connection is not read on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_lines_wait_for_the_listeners_clicks_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, ingestor, _running) = ingestor_in(dir.path());
+        let limits = limits(1 << 20, 1 << 20);
+        let mut taken = None;
+        assert!(limits.clicks.take(&mut taken, CLICKS_BUDGET));
+        let (mut replies, mut write, _stop) = open_with(&ingestor, &limits);
+        write.write_all(b"{\"link\":{\"id\":\"l\"}}\n").await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), replies.next_line()).await;
+        assert!(early.is_err(), "answered while the budget was taken: {early:?}");
+        assert_eq!(log.event_count(), 0);
+        drop(taken);
+        let reply = replies.next_line().await.unwrap().unwrap();
+        assert!(reply.starts_with("ok "), "{reply}");
+        let given_back = || limits.clicks.available() == CLICKS_BUDGET;
+        assert!(
+            eventually(Duration::from_secs(2), given_back).await,
+            "the durable click holds the budget"
+        );
+    }
+
+    /// A read costs its bytes and a click's memory a line.
+    #[test]
+    fn a_read_costs_its_bytes_and_its_lines() {
+        assert_eq!(clicks_cost(b"{}\n{}\n{"), 7 + 2 * CLICK_COST);
+        assert_eq!(clicks_cost(b""), 0);
     }
 
     /// A line the daemon stops reading halfway at shutdown is left unanswered, not blamed
@@ -601,7 +698,7 @@ mod tests {
     async fn a_shutdown_does_not_wait_for_a_client_that_reads_no_replies() {
         let dir = tempfile::tempdir().unwrap();
         let (log, ingestor, _running) = ingestor_in(dir.path());
-        let (connection, stop) = stuck_connection(&ingestor);
+        let (connection, stop) = stuck_connection(&ingestor, &limits(1 << 20, 1 << 20));
         assert!(settled(&log, &ingestor).await > 0);
         stop.send(true).unwrap();
         let ended = tokio::time::timeout(SHUTDOWN_REPLIES_WAIT + Duration::from_secs(10), connection).await;
