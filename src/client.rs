@@ -12,6 +12,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;
@@ -48,11 +50,12 @@ impl Resend {
     }
 }
 
-/// Whether a refusal as unavailable may be sent again. A failed write to the log also
-/// answers `unavailable`, but part of it may be stored: an error for the operator, not
-/// backpressure, so it is reported rather than sent twice.
+/// Whether a refusal as unavailable may be sent again. Two such refusals come after the
+/// clicks went to the log, and part of them may be stored: a failed write, and an append
+/// whose task ended without an answer. Those are errors for the operator, not
+/// backpressure, so they are reported rather than sent twice.
 fn resendable(reason: &str) -> bool {
-    !reason.starts_with("storage failed")
+    !(reason.starts_with("storage failed") || reason.starts_with("the append's task failed"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,34 +91,22 @@ pub struct SendReport {
     pub cut_short: Option<String>,
 }
 
-/// Where a pass over the socket takes its lines: the input, or those refused before.
-enum LineSource<R> {
-    Input { lines: Lines<BufReader<R>>, at: usize },
-    Again(std::vec::IntoIter<(usize, String)>),
+/// The input's non-blank lines, numbered as the file counts them (blank lines too).
+struct InputLines<R> {
+    lines: Lines<BufReader<R>>,
+    at: usize,
 }
 
-impl<R: AsyncRead + Unpin> LineSource<R> {
-    /// The next non-blank line with its line number in the input.
+impl<R: AsyncRead + Unpin> InputLines<R> {
     async fn next_line(&mut self) -> std::io::Result<Option<(usize, String)>> {
-        match self {
-            LineSource::Input { lines, at } => loop {
-                let Some(line) = lines.next_line().await? else {
-                    return Ok(None);
-                };
-                *at += 1;
-                if !line.trim().is_empty() {
-                    return Ok(Some((*at, line)));
-                }
-            },
-            LineSource::Again(lines) => Ok(lines.next()),
-        }
-    }
-
-    /// The input's last line read, for an error reading the next.
-    fn at(&self) -> usize {
-        match self {
-            LineSource::Input { at, .. } => *at,
-            LineSource::Again(_) => 0,
+        loop {
+            let Some(line) = self.lines.next_line().await? else {
+                return Ok(None);
+            };
+            self.at += 1;
+            if !line.trim().is_empty() {
+                return Ok(Some((self.at, line)));
+            }
         }
     }
 }
@@ -123,36 +114,67 @@ impl<R: AsyncRead + Unpin> LineSource<R> {
 /// A line refused as unavailable: its number, its text, and why.
 type Refused = Vec<(usize, String, String)>;
 
-/// Sends every non-blank line of `input` over the socket, pipelined; lines answered
-/// `err unavailable` go again over a new connection after a pause, as `resend` says.
+/// How a pass over one connection ended.
+struct Pass<R> {
+    /// Lines refused as unavailable, in the order sent.
+    refused: Refused,
+    /// The rest of the input, when the pass stopped sending it at a refusal.
+    rest: Option<InputLines<R>>,
+}
+
+/// Sends every non-blank line of `input` over the socket, pipelined. At the first line
+/// answered `err unavailable`, the pass stops taking input; once what it sent is answered,
+/// the refused lines go again after a pause, over a new connection and ahead of the rest
+/// of the input. After `resend.times` passes in a row that store nothing (or cannot
+/// connect), the refused lines are counted rejected and the run stops there.
 pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
     socket: &str,
     input: R,
     resend: Resend,
 ) -> Result<SendReport, ClientError> {
     let mut report = SendReport::default();
-    let first = LineSource::Input {
+    let mut rest = Some(InputLines {
         lines: BufReader::new(input).lines(),
         at: 0,
-    };
-    let mut refused = pass_unix(socket, first, &mut report).await?;
+    });
+    let mut refused = Refused::new();
     let mut pause = resend.first_pause;
-    for _ in 0..resend.times {
-        if refused.is_empty() || report.cut_short.is_some() {
+    // Passes in a row that stored nothing.
+    let mut fruitless = 0;
+    loop {
+        let stream = match UnixStream::connect(socket).await {
+            Ok(stream) => stream,
+            Err(e) if refused.is_empty() => return Err(ClientError::Connect(socket.into(), e)),
+            // The daemon may be restarting: a try like any other.
+            Err(e) => {
+                if next_try(&mut fruitless, false, &resend, &mut pause).await {
+                    continue;
+                }
+                report.cut_short = Some(format!(
+                    "cannot connect to {socket} to send again what was refused as unavailable: {e}"
+                ));
+                break;
+            }
+        };
+        let again: Vec<(usize, String)> = refused.drain(..).map(|(line, text, _)| (line, text)).collect();
+        report.resent += again.len();
+        let stored_before = report.acknowledged;
+        let pass = pass_unix(stream, again, rest.take(), &mut report).await;
+        (refused, rest) = (pass.refused, pass.rest);
+        if report.cut_short.is_some() || (refused.is_empty() && rest.is_none()) {
             break;
         }
-        tokio::time::sleep(pause).await;
-        pause = resend.next_pause(pause);
-        let again = refused
-            .iter()
-            .map(|(line, text, _)| (*line, text.clone()))
-            .collect::<Vec<_>>();
-        report.resent += again.len();
-        match pass_unix::<R>(socket, LineSource::Again(again.into_iter()), &mut report).await {
-            Ok(still) => refused = still,
-            Err(e) => {
-                report.cut_short = Some(format!("sending again what was refused as unavailable: {e}"));
-            }
+        let stored = report.acknowledged > stored_before;
+        if !refused.is_empty() && !next_try(&mut fruitless, stored, &resend, &mut pause).await {
+            break;
+        }
+    }
+    if !refused.is_empty() {
+        if let Some(rest) = &rest {
+            report.cut_short.get_or_insert(format!(
+                "lines refused as unavailable were given up after {} tries in a row that stored nothing; the input after line {} was not sent",
+                resend.times, rest.at
+            ));
         }
     }
     for (line, _, why) in refused {
@@ -162,26 +184,58 @@ pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
     Ok(report)
 }
 
-/// One connection's pass over `source`: counts what is acknowledged or rejected into
-/// `report`, and returns the lines refused as unavailable that may go again.
+/// Counts a pass that ended with refusals, and pauses before the next; false once
+/// `resend.times` passes in a row stored nothing. A pass that stored some starts the
+/// count and the pauses over.
+async fn next_try(fruitless: &mut u32, stored: bool, resend: &Resend, pause: &mut Duration) -> bool {
+    if stored {
+        *fruitless = 0;
+        *pause = resend.first_pause;
+    }
+    if *fruitless == resend.times {
+        return false;
+    }
+    *fruitless += 1;
+    tokio::time::sleep(*pause).await;
+    *pause = resend.next_pause(*pause);
+    true
+}
+
+/// One connection's pass: sends `again`, then `input` until its end or the first line
+/// refused as unavailable, and counts what is acknowledged or rejected into `report`.
 async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
-    socket: &str,
-    mut source: LineSource<R>,
+    stream: UnixStream,
+    again: Vec<(usize, String)>,
+    input: Option<InputLines<R>>,
     report: &mut SendReport,
-) -> Result<Refused, ClientError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| ClientError::Connect(socket.into(), e))?;
+) -> Pass<R> {
     let (read, mut write) = stream.into_split();
     // Each line sent, in order, with its line number in the input: the daemon answers
     // each, a rejection names the line as the file counts it, and one refused as
     // unavailable is sent again. They wait here only as far as the daemon reads ahead.
     let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    // Set at the first refusal: what follows waits for the next pass, so that a daemon
+    // refusing everything does not have the whole input read into memory here.
+    let refusing = Arc::new(AtomicBool::new(false));
+    let stop = refusing.clone();
     let writer = tokio::spawn(async move {
+        let mut input = input;
         let mut out = tokio::io::BufWriter::new(&mut write);
         // An input error still ends the stream cleanly: the daemon answers what it got.
         let read = async {
-            while let Some((at, line)) = source.next_line().await? {
+            for (at, line) in again {
+                out.write_all(line.as_bytes()).await?;
+                out.write_all(b"\n").await?;
+                let _ = sent_tx.send((at, line));
+            }
+            let Some(lines) = input.as_mut() else {
+                return Ok(());
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let Some((at, line)) = lines.next_line().await? else {
+                    input = None;
+                    return Ok(());
+                };
                 out.write_all(line.as_bytes()).await?;
                 out.write_all(b"\n").await?;
                 let _ = sent_tx.send((at, line));
@@ -192,8 +246,11 @@ async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
         let flushed = out.flush().await;
         drop(out);
         let _ = write.shutdown().await;
-        read.map_err(|e| format!("cannot read the input after line {}: {e}", source.at()))
-            .and(flushed.map_err(|e| format!("cannot write to the daemon: {e}")))
+        let at = input.as_ref().map_or(0, |i| i.at);
+        let done = read
+            .map_err(|e| format!("cannot read the input after line {at}: {e}"))
+            .and(flushed.map_err(|e| format!("cannot write to the daemon: {e}")));
+        (done, input)
     });
     let mut replies = BufReader::new(read).lines();
     let mut refused = Refused::new();
@@ -214,6 +271,7 @@ async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
         if reply.starts_with("ok ") {
             report.acknowledged += 1;
         } else if let Some(why) = reply.strip_prefix("err unavailable: ").filter(|why| resendable(why)) {
+            refusing.store(true, Ordering::Relaxed);
             refused.push((line, text, why.to_string()));
         } else {
             report.rejected += 1;
@@ -222,22 +280,24 @@ async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
                 .push(format!("line {line}: {}", reply.trim_start_matches("err ")));
         }
     }
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+    let rest = match writer.await {
+        Ok((Ok(()), rest)) => rest,
+        Ok((Err(e), _)) => {
             report.cut_short.get_or_insert(e);
+            None
         }
         Err(e) => {
             report.cut_short.get_or_insert(e.to_string());
+            None
         }
-    }
-    let unanswered = sent_rx.len();
-    if unanswered > 0 && report.cut_short.is_none() {
-        report.cut_short = Some(format!(
-            "the daemon closed the connection with {unanswered} lines unanswered"
+    };
+    if let Ok((line, _)) = sent_rx.try_recv() {
+        let unanswered = sent_rx.len() + 1;
+        report.cut_short.get_or_insert(format!(
+            "the daemon closed the connection with {unanswered} lines unanswered, from line {line}"
         ));
     }
-    Ok(refused)
+    Pass { refused, rest }
 }
 
 /// Posts the lines as NDJSON chunks to `{base}/v1/clicks`.
@@ -281,19 +341,38 @@ pub async fn send_http<R: AsyncRead + Unpin>(
             let body = Bytes::from(std::mem::take(&mut chunk));
             let mut pause = resend.first_pause;
             let mut times = 0;
+            // The last 503 the chunk got, for a resend that could not connect.
+            let mut refused: Option<Answer> = None;
             let answer = loop {
-                let answer = post_chunk(&client, &url, token, body.clone()).await?;
-                let Ok((StatusCode::SERVICE_UNAVAILABLE, retry_after, reply)) = &answer else {
-                    break answer;
+                let answer = match post_chunk(&client, &url, token, body.clone()).await? {
+                    Ok(answer) => answer,
+                    Err(Unsent::Connect(e)) => match refused.take() {
+                        // The daemon may be restarting: a try like any other.
+                        Some(last) if times < resend.times => {
+                            times += 1;
+                            tokio::time::sleep(pause).await;
+                            pause = resend.next_pause(pause);
+                            refused = Some(last);
+                            continue;
+                        }
+                        // Out of tries: the chunk stays refused as the daemon last answered.
+                        Some(last) => break Ok(last),
+                        None => break Err(e),
+                    },
+                    Err(Unsent::Other(e)) => break Err(e),
                 };
-                let why: serde_json::Value = serde_json::from_slice(reply).unwrap_or_default();
+                if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+                    break Ok(answer);
+                }
+                let why: serde_json::Value = serde_json::from_slice(&answer.2).unwrap_or_default();
                 if times == resend.times || !why["error"].as_str().is_some_and(resendable) {
-                    break answer;
+                    break Ok(answer);
                 }
                 times += 1;
                 report.resent += count;
-                tokio::time::sleep(retry_after.unwrap_or(pause).min(resend.longest_pause)).await;
+                tokio::time::sleep(answer.1.unwrap_or(pause).min(resend.longest_pause)).await;
                 pause = resend.next_pause(pause);
+                refused = Some(answer);
             };
             let (status, body) = match answer {
                 Ok((status, _, body)) => (status, body),
@@ -332,13 +411,24 @@ pub async fn send_http<R: AsyncRead + Unpin>(
     Ok(report)
 }
 
-/// Posts one chunk; answers its status, `Retry-After` and body, or why none came.
+/// A chunk's answer: its status, `Retry-After` and body.
+type Answer = (StatusCode, Option<Duration>, Bytes);
+
+/// Why a chunk got no answer.
+enum Unsent {
+    /// No connection: nothing of it reached the daemon.
+    Connect(String),
+    /// It may have.
+    Other(String),
+}
+
+/// Posts one chunk; answers its answer, or why none came.
 async fn post_chunk(
     client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: &str,
     token: Option<&str>,
     body: Bytes,
-) -> Result<Result<(StatusCode, Option<Duration>, Bytes), String>, ClientError> {
+) -> Result<Result<Answer, Unsent>, ClientError> {
     let mut req = hyper::Request::post(url).header("content-type", "application/x-ndjson");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -356,9 +446,10 @@ async fn post_chunk(
                 .map(Duration::from_secs);
             let body = resp.into_body().collect().await;
             body.map(|b| (status, retry_after, b.to_bytes()))
-                .map_err(|e| e.to_string())
+                .map_err(|e| Unsent::Other(e.to_string()))
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) if e.is_connect() => Err(Unsent::Connect(e.to_string())),
+        Err(e) => Err(Unsent::Other(e.to_string())),
     })
 }
 
@@ -425,32 +516,91 @@ mod tests {
         assert_eq!(head[..2], [0x16, 0x03], "a TLS handshake record, not an HTTP request");
     }
 
-    /// The daemon's socket and HTTP listeners in-process on a real log in `dir`: the
-    /// socket's path, the HTTP base URL, the ingestor (whose gate refuses clicks as
-    /// unavailable while set) and the senders that keep them running.
-    async fn listeners(
-        dir: &std::path::Path,
-    ) -> (
-        String,
-        String,
-        std::sync::Arc<crate::ingest::Ingestor>,
-        Vec<tokio::sync::watch::Sender<bool>>,
-    ) {
-        use crate::ingest::{http, unix, ByteBudget};
-        let (_log, ingestor, running) = crate::ingest::ingestor_in(dir);
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let socket = dir.join("ingest.sock");
-        let unix_listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        tokio::spawn(unix::serve(unix_listener, ingestor.clone(), 1 << 20, shutdown.clone()));
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", tcp.local_addr().unwrap());
-        let settings = http::HttpIngestSettings {
-            max_body: 1 << 20,
-            tokens: Vec::new(),
-            body_budget: ByteBudget::of(1 << 20),
-        };
-        tokio::spawn(http::serve(tcp, ingestor.clone(), settings, shutdown));
-        (socket.display().to_string(), base, ingestor, vec![running, stop])
+    use crate::ingest::Ingestor;
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::sync::watch;
+    use tokio::task::JoinHandle;
+
+    /// The daemon's socket and HTTP listeners in-process on a real log, with the gate
+    /// that refuses clicks as unavailable while storage is over its budget.
+    struct Listeners {
+        _dir: tempfile::TempDir,
+        socket: String,
+        addr: std::net::SocketAddr,
+        base: String,
+        ingestor: Arc<Ingestor>,
+        _running: watch::Sender<bool>,
+        stop: watch::Sender<bool>,
+        served: Vec<JoinHandle<()>>,
+    }
+
+    impl Listeners {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (_log, ingestor, running) = crate::ingest::ingestor_in(dir.path());
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = tcp.local_addr().unwrap();
+            let mut listeners = Listeners {
+                socket: dir.path().join("ingest.sock").display().to_string(),
+                _dir: dir,
+                addr,
+                base: format!("http://{addr}"),
+                ingestor,
+                _running: running,
+                stop: watch::channel(false).0,
+                served: Vec::new(),
+            };
+            listeners.serve(tcp);
+            listeners
+        }
+
+        fn serve(&mut self, tcp: tokio::net::TcpListener) {
+            use crate::ingest::{http, unix, ByteBudget};
+            let (stop, shutdown) = watch::channel(false);
+            self.stop = stop;
+            let unix_listener = tokio::net::UnixListener::bind(&self.socket).unwrap();
+            let settings = http::HttpIngestSettings {
+                max_body: 1 << 20,
+                tokens: Vec::new(),
+                body_budget: ByteBudget::of(1 << 20),
+            };
+            self.served = vec![
+                tokio::spawn(unix::serve(
+                    unix_listener,
+                    self.ingestor.clone(),
+                    1 << 20,
+                    shutdown.clone(),
+                )),
+                tokio::spawn(http::serve(tcp, self.ingestor.clone(), settings, shutdown)),
+            ];
+        }
+
+        /// Stops both listeners, as a daemon going down does.
+        async fn stop(&mut self) {
+            self.stop.send(true).unwrap();
+            for served in self.served.drain(..) {
+                served.await.unwrap();
+            }
+            std::fs::remove_file(&self.socket).unwrap();
+        }
+
+        /// Serves again on the same socket path and port.
+        async fn serve_again(&mut self) {
+            let tcp = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+            self.serve(tcp);
+        }
+
+        fn refuse(&self, refusing: bool) {
+            self.ingestor.gate.over_budget.store(refusing, Relaxed);
+        }
+
+        async fn send(&self, over_http: bool, input: &'static [u8], resend: Resend) -> SendReport {
+            if over_http {
+                send_http(&self.base, None, input, resend).await.unwrap()
+            } else {
+                send_unix(&self.socket, input, resend).await.unwrap()
+            }
+        }
     }
 
     /// Three clicks and a blank line, the third click on the input's fourth line.
@@ -468,24 +618,16 @@ mod tests {
     /// over either transport, until they are taken.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lines_refused_as_unavailable_are_sent_again_until_taken() {
-        let dir = tempfile::tempdir().unwrap();
-        let (socket, base, ingestor, _running) = listeners(dir.path()).await;
+        let daemon = Arc::new(Listeners::start().await);
         for over_http in [false, true] {
-            ingestor
-                .gate
-                .over_budget
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            let gate = ingestor.gate.clone();
+            daemon.refuse(true);
+            let gate = daemon.clone();
             let reopen = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                gate.over_budget.store(false, std::sync::atomic::Ordering::Relaxed);
+                gate.refuse(false);
             });
             // 50 sends again take at least a second: the gate opens well before they end.
-            let report = if over_http {
-                send_http(&base, None, CLICKS, quick(50)).await.unwrap()
-            } else {
-                send_unix(&socket, CLICKS, quick(50)).await.unwrap()
-            };
+            let report = daemon.send(over_http, CLICKS, quick(50)).await;
             reopen.await.unwrap();
             assert_eq!(
                 (report.acknowledged, report.rejected, report.cut_short.as_deref()),
@@ -497,27 +639,99 @@ mod tests {
         }
     }
 
+    /// A daemon that goes down after refusing lines and comes back takes them: the
+    /// connections it refuses meanwhile are tries like the refusals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lines_refused_before_a_restart_are_taken_once_the_daemon_is_back() {
+        for over_http in [false, true] {
+            let mut daemon = Listeners::start().await;
+            daemon.refuse(true);
+            let (socket, base) = (daemon.socket.clone(), daemon.base.clone());
+            let sending = tokio::spawn(async move {
+                if over_http {
+                    send_http(&base, None, CLICKS, quick(50)).await.unwrap()
+                } else {
+                    send_unix(&socket, CLICKS, quick(50)).await.unwrap()
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            daemon.stop().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            daemon.refuse(false);
+            daemon.serve_again().await;
+            let report = sending.await.unwrap();
+            assert_eq!(
+                (report.acknowledged, report.rejected, report.cut_short.as_deref()),
+                (3, 0, None),
+                "over HTTP: {over_http}: {report:?}"
+            );
+        }
+    }
+
+    /// A daemon that refuses every line does not have the whole input read into memory:
+    /// the run stops taking input at the first refusal, and says where it stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_daemon_refusing_everything_does_not_have_the_whole_input_read() {
+        let daemon = Listeners::start().await;
+        daemon.refuse(true);
+        let lines = 300_000;
+        let input: &'static [u8] = b"{\"link\":{\"id\":\"a\"}}\n".repeat(lines).leak();
+        let report = daemon.send(false, input, quick(1)).await;
+        assert_eq!(report.acknowledged, 0, "{:?}", report.cut_short);
+        assert!(report.rejected < lines / 2, "{} rejected", report.rejected);
+        let stopped = report.cut_short.as_deref().unwrap_or_default();
+        let after: usize = stopped
+            .split("the input after line ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("says where it stopped: {stopped}"));
+        assert!(after < lines / 2, "{stopped}");
+        assert!(report
+            .errors
+            .iter()
+            .all(|e| e.contains(": unavailable: storage is over")));
+    }
+
+    /// What may be stored in part is reported, not sent twice.
+    #[test]
+    fn refusals_after_the_clicks_went_to_the_log_are_not_sent_again() {
+        assert!(!resendable("storage failed: No space left on device"));
+        assert!(!resendable("the append's task failed"));
+        assert!(resendable("storage is over storage.max_bytes; retry later"));
+        assert!(resendable("shutting down"));
+    }
+
     /// Lines still refused after the last resend are reported rejected, by their line in
     /// the input, with the daemon's reason.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lines_still_unavailable_after_the_last_resend_are_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let (socket, base, ingestor, _running) = listeners(dir.path()).await;
-        ingestor
-            .gate
-            .over_budget
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        let report = send_unix(&socket, CLICKS, quick(2)).await.unwrap();
-        assert_eq!(
-            (report.acknowledged, report.rejected, report.resent),
-            (0, 3, 6),
-            "{report:?}"
-        );
+        let daemon = Listeners::start().await;
+        daemon.refuse(true);
+        let report = daemon.send(false, CLICKS, quick(2)).await;
+        assert_eq!(report.acknowledged, 0, "{report:?}");
+        // The run stops taking input at the first refusal: lines not yet sent by then
+        // are not sent, and the run says so.
+        let named: Vec<&str> = report
+            .errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or_default())
+            .collect();
+        match report.rejected {
+            3 => assert_eq!(named, ["line 1", "line 2", "line 4"], "{report:?}"),
+            _ => assert!(
+                report.cut_short.as_deref().is_some_and(|c| c.contains("was not sent")),
+                "{report:?}"
+            ),
+        }
         assert!(
-            report.errors[2].starts_with("line 4: unavailable: storage is over"),
+            report
+                .errors
+                .iter()
+                .all(|e| e.contains(": unavailable: storage is over")),
             "{report:?}"
         );
-        let report = send_http(&base, None, CLICKS, quick(2)).await.unwrap();
+        let report = daemon.send(true, CLICKS, quick(2)).await;
         assert_eq!(
             (report.acknowledged, report.rejected, report.resent),
             (0, 3, 6),
