@@ -153,7 +153,9 @@ async fn connection(
     // The budget the line being read holds for its bytes past one read, and until when.
     let mut held: Option<(OwnedSemaphorePermit, tokio::time::Instant)> = None;
     // The place of the next read with whole lines, taken before reading: a connection
-    // whose client reads no replies waits here, where a long line's 30 s still run.
+    // whose client reads no replies waits here, where what is left of the buffer is
+    // shorter than one read and holds no budget. Taken after the read, the chunk that
+    // ended a long line waited for it while holding that line's budget.
     let mut place: Option<OwnedSemaphorePermit> = None;
     loop {
         let start = buf.len();
