@@ -125,6 +125,8 @@ struct Pass<R> {
     refused: Refused,
     /// The rest of the input, when the pass stopped sending it at a refusal.
     rest: Option<InputLines<R>>,
+    /// Why the input could not be read on: what was sent still goes again if refused.
+    unreadable: Option<String>,
 }
 
 /// Sends every non-blank line of `input` over the socket, pipelined. At the first line
@@ -146,6 +148,7 @@ pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
     let mut pause = resend.first_pause;
     // Passes in a row that stored nothing.
     let mut fruitless = 0;
+    let mut unreadable = None;
     loop {
         let stream = match UnixStream::connect(socket).await {
             Ok(stream) => stream,
@@ -167,6 +170,7 @@ pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
         let stored_before = report.acknowledged;
         let pass = pass_unix(stream, again, rest.take(), &mut report).await;
         (refused, rest) = (pass.refused, pass.rest);
+        unreadable = unreadable.or(pass.unreadable);
         if report.cut_short.is_some() || (refused.is_empty() && rest.is_none()) {
             break;
         }
@@ -174,6 +178,10 @@ pub async fn send_unix<R: AsyncRead + Unpin + Send + 'static>(
         if !refused.is_empty() && !next_try(&mut fruitless, stored, &resend, &mut pause).await {
             break;
         }
+    }
+    // The input's end came first.
+    if let Some(unreadable) = unreadable {
+        report.cut_short = Some(unreadable);
     }
     if !refused.is_empty() && rest.is_some() {
         report.cut_short.get_or_insert(format!(
@@ -318,13 +326,12 @@ async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
             (Ok(()), None)
         }
     };
-    // The first cause of a cut: an unreadable input, then lines left unanswered, then a
-    // failed write (which a daemon going away also leaves).
-    if let Err((WriteFailure::Input(e), at)) = &written {
-        report
-            .cut_short
-            .get_or_insert(format!("cannot read the input after line {at}: {e}"));
-    }
+    // The first cause of a cut: lines left unanswered, then a failed write (which a
+    // daemon going away also leaves). An unreadable input ends the input only.
+    let unreadable = match &written {
+        Err((WriteFailure::Input(e), at)) => Some(format!("cannot read the input after line {at}: {e}")),
+        _ => None,
+    };
     if let Ok((line, _)) = sent_rx.try_recv() {
         let unanswered = sent_rx.len() + 1;
         report.cut_short.get_or_insert(format!(
@@ -337,7 +344,11 @@ async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
             .get_or_insert(format!("cannot write to the daemon: {e}"));
     }
     let rest = if written.is_ok() { rest } else { None };
-    Pass { refused, rest }
+    Pass {
+        refused,
+        rest,
+        unreadable,
+    }
 }
 
 /// Posts the lines as NDJSON chunks to `{base}/v1/clicks`.
@@ -745,6 +756,30 @@ mod tests {
             .errors
             .iter()
             .all(|e| e.contains(": unavailable: storage is over")));
+    }
+
+    /// Lines refused before the input turned unreadable still go again and are taken;
+    /// the run then says where the input failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lines_refused_before_the_input_failed_are_still_sent_again() {
+        let daemon = Arc::new(Listeners::start().await);
+        daemon.refuse(true);
+        let gate = daemon.clone();
+        let reopen = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            gate.refuse(false);
+        });
+        let input: &'static [u8] = [CLICKS, b"\xff\xfe\n"].concat().leak();
+        let report = daemon.send(false, input, quick(50)).await;
+        reopen.await.unwrap();
+        assert_eq!((report.acknowledged, report.rejected), (3, 0), "{report:?}");
+        assert!(
+            report
+                .cut_short
+                .as_deref()
+                .is_some_and(|c| c.starts_with("cannot read the input after line 4: ")),
+            "{report:?}"
+        );
     }
 
     /// A refusal ends the pass even while the input is slow to come (a pipe kept open):
