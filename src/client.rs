@@ -29,7 +29,8 @@ const INPUT_BUFFER: usize = 1 << 20;
 /// How often, and after what pauses, what the daemon refused as unavailable is sent again.
 #[derive(Debug, Clone, Copy)]
 pub struct Resend {
-    /// Sends again at most, after the first.
+    /// Tries in a row that store nothing (a refusal, a refused connection) before what is
+    /// refused is given up.
     pub times: u32,
     /// The pause before the first; each next one doubles, up to `longest_pause`. A 503's
     /// `Retry-After` is taken instead, up to `longest_pause` too.

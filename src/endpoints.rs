@@ -1002,12 +1002,12 @@ pub fn endpoint_config_from(value: serde_json::Value) -> Result<EndpointConfig, 
     })
 }
 
-/// The setting that marks an endpoint disabled (a [`DisabledMarker`]).
 /// The setting that stores an API endpoint.
 fn api_setting(id: &str) -> String {
     format!("{API_PREFIX}{id}")
 }
 
+/// The setting that marks an endpoint disabled (a [`DisabledMarker`]).
 fn disabled_setting(id: &str) -> String {
     format!("{DISABLED_PREFIX}{id}")
 }

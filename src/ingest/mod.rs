@@ -26,11 +26,12 @@ const MAX_APPENDS_IN_FLIGHT: usize = 1024;
 /// within this: a client trickling them would otherwise hold what they take for ever.
 const FINISH_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Bytes a listener's connections may hold at once (bodies being read, socket lines
-/// past one read): each is bounded by `max_body`, but thousands of connections of 8 MiB
-/// each would be tens of GiB. Bytes are taken as they arrive, so a client holds only
-/// what it has sent, and never waited for: what does not fit is refused (backpressure)
-/// so that requests half read never wait on each other.
+/// Bytes a listener's connections may hold at once: each is bounded by `max_body`, but
+/// thousands of connections of 8 MiB each would be tens of GiB. Bytes being read (bodies,
+/// socket lines past one read) are taken as they arrive, so a client holds only what it
+/// has sent, and are never waited for: what does not fit is refused (backpressure), so
+/// that requests half read never wait on each other. Bytes already read (a socket read's
+/// whole lines) may wait with [`ByteBudget::wait_for`], as they hold nothing else.
 #[derive(Clone)]
 pub struct ByteBudget {
     bytes: Arc<Semaphore>,

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Reads of a connection between being read and their replies written. A read takes
-/// its place before its clicks take any of the listener's budget, so the replies of a
-/// client that reads none hold up its own reads only, and none of that budget.
+/// its place before it reads, so the replies of a client that reads none hold up its own
+/// reads only, and none of the listener's budgets.
 const READS_UNANSWERED: usize = 12;
 const READ_CHUNK: usize = 64 * 1024;
 /// Chunks of a connection being parsed at once, ahead of their append.
