@@ -84,11 +84,19 @@ impl ByteBudget {
     }
 }
 
+/// How a failed write's refusal begins (a socket line's reason, a 503's error).
+pub const STORAGE_FAILED: &str = "storage failed";
+/// The refusal of clicks whose append's task ended without an answer.
+pub const APPEND_TASK_FAILED: &str = "the append's task failed";
+/// Refusals answered as unavailable that come after the clicks went to the log: part of
+/// them may be stored, so a client must not send them again.
+pub const MAY_BE_STORED: [&str; 2] = [STORAGE_FAILED, APPEND_TASK_FAILED];
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("{0}")]
     Unavailable(&'static str),
-    #[error("storage failed: {0}")]
+    #[error("{}: {}", STORAGE_FAILED, .0)]
     Storage(#[from] LogError),
 }
 

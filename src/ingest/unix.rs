@@ -5,7 +5,7 @@
 //! not let one bad line affect its neighbours.
 
 use super::click::{self, PreparedClick};
-use super::{ByteBudget, IngestError, Ingestor, FINISH_WITHIN};
+use super::{ByteBudget, IngestError, Ingestor, APPEND_TASK_FAILED, FINISH_WITHIN};
 use crate::metrics::{self, Source};
 use bytes::BufMut;
 use std::sync::Arc;
@@ -27,6 +27,9 @@ const CLICK_COST: usize = 256;
 /// What the clicks of reads not yet durable may cost at once across the socket's
 /// connections (a read's bytes, and [`CLICK_COST`] a line).
 const CLICKS_BUDGET: usize = 64 << 20;
+/// How a line refused through no fault of its own is answered, before why: it may be
+/// sent again.
+pub const UNAVAILABLE_REPLY: &str = "err unavailable: ";
 /// How long a connection's replies may take once the daemon shuts down.
 const SHUTDOWN_REPLIES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -394,9 +397,7 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
     while let Some(group) = rx.recv().await {
         let ids = match group.appended {
             None => Ok(Vec::new()),
-            Some(task) => task
-                .await
-                .unwrap_or(Err(IngestError::Unavailable("the append's task failed"))),
+            Some(task) => task.await.unwrap_or(Err(IngestError::Unavailable(APPEND_TASK_FAILED))),
         };
         // Lines the log could not take are counted under why, as over HTTP.
         let mut ids = match ids {
@@ -416,7 +417,7 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
                 }
                 (LineResult::Unavailable(reason), _) => {
                     held_back += 1;
-                    text.push_str("err unavailable: ");
+                    text.push_str(UNAVAILABLE_REPLY);
                     text.push_str(reason);
                 }
                 (LineResult::Click, Ok(ids)) => {
@@ -425,7 +426,7 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
                 }
                 (LineResult::Click, Err((_, e))) => {
                     unavailable += 1;
-                    text.push_str("err unavailable: ");
+                    text.push_str(UNAVAILABLE_REPLY);
                     text.push_str(e);
                 }
             }
