@@ -204,12 +204,6 @@ pub async fn attempt(
             headers.push((HeaderName::from_static(name), v));
         }
     }
-    match send::build_request(&settings.url, &settings.headers, &headers, body) {
-        Ok(request) => client.send(request, settings.timeout, slot).await,
-        Err(e) => send::AttemptResult::unanswered(
-            send::Outcome::Network,
-            Duration::ZERO,
-            format!("cannot build the request: {e}"),
-        ),
-    }
+    let request = send::build_request(&settings.url, &settings.headers, &headers, body);
+    client.send(request, settings.timeout, slot).await
 }
