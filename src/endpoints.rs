@@ -21,7 +21,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +173,45 @@ impl EndpointHistory {
     }
 }
 
+/// The wake-up of an endpoint's worker, a permit kept when it is not waiting (as tokio's
+/// `Notify::notify_one`). The worker waits for it on every turn of its loop, and a click
+/// to an endpoint that waits on nothing else costs a turn: a waiter list behind a lock,
+/// entered and left on each, cost as much again as the flag and the one stored waker here.
+#[derive(Default)]
+pub struct WorkerWake {
+    raised: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl WorkerWake {
+    pub fn notify_one(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once woken, at once if woken since the last time. For one waiter only:
+    /// a second would take the first one's place.
+    pub fn notified(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.take() {
+                return std::task::Poll::Ready(());
+            }
+            // Registered before the second look, so a wake between the two is not missed.
+            self.waker.register(cx.waker());
+            if self.take() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+
+    /// Read first: a write on every turn would take the line from the ingest threads.
+    fn take(&self) -> bool {
+        self.raised.load(Ordering::Acquire) && self.raised.swap(false, Ordering::AcqRel)
+    }
+}
+
 pub struct LiveEndpoint {
     pub id: String,
     pub key: EndpointKey,
@@ -181,7 +219,7 @@ pub struct LiveEndpoint {
     pub created_at: String,
     settings: ArcSwap<EndpointSettings>,
     /// New work, changed settings, rewind or stop: the worker re-examines everything.
-    pub wake: Notify,
+    pub wake: WorkerWake,
     pub rewind: AtomicBool,
     /// Set when the endpoint is enabled by hand: its worker counts `disable_after` anew.
     pub enabled_again: AtomicBool,
@@ -759,7 +797,7 @@ impl EndpointRegistry {
             source,
             created_at,
             settings: ArcSwap::from_pointee(settings),
-            wake: Notify::new(),
+            wake: WorkerWake::default(),
             rewind: AtomicBool::new(false),
             enabled_again: AtomicBool::new(false),
             replaying: Arc::new(tokio::sync::Mutex::new(())),
@@ -1090,6 +1128,35 @@ pub(crate) fn registry_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_wake_is_kept_until_taken_and_reaches_a_waiter_on_another_thread() {
+        use futures_util::FutureExt;
+        let wake = Arc::new(WorkerWake::default());
+        assert!(wake.notified().now_or_never().is_none(), "nothing raised yet");
+        wake.notify_one();
+        wake.notify_one();
+        assert!(
+            wake.notified().now_or_never().is_some(),
+            "a wake before the wait is kept"
+        );
+        assert!(wake.notified().now_or_never().is_none(), "two wakes are one permit");
+        for _ in 0..1000 {
+            let waiter = tokio::spawn({
+                let wake = wake.clone();
+                async move { wake.notified().await }
+            });
+            let waker = tokio::spawn({
+                let wake = wake.clone();
+                async move { wake.notify_one() }
+            });
+            waker.await.unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("a wake racing the wait is not lost")
+                .unwrap();
+        }
+    }
 
     /// A request routed to an endpoint just before its delete queues its append after the
     /// delete began: the delete waits for it, so the forget comes after the append in the

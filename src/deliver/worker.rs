@@ -14,7 +14,6 @@ use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq, Ticket};
 use crate::said_seldom::RateLimited;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use hyper::Uri;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -101,15 +100,23 @@ struct Worker {
     /// while the endpoint keeps up, so a burst over thousands of endpoints opens a few
     /// connections each rather than `max_concurrency` each, and halves on failures.
     concurrency: usize,
-    /// The request slots of the endpoint's receiver on the thread's shared client, for
-    /// the URL they were looked up for (`None` inside: the client bounds nothing).
-    origin: Option<(Uri, Option<Arc<ReceiverSlots>>)>,
+    /// The request slots of the endpoint's receiver on the thread's shared client.
+    origin: Option<Origin>,
     /// A slot taken and not yet used, and the wait for one when none was free. An
     /// attempt is built only once it has its slot: attempts that waited inside the
     /// client held their rendered request, so a backlog spread over many endpoints on one
     /// receiver lived in memory as waiting requests (3 KB a click) instead of on disk.
     slot: Option<OriginSlot>,
     slot_wait: Option<SlotWait>,
+}
+
+/// The request slots of an endpoint's receiver, and the settings whose URL they were
+/// looked up for: the same settings say the same receiver without comparing URLs, which
+/// for an endpoint with a click now and then are memory not read since its last one.
+struct Origin {
+    settings: Arc<EndpointSettings>,
+    /// `None`: the client bounds nothing there.
+    slots: Option<Arc<ReceiverSlots>>,
 }
 
 /// A wait for a receiver's slot; kept across the loop's turns so it keeps its place.
@@ -705,14 +712,20 @@ impl Worker {
 
     /// A slot at the endpoint's receiver for the next attempt: `Ok(None)` when the client
     /// bounds nothing there, `Err` when none is free (a wait for one is then under way).
-    fn take_slot(&mut self, settings: &EndpointSettings) -> Result<Option<OriginSlot>, ()> {
-        if self.origin.as_ref().is_none_or(|(url, _)| *url != settings.url) {
-            let slots = self.client.origin_slots(&settings.url);
-            self.origin = Some((settings.url.clone(), slots));
-            self.slot = None;
-            self.slot_wait = None;
+    fn take_slot(&mut self, settings: &Arc<EndpointSettings>) -> Result<Option<OriginSlot>, ()> {
+        if self.origin.as_ref().is_none_or(|o| !Arc::ptr_eq(&o.settings, settings)) {
+            if self.origin.as_ref().is_none_or(|o| o.settings.url != settings.url) {
+                self.origin = Some(Origin {
+                    settings: settings.clone(),
+                    slots: self.client.origin_slots(&settings.url),
+                });
+                self.slot = None;
+                self.slot_wait = None;
+            } else if let Some(o) = &mut self.origin {
+                o.settings = settings.clone();
+            }
         }
-        let Some((_, Some(slots))) = &self.origin else {
+        let Some(Origin { slots: Some(slots), .. }) = &self.origin else {
             return Ok(None);
         };
         if let Some(slot) = self.slot.take() {
