@@ -560,6 +560,38 @@ mod tests {
         );
     }
 
+    /// A read's clicks hold the listener's budget until they are durable, not only until
+    /// they are handed to the log: an append waiting for the disk is memory all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reads_clicks_hold_the_budget_until_they_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, ingestor, _running) = ingestor_in(dir.path());
+        let limits = limits(1 << 20, 1 << 20);
+        let release = log.hold_writer();
+        let (mut replies, mut write, _stop) = open_with(&ingestor, &limits);
+        let line = b"{\"link\":{\"id\":\"l\"}}\n";
+        write.write_all(line).await.unwrap();
+        let submitted = || ingestor.appends_in_flight() == 1;
+        assert!(
+            eventually(Duration::from_secs(5), submitted).await,
+            "the click was not handed to the log"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            limits.clicks.available(),
+            CLICKS_BUDGET - clicks_cost(line),
+            "a click handed to the log but not durable gave its budget back"
+        );
+        release.send(()).unwrap();
+        let reply = replies.next_line().await.unwrap().unwrap();
+        assert!(reply.starts_with("ok "), "{reply}");
+        let given_back = || limits.clicks.available() == CLICKS_BUDGET;
+        assert!(
+            eventually(Duration::from_secs(2), given_back).await,
+            "the durable click holds the budget"
+        );
+    }
+
     /// A read costs its bytes and a click's memory a line.
     #[test]
     fn a_read_costs_its_bytes_and_its_lines() {

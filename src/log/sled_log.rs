@@ -397,6 +397,15 @@ impl SledLog {
         Ok(steps)
     }
 
+    /// Stops the writer at its next group until the returned sender sends or is dropped:
+    /// appends submitted meanwhile are not durable, for tests of what waits for that.
+    #[cfg(test)]
+    pub(crate) fn hold_writer(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel();
+        self.send(WriteOp::Hold(held));
+        release
+    }
+
     fn send(&self, op: WriteOp) {
         // A send fails only after close; the op's reply sender is dropped with it, and the
         // waiting ticket then reports the log closed.
@@ -2341,8 +2350,7 @@ mod tests {
     async fn the_progress_and_dead_letters_of_a_failed_write_group_are_written_later() {
         let (_dir, log, k) = two_events_for_one_endpoint().await;
         // A delivery, a burial and a failure in one group.
-        let (release, held) = std::sync::mpsc::channel();
-        log.send(WriteOp::Hold(held));
+        let release = log.hold_writer();
         log.delivered(k, &[1]);
         log.bury(k, vec![letter(2, "b")]);
         log.send(WriteOp::Fail);
@@ -2360,8 +2368,7 @@ mod tests {
         assert_eq!(log.dead_letters(k, 10).unwrap()[0].event_id, "b");
         // Alone: a failed group with only progress in it is written without another write.
         let (_dir, log, k) = two_events_for_one_endpoint().await;
-        let (release, held) = std::sync::mpsc::channel();
-        log.send(WriteOp::Hold(held));
+        let release = log.hold_writer();
         log.delivered(k, &[1, 2]);
         log.send(WriteOp::Fail);
         release.send(()).unwrap();
@@ -2378,8 +2385,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_append_before_a_clean_close_leaves_a_log_that_opens() {
         let (dir, log, k) = two_events_for_one_endpoint().await;
-        let (release, held) = std::sync::mpsc::channel();
-        log.send(WriteOp::Hold(held));
+        let release = log.hold_writer();
         let refused = log.append(vec![event("c", false, vec![k])]);
         log.send(WriteOp::Fail);
         release.send(()).unwrap();
@@ -2519,8 +2525,7 @@ mod tests {
     async fn a_prune_racing_a_revival_or_a_replay_keeps_the_events_they_queue() {
         for replay in [false, true] {
             let (_dir, log, k) = one_event_done_with(!replay).await;
-            let (release, held) = std::sync::mpsc::channel();
-            log.send(WriteOp::Hold(held));
+            let release = log.hold_writer();
             let queued = if replay {
                 log.replay_window(k, 0, u64::MAX, &|_| true)
             } else {
@@ -2842,8 +2847,7 @@ mod tests {
     async fn appends_queued_together_share_one_batch_and_one_route_record() {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
-        let (release, held) = std::sync::mpsc::channel();
-        log.send(WriteOp::Hold(held));
+        let release = log.hold_writer();
         // Ten single-click appends (and a client id seen twice) wait behind the held group
         // and are taken as the next group.
         let mut tickets: Vec<_> = (0..10)
@@ -2876,8 +2880,7 @@ mod tests {
             assert_eq!(ev.data, Bytes::from(event(&format!("c{}", seq - 1), true, vec![]).data));
         }
         // Two 100-click appends in one group stay a batch each: sets stop at APPEND_SET_MAX.
-        let (release, held) = std::sync::mpsc::channel();
-        log.send(WriteOp::Hold(held));
+        let release = log.hold_writer();
         let hundred = |tag: &str| (0..100).map(|i| event(&format!("{tag}{i}"), false, vec![7])).collect();
         let tickets = [log.append(hundred("x")), log.append(hundred("y"))];
         release.send(()).unwrap();
@@ -2927,8 +2930,7 @@ mod tests {
         log.append(events).await.unwrap().unwrap();
         // A worker's last writes before it stopped, still waiting for the writer (held
         // here) when the delete asks to forget the endpoint.
-        let (release, held) = std::sync::mpsc::channel();
-        log.send(WriteOp::Hold(held));
+        let release = log.hold_writer();
         log.reschedule(
             1,
             &[Pending {
