@@ -826,7 +826,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, ingestor, _running) = ingestor_in(dir.path());
         let limits = limits(1 << 20, 1 << 20);
-        let (_unread, mut write, _stop) = open_with(&ingestor, &limits);
+        let (client, server) = UnixStream::pair().unwrap();
+        // The input lies whole in the kernel before the daemon reads it, so reads come
+        // READ_CHUNK at a time; few replies fit, so the first read's stay unwritten.
+        set_send_buffer(&client, 256 << 10);
+        set_send_buffer(&server, 4 << 10);
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
+        let (_unread, mut write) = client.into_split();
         // 11 places for a read of `{}` lines whose replies are never read; then a long
         // line in the 12th, with 3,000 short lines after it in the read that ends it.
         let mut input: Vec<u8> = b"{}\n".iter().copied().cycle().take(READ_CHUNK - 1).collect();
@@ -848,6 +855,22 @@ mod tests {
             "the long line holds {} bytes of its budget",
             (1 << 20) - limits.long_lines.available()
         );
+    }
+
+    /// Sets the socket's send buffer (the kernel doubles it, within `wmem_max`).
+    fn set_send_buffer(stream: &UnixStream, bytes: libc::c_int) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `bytes`, an int.
+        let set = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
     }
 
     /// A connection to `ingestor` under `limits`: its replies, its writer, and the sender
