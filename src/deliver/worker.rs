@@ -713,16 +713,16 @@ impl Worker {
     /// A slot at the endpoint's receiver for the next attempt: `Ok(None)` when the client
     /// bounds nothing there, `Err` when none is free (a wait for one is then under way).
     fn take_slot(&mut self, settings: &Arc<EndpointSettings>) -> Result<Option<OriginSlot>, ()> {
-        if self.origin.as_ref().is_none_or(|o| !Arc::ptr_eq(&o.settings, settings)) {
-            if self.origin.as_ref().is_none_or(|o| o.settings.url != settings.url) {
+        match &mut self.origin {
+            Some(o) if Arc::ptr_eq(&o.settings, settings) => {}
+            Some(o) if o.settings.url == settings.url => o.settings = settings.clone(),
+            _ => {
                 self.origin = Some(Origin {
                     settings: settings.clone(),
                     slots: self.client.origin_slots(&settings.url),
                 });
                 self.slot = None;
                 self.slot_wait = None;
-            } else if let Some(o) = &mut self.origin {
-                o.settings = settings.clone();
             }
         }
         let Some(Origin { slots: Some(slots), .. }) = &self.origin else {
