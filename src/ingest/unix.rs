@@ -20,8 +20,8 @@ use tokio::task::{JoinHandle, JoinSet};
 const READS_UNANSWERED: usize = 12;
 /// Lines one place among [`READS_UNANSWERED`] covers: a read of lines of 32 bytes or
 /// more with their newline (64 KiB of them is at most 2,048 lines) takes one place, a
-/// read of 3-byte lines 11. At 512, 20-byte clicks over one connection went 30 % slower, with about two reads
-/// in flight instead of twelve.
+/// read of 3-byte lines 11. At 512, 20-byte clicks over one connection went 30 % slower,
+/// with about two reads in flight instead of twelve.
 const LINES_PER_PLACE: usize = 2048;
 const READ_CHUNK: usize = 64 * 1024;
 /// Chunks of a connection being parsed at once, ahead of their append.
@@ -176,6 +176,12 @@ async fn connection(
     // shorter than one read and holds no budget. Taken after the read, the chunk that
     // ended a long line waited for it while holding that line's budget.
     let mut place: Option<OwnedSemaphorePermit> = None;
+    let handing = Handing {
+        ingestor: &ingestor,
+        limits: &limits,
+        places: &places,
+        parsed_tx: &parsed_tx,
+    };
     loop {
         let start = buf.len();
         buf.reserve(READ_CHUNK);
@@ -218,7 +224,7 @@ async fn connection(
             .rposition(|b| *b == b'\n')
             .map_or(0, |last| start + last + 1);
         if whole > 0 {
-            let chunk: Vec<u8> = if whole > READ_CHUNK {
+            let mut chunk: Vec<u8> = if whole > READ_CHUNK {
                 // A long line: the chunk takes the buffer's room, not a copy of it.
                 let rest = buf[whole..].to_vec();
                 buf.truncate(whole);
@@ -232,24 +238,19 @@ async fn connection(
             };
             let first_line_skipped = skipping.take().map(|(why, _)| why);
             let long_line = held.take().map(|(permit, _)| permit);
-            let handing = Handing {
-                ingestor: &ingestor,
-                limits: &limits,
-                places: &places,
-                parsed_tx: &parsed_tx,
-            };
-            if long_line.is_some() && extra_places(lines_in(&chunk)) > 0 {
-                // The long line goes on its own, in the place its read took: the short
-                // lines after it wait for their places without holding its budget.
-                let cut = chunk.iter().position(|b| *b == b'\n').map_or(chunk.len(), |at| at + 1);
-                let mut long = chunk;
-                let rest = long.split_off(cut);
-                if !handing
-                    .hand_over(long, place, long_line, first_line_skipped, &mut shutdown)
-                    .await
-                {
-                    break;
-                }
+            // A long line goes on its own, in the place its read took: lines read with it
+            // wait for places of their own, not holding its budget.
+            let read_with_it = long_line.as_ref().and_then(|_| {
+                let cut = chunk.iter().position(|b| *b == b'\n')? + 1;
+                Some(chunk.split_off(cut)).filter(|rest| !rest.is_empty())
+            });
+            if !handing
+                .hand_over(chunk, place, long_line, first_line_skipped, &mut shutdown)
+                .await
+            {
+                break;
+            }
+            if let Some(rest) = read_with_it {
                 let place = tokio::select! {
                     place = places.clone().acquire_owned() => place.ok(),
                     _ = stopping(&mut shutdown) => None,
@@ -260,11 +261,6 @@ async fn connection(
                 if !handing.hand_over(rest, place, None, None, &mut shutdown).await {
                     break;
                 }
-            } else if !handing
-                .hand_over(chunk, place, long_line, first_line_skipped, &mut shutdown)
-                .await
-            {
-                break;
             }
         }
         if let Some((why, so_far)) = &mut skipping {
@@ -686,7 +682,6 @@ mod tests {
     /// after two reads of 3-byte lines, not twelve.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unread_replies_to_short_lines_stop_the_reading_after_two_reads() {
-        use std::os::fd::AsRawFd;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
@@ -694,19 +689,7 @@ mod tests {
         let (_stop, shutdown) = watch::channel(false);
         tokio::spawn(connection(server, ingestor.clone(), limits(1 << 20, 1 << 20), shutdown));
         // What the kernel holds of the client's writes, unread, besides what the daemon read.
-        let mut sndbuf: libc::c_int = 0;
-        let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `size` bytes into `sndbuf`, whose size it is.
-        let got = unsafe {
-            libc::getsockopt(
-                client.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&mut sndbuf as *mut libc::c_int).cast(),
-                &mut size,
-            )
-        };
-        assert_eq!(got, 0);
+        let sndbuf = send_buffer(&client);
         let (_unread, mut write) = client.into_split();
         let accepted = Arc::new(AtomicUsize::new(0));
         let lines: Vec<u8> = b"{}\n".iter().copied().cycle().take(3 << 20).collect();
@@ -731,7 +714,7 @@ mod tests {
             taken = now;
         }
         assert!(taken > 0, "the connection was not read");
-        let bound = 6 * READ_CHUNK + sndbuf as usize;
+        let bound = 6 * READ_CHUNK + sndbuf;
         assert!(
             taken < bound,
             "{taken} bytes taken from a client that reads no replies (at most {bound} expected)"
@@ -855,6 +838,25 @@ mod tests {
             "the long line holds {} bytes of its budget",
             (1 << 20) - limits.long_lines.available()
         );
+    }
+
+    /// The socket's send buffer, as the kernel counts it.
+    fn send_buffer(stream: &UnixStream) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut bytes: libc::c_int = 0;
+        let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `size` bytes into `bytes`, whose size it is.
+        let got = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut bytes as *mut libc::c_int).cast(),
+                &mut size,
+            )
+        };
+        assert_eq!(got, 0, "{}", std::io::Error::last_os_error());
+        usize::try_from(bytes).unwrap()
     }
 
     /// Sets the socket's send buffer (the kernel doubles it, within `wmem_max`).
