@@ -174,9 +174,10 @@ impl EndpointHistory {
 }
 
 /// The wake-up of an endpoint's worker, a permit kept when it is not waiting (as tokio's
-/// `Notify::notify_one`). The worker waits for it on every turn of its loop, and a click
-/// to an endpoint that waits on nothing else costs a turn: a waiter list behind a lock,
-/// entered and left on each, cost as much again as the flag and the one stored waker here.
+/// `Notify::notify_one`). The worker waits for it on every turn of its loop, and over
+/// many endpoints a click is a turn or two: `Notify` entered and left a waiter list
+/// behind a lock on each (leaving it alone was 2.5 % of the delivery threads' samples
+/// in the spread over 10,000 endpoints), where this stores one waker.
 #[derive(Default)]
 pub struct WorkerWake {
     raised: AtomicBool,
