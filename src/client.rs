@@ -36,7 +36,7 @@ pub struct Resend {
     /// refused is given up.
     pub times: u32,
     /// The pause before the first; each next one doubles, up to `longest_pause`. A 503's
-    /// `Retry-After` is taken instead, up to `longest_pause` too.
+    /// `Retry-After` is taken instead, within the same two.
     pub first_pause: Duration,
     pub longest_pause: Duration,
 }
@@ -53,36 +53,39 @@ impl Default for Resend {
     }
 }
 
-/// Tries in a row that stored nothing, and the pause before the next.
+/// Tries in a row that stored nothing.
 struct Tries {
     resend: Resend,
     fruitless: u32,
-    pause: Duration,
 }
 
 impl Tries {
     fn new(resend: Resend) -> Self {
-        Tries {
-            resend,
-            fruitless: 0,
-            pause: resend.first_pause,
-        }
+        Tries { resend, fruitless: 0 }
     }
 
     /// Something was stored: the count and the pauses start over.
     fn stored(&mut self) {
-        *self = Tries::new(self.resend);
+        self.fruitless = 0;
     }
 
     /// Counts a try that stored nothing and pauses before the next, for `asked` if the
-    /// daemon asked (up to the longest pause); false, at once, once the tries are used up.
+    /// daemon (or a proxy) asked; false, at once, once the tries are used up. An ask is
+    /// held to the first and longest pauses: `Retry-After: 0` would spend every try at
+    /// once.
     async fn next(&mut self, asked: Option<Duration>) -> bool {
         if self.fruitless == self.resend.times {
             return false;
         }
+        let Resend {
+            first_pause,
+            longest_pause,
+            ..
+        } = self.resend;
+        let doubled = first_pause.saturating_mul(1 << self.fruitless.min(16));
+        let pause = asked.map_or(doubled, |a| a.max(first_pause)).min(longest_pause);
         self.fruitless += 1;
-        tokio::time::sleep(asked.map_or(self.pause, |a| a.min(self.resend.longest_pause))).await;
-        self.pause = (self.pause * 2).min(self.resend.longest_pause);
+        tokio::time::sleep(pause).await;
         true
     }
 }
@@ -510,11 +513,7 @@ async fn post_chunk(
     Ok(match client.request(req).await {
         Ok(resp) => {
             let status = resp.status();
-            let retry_after = resp
-                .headers()
-                .get(hyper::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::deliver::send::retry_after(resp.headers());
             let body = resp.into_body().collect().await;
             body.map(|b| (status, retry_after, b.to_bytes()))
                 .map_err(|e| Unsent::Other(e.to_string()))
@@ -697,6 +696,31 @@ mod tests {
             first_pause: Duration::from_millis(20),
             longest_pause: Duration::from_millis(20),
         }
+    }
+
+    /// The pauses double from the first up to the longest and start over once something
+    /// is stored; an ask is held within the same two, so `Retry-After: 0` does not spend
+    /// the tries at once.
+    #[tokio::test(start_paused = true)]
+    async fn tries_pause_on_the_schedule_and_hold_an_ask_within_it() {
+        let mut tries = Tries::new(Resend {
+            times: 4,
+            first_pause: Duration::from_secs(1),
+            longest_pause: Duration::from_secs(3),
+        });
+        let pause = async |tries: &mut Tries, asked| {
+            let start = tokio::time::Instant::now();
+            assert!(tries.next(asked).await, "tries left");
+            start.elapsed().as_secs()
+        };
+        let mut pauses = Vec::new();
+        for asked in [None, None, Some(Duration::ZERO), Some(Duration::from_secs(60))] {
+            pauses.push(pause(&mut tries, asked).await);
+        }
+        assert_eq!(pauses, [1, 2, 1, 3]);
+        assert!(!tries.next(None).await, "4 tries that stored nothing are all");
+        tries.stored();
+        assert_eq!(pause(&mut tries, None).await, 1);
     }
 
     /// Lines the daemon refuses as unavailable (here: storage over `max_bytes`) go again,

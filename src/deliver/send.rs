@@ -894,7 +894,8 @@ pub fn build_request(
     request
 }
 
-fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+/// A `Retry-After` in seconds or as an HTTP date, as a pause from now.
+pub(crate) fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
     let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
