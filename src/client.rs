@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
+use crate::ingest::click::is_blank;
 use crate::ingest::unix::UNAVAILABLE_REPLY;
 use crate::ingest::MAY_BE_STORED;
 
@@ -155,7 +156,7 @@ impl<R: AsyncRead + Unpin> InputLines<R> {
                 return Ok(None);
             };
             self.at += 1;
-            if !line.trim().is_empty() {
+            if !is_blank(line.as_bytes()) {
                 return Ok(Some((self.at, line)));
             }
         }
@@ -721,6 +722,29 @@ mod tests {
         assert!(!tries.next(None).await, "4 tries that stored nothing are all");
         tries.stored();
         assert_eq!(pause(&mut tries, None).await, 1);
+    }
+
+    /// A line that is blank only to Unicode is no blank line to JSON: it goes to the
+    /// daemon, which rejects it, rather than being dropped without a word.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_line_of_other_whitespace_goes_to_the_daemon() {
+        let daemon = Listeners::start().await;
+        for over_http in [false, true] {
+            let report = daemon
+                .send(over_http, "{\"link\":{\"id\":\"a\"}}\n\u{a0}\n".as_bytes(), quick(1))
+                .await;
+            // Over HTTP a 400 refuses the chunk the line is in.
+            let taken = usize::from(!over_http);
+            assert_eq!(
+                (report.acknowledged, report.rejected),
+                (taken, 2 - taken),
+                "over HTTP: {over_http}: {report:?}"
+            );
+            assert!(
+                report.errors.iter().any(|e| e.contains("line 2")),
+                "over HTTP: {over_http}: {report:?}"
+            );
+        }
     }
 
     /// Lines the daemon refuses as unavailable (here: storage over `max_bytes`) go again,

@@ -92,6 +92,12 @@ pub enum Framing {
     Ndjson,
 }
 
+/// A line of NDJSON with only JSON's whitespace (ASCII) in it: no click, and no answer.
+/// Other whitespace is malformed JSON, reported like any.
+pub fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
 /// Splits a body into its click objects (not yet validated), each as the JSON text it
 /// was sent as. Nothing is built from them yet: [`prepare_raw`] reads what it needs.
 pub fn split_body(body: &[u8], framing: Framing) -> Result<Vec<&RawValue>, ClickError> {
@@ -99,7 +105,7 @@ pub fn split_body(body: &[u8], framing: Framing) -> Result<Vec<&RawValue>, Click
         Framing::Ndjson => {
             let mut out = Vec::new();
             for line in body.split(|b| *b == b'\n') {
-                if line.iter().all(u8::is_ascii_whitespace) {
+                if is_blank(line) {
                     continue;
                 }
                 let index = out.len();

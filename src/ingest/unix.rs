@@ -422,7 +422,7 @@ fn parse_chunk(ingestor: &Ingestor, chunk: Vec<u8>, max_line: usize, first_line_
         };
         if let Some(refused) = refused {
             lines.push(refused);
-        } else if !line.iter().all(u8::is_ascii_whitespace) {
+        } else if !click::is_blank(line) {
             let result = click::prepare_raw(line, 0, &ingestor.enricher, &received).map_err(|e| e.message);
             lines.push(match result {
                 Ok(c) => {
