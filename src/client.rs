@@ -256,6 +256,20 @@ enum WriteFailure {
     Daemon(std::io::Error),
 }
 
+/// Writes one line to the daemon and keeps it, numbered, for the reply that answers it.
+async fn send_line(
+    out: &mut tokio::io::BufWriter<&mut tokio::net::unix::OwnedWriteHalf>,
+    sent: &tokio::sync::mpsc::UnboundedSender<(usize, String)>,
+    at: usize,
+    line: String,
+) -> Result<(), WriteFailure> {
+    out.write_all(line.as_bytes()).await.map_err(WriteFailure::Daemon)?;
+    out.write_all(b"\n").await.map_err(WriteFailure::Daemon)?;
+    // A reply reader that stopped (the connection lost) needs it no more.
+    let _ = sent.send((at, line));
+    Ok(())
+}
+
 /// One connection's pass: sends `again`, then `input` until its end or the first line
 /// refused as unavailable, and counts what is acknowledged or rejected into `report`.
 async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
@@ -280,9 +294,7 @@ async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
         // An input error still ends the stream cleanly: the daemon answers what it got.
         let sent = async {
             for (at, line) in again {
-                out.write_all(line.as_bytes()).await.map_err(WriteFailure::Daemon)?;
-                out.write_all(b"\n").await.map_err(WriteFailure::Daemon)?;
-                let _ = sent_tx.send((at, line));
+                send_line(&mut out, &sent_tx, at, line).await?;
             }
             let Some(lines) = input.as_mut() else {
                 return Ok(());
@@ -304,9 +316,7 @@ async fn pass_unix<R: AsyncRead + Unpin + Send + 'static>(
                     input = None;
                     return Ok(());
                 };
-                out.write_all(line.as_bytes()).await.map_err(WriteFailure::Daemon)?;
-                out.write_all(b"\n").await.map_err(WriteFailure::Daemon)?;
-                let _ = sent_tx.send((at, line));
+                send_line(&mut out, &sent_tx, at, line).await?;
             }
         }
         .await;
