@@ -1,7 +1,10 @@
 //! Short runs of the load generator's `throughput`, `flaky` and `many-endpoints`
 //! scenarios against the real daemon, and one with the sink's scripted faults (latency,
-//! 410s, an outage), so the tool cannot rot. They assert what the tool
+//! 410s, an outage), so the tool cannot rot; and the `wrk` baseline's body against what
+//! the daemon really delivers. They assert what the tool
 //! verifies (nothing lost, every signature valid). They must never assert a speed.
+
+mod common;
 
 use clickhook_loadtest::{run_async, Scenario, ScenarioOptions, SinkScript, Transport};
 use std::time::Duration;
@@ -108,4 +111,27 @@ async fn an_outage_that_did_not_happen_fails_the_run() {
         "{:?}",
         report.failures()
     );
+}
+
+/// `wrk`'s baseline posts the body the daemon delivers for the same click, so the ratio
+/// of their rates compares the same bytes; when enrichment or the `standard` format
+/// changes, the baseline's copy must change with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrk_baseline_posts_what_the_daemon_delivers() {
+    use clickhook_loadtest::baseline::{delivered_body, BASELINE_CLICK};
+    let sink = common::Sink::start().await;
+    let daemon = common::Daemon::start(&common::config_text(&common::endpoint("ep", &sink.url("/ep"), "")));
+    let factory = clickhook_loadtest::clicks::ClickFactory::new(1000, "wrk", false, "2026-01-02T03:04:05Z".into());
+    let mut click = Vec::new();
+    factory.write(BASELINE_CLICK, &mut click);
+    let (status, answer) = daemon
+        .post(std::str::from_utf8(&click).unwrap(), "application/json")
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let got = sink.wait_for("/ep", 1, Duration::from_secs(10)).await;
+    let delivered = got[0].json();
+    let id = delivered["data"]["id"].as_str().expect("an event id");
+    let baseline = delivered_body(&factory, id).expect("the baseline click keeps its shape");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&baseline).unwrap(), delivered);
+    assert_eq!(baseline.len(), got[0].body.len(), "{baseline}");
 }

@@ -13,7 +13,7 @@ DAEMON="$PWD/target/release/clickhook"
 echo "== machine" | tee "$OUT/summary.txt"
 { nproc; grep -m1 'model name' /proc/cpuinfo; free -h | head -2; df -h . | tail -1; uptime; } | tee -a "$OUT/summary.txt"
 
-echo "== wrk baseline: 32 connections (as many as the daemon keeps to one endpoint, its max_concurrency), one signed 600-byte webhook, against the same sink" | tee -a "$OUT/summary.txt"
+echo "== wrk baseline: 32 connections (as many as the daemon keeps to one endpoint, its max_concurrency), one signed webhook with the body the daemon delivers for one click (about 910 bytes), against the same sink" | tee -a "$OUT/summary.txt"
 "$LT" sink --wrk-script "$OUT/sink.lua" --no-timestamp-check --for 40s > "$OUT/sink.txt" 2>&1 &
 SINK_PID=$!
 for _ in $(seq 50); do grep -q "http://" "$OUT/sink.txt" 2>/dev/null && break; sleep 0.1; done

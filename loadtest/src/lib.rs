@@ -34,6 +34,7 @@
 //! [`Sink::start`]`(`[`SinkOptions`]`)`, then [`Sink::url`], [`Sink::set_behavior`],
 //! [`Sink::set_down`], [`Sink::recorder`] and [`Sink::stats`].
 
+pub mod baseline;
 pub mod clicks;
 pub mod clock;
 pub mod daemon;

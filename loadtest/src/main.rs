@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use clickhook_loadtest::baseline;
 use clickhook_loadtest::clicks::ClickFactory;
 use clickhook_loadtest::clock::{rfc3339, unix_now};
 use clickhook_loadtest::signature::{generate_secret, SigningKey};
@@ -165,7 +166,7 @@ struct SinkArgs {
     /// Stop after this long.
     #[arg(long = "for", value_parser = parse_duration, default_value = "10m")]
     run_for: Duration,
-    /// Write a wrk Lua script sending one signed webhook to /ep/0.
+    /// Write a wrk Lua script sending to /ep/0, signed, the body the daemon delivers for one click.
     #[arg(long)]
     wrk_script: Option<PathBuf>,
 }
@@ -407,19 +408,14 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
     })
 }
 
-/// A wrk script posting one correctly signed standard-format webhook to /ep/0. Its
+/// A wrk script posting to /ep/0 the body the daemon delivers for one click, signed. Its
 /// timestamp is now, so it stays valid for 5 minutes unless the sink skips that check.
 fn wrk_script(secret: &str) -> anyhow::Result<String> {
     let key = SigningKey::from_secret(secret)?;
     let factory = ClickFactory::new(1000, "wrk", false, rfc3339(unix_now()));
-    let mut click = Vec::new();
-    factory.write(1, &mut click);
-    let id = "msg_wrk_baseline";
-    let body = format!(
-        r#"{{"type":"link.clicked","timestamp":"{}","data":{{"id":"{id}",{}}}"#,
-        rfc3339(unix_now()),
-        String::from_utf8_lossy(&click[1..])
-    );
+    // As long as the daemon's event ids: "evt_" and 32 hex digits.
+    let id = "evt_0000000000000000000000000000wrk0";
+    let body = baseline::delivered_body(&factory, id).context("the baseline click lost its shape")?;
     let ts = unix_now().to_string();
     let sig = key.sign(id, &ts, body.as_bytes());
     Ok(format!(
@@ -469,7 +465,7 @@ mod tests {
         let script = wrk_script(&secret).unwrap();
         let body = script.split("[==[").nth(1).unwrap().split("]==]").next().unwrap();
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(v["data"]["id"], "msg_wrk_baseline");
+        assert_eq!(v["data"]["id"].as_str().map(str::len), Some(36));
         let header = |name: &str| {
             let start = script.find(&format!("[\"{name}\"] = \"")).unwrap() + name.len() + 8;
             script[start..].split('"').next().unwrap().to_string()
