@@ -54,6 +54,41 @@ run routing-10000 many-endpoints --clicks 200000 --batch 100 --links 1
 for n in 10 100 1000 10000; do
   run spread-$n many-endpoints --clicks 200000 --batch 100 --endpoints $n
 done
+# The ratio targets again, from three alternating rounds of the runs they compare, each
+# round's ratio and their median: one pair of runs draws within this machine's noise.
+echo "== ratio rounds: throughput, routing alone, the spread, fanout and slow-endpoint, three times in turn" | tee -a "$OUT/summary.txt"
+for round in 1 2 3; do
+  for spec in "throughput throughput --clicks 200000 --batch 100" \
+              "routing many-endpoints --clicks 200000 --batch 100 --links 1" \
+              "spread many-endpoints --clicks 200000 --batch 100" \
+              "fanout fanout --clicks 20000 --batch 100" \
+              "slow slow-endpoint --clicks 20000 --batch 100"; do
+    read -r name args <<< "$spec"
+    # shellcheck disable=SC2086 # the arguments are meant to split
+    "$LT" $args --daemon-bin "$DAEMON" -q --json > "$OUT/round$round-$name.json" || true
+  done
+done
+python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+import json, statistics, sys
+out = sys.argv[1]
+def report(round, name):
+    return json.load(open(f"{out}/round{round}-{name}.json"))
+def healthy(r):
+    return sum(g.get("delivery_rate", 0) for g in r.get("groups", []) if g.get("name") == "fast")
+ratios = {"routing alone / throughput": [], "spread over 10,000 / throughput": [], "slow-endpoint's healthy / fanout": []}
+passed = True
+for round in (1, 2, 3):
+    r = {n: report(round, n) for n in ("throughput", "routing", "spread", "fanout", "slow")}
+    passed &= all(x["passed"] for x in r.values())
+    rates = {n: x["delivery_rate"] for n, x in r.items()}
+    ratios["routing alone / throughput"].append(rates["routing"] / rates["throughput"])
+    ratios["spread over 10,000 / throughput"].append(rates["spread"] / rates["throughput"])
+    ratios["slow-endpoint's healthy / fanout"].append(healthy(r["slow"]) / rates["fanout"])
+    print(f"  round {round}: " + ", ".join(f"{n} {v / 1000:.1f}k/s" for n, v in rates.items()))
+for what, values in ratios.items():
+    print(f"  {what}: " + ", ".join(f"{v:.2f}" for v in values) + f"; median {statistics.median(values):.2f}")
+print(f"  every run passed: {passed}")
+PY
 run flaky flaky --clicks 10000 --batch 100
 run backlog backlog --clicks 1000000 --batch 100 --transport unix
 echo "== ingest only: clickhook send over the socket, 200,000 compact JSON clicks, no endpoints" | tee -a "$OUT/summary.txt"
