@@ -51,16 +51,11 @@ async fn throughput_smoke_over_the_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_smoke_delivers_everything() {
     let report = smoke(Scenario::Flaky, 3000, Transport::Http).await;
-    // Everything arrived although the sink failed attempts: about 30 % of them, each
-    // event failed at most three times, so at least a tenth of the clicks were retried.
+    // Everything arrived although the sink failed attempts: 30 % of them, at most three
+    // for each event, about 1,250 for 3,000 clicks. 300 leaves room for chance and still
+    // shows that the faults happened.
     let failed = report.sink.answered_500;
     assert!(failed >= 300, "the sink failed only {failed} attempts");
-    assert_eq!(
-        report.sink.requests,
-        report.sink.answered_2xx + failed,
-        "{:?}",
-        report.sink
-    );
 }
 
 /// 10,000 link-level endpoints, all pointing at the one local sink: every click must
@@ -118,7 +113,7 @@ async fn an_outage_that_did_not_happen_fails_the_run() {
 /// changes, the baseline's copy must change with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrk_baseline_posts_what_the_daemon_delivers() {
-    use clickhook_loadtest::baseline::{delivered_body, BASELINE_CLICK};
+    use clickhook_loadtest::baseline::{delivered_body, BASELINE_CLICK, BASELINE_ID};
     let sink = common::Sink::start().await;
     let daemon = common::Daemon::start(&common::config_text(&common::endpoint("ep", &sink.url("/ep"), "")));
     let factory = clickhook_loadtest::clicks::ClickFactory::new(1000, "wrk", false, "2026-01-02T03:04:05Z".into());
@@ -131,6 +126,7 @@ async fn the_wrk_baseline_posts_what_the_daemon_delivers() {
     let got = sink.wait_for("/ep", 1, Duration::from_secs(10)).await;
     let delivered = got[0].json();
     let id = delivered["data"]["id"].as_str().expect("an event id");
+    assert_eq!((&id[..4], id.len()), (&BASELINE_ID[..4], BASELINE_ID.len()), "{id}");
     let baseline = delivered_body(&factory, id).expect("the baseline click keeps its shape");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&baseline).unwrap(), delivered);
     assert_eq!(baseline.len(), got[0].body.len(), "{baseline}");

@@ -8,6 +8,8 @@ use crate::clicks::ClickFactory;
 
 /// The click the baseline's body carries.
 pub const BASELINE_CLICK: u64 = 1;
+/// The baseline's event id, shaped like the daemon's: `evt_` and 32 hex digits.
+pub const BASELINE_ID: &str = "evt_000000000000000000000000000000b0";
 
 /// What the daemon's enrichment appends to the visitor of [`BASELINE_CLICK`] (Safari 17.3
 /// on a Mac), in the order it appends it.

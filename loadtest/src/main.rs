@@ -413,8 +413,7 @@ fn sink(a: SinkArgs) -> anyhow::Result<()> {
 fn wrk_script(secret: &str) -> anyhow::Result<String> {
     let key = SigningKey::from_secret(secret)?;
     let factory = ClickFactory::new(1000, "wrk", false, rfc3339(unix_now()));
-    // As long as the daemon's event ids: "evt_" and 32 hex digits.
-    let id = "evt_0000000000000000000000000000wrk0";
+    let id = baseline::BASELINE_ID;
     let body = baseline::delivered_body(&factory, id).context("the baseline click lost its shape")?;
     let ts = unix_now().to_string();
     let sig = key.sign(id, &ts, body.as_bytes());
