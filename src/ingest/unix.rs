@@ -236,7 +236,17 @@ async fn connection(
             let Some(place) = place.take() else {
                 break;
             };
-            let first_line_skipped = skipping.take().map(|(why, _)| why);
+            // The refused line's last bytes came with this read: counted before it is
+            // answered, so one that ends past `max_line` is told it is too long however
+            // the reads split it.
+            let first_line_skipped = skipping.take().map(|(why, so_far)| {
+                let tail = chunk.iter().position(|b| *b == b'\n').unwrap_or(chunk.len());
+                if so_far.saturating_add(tail) > max_line {
+                    Skipped::TooLong
+                } else {
+                    why
+                }
+            });
             let long_line = held.take().map(|(permit, _)| permit);
             // A long line goes on its own, in the place its read took: lines read with it
             // wait for places of their own, not holding its budget.
@@ -912,6 +922,40 @@ mod tests {
         b.write_all(&overlong).await.unwrap();
         let reply = b_replies.next_line().await.unwrap().unwrap();
         assert!(reply.starts_with("err line longer than"), "{reply}");
+    }
+
+    /// The same when the line's last read is what takes it past `max_line`: its bytes
+    /// until then fit, and the read that ends it counts too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_line_refused_for_the_budget_that_its_last_read_makes_too_long_is_told_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, ingestor, _running) = ingestor_in(dir.path());
+        let max_line = 256 << 10;
+        let limits = limits(max_line, 32 << 10);
+        let (_a_replies, mut a, _a_stop) = open_with(&ingestor, &limits);
+        let (mut b_replies, mut b, _b_stop) = open_with(&ingestor, &limits);
+        a.write_all(&padded_click(READ_CHUNK + (30 << 10) + 1)[..READ_CHUNK + (30 << 10)])
+            .await
+            .unwrap();
+        let holding = || limits.long_lines.available() == 2 << 10;
+        assert!(eventually(Duration::from_secs(2), holding).await);
+        // Exactly `max_line` bytes, all read before the line ends: not yet too long.
+        b.write_all(&vec![b'.'; max_line]).await.unwrap();
+        let read_by_the_daemon = || unread_by_peer(b.as_ref()) == 0;
+        assert!(eventually(Duration::from_secs(5), read_by_the_daemon).await);
+        b.write_all(b"..\n").await.unwrap();
+        let reply = b_replies.next_line().await.unwrap().unwrap();
+        assert!(reply.starts_with("err line longer than"), "{reply}");
+    }
+
+    /// Bytes written to `stream` that its peer has not read yet.
+    fn unread_by_peer(stream: &UnixStream) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int, into `bytes`.
+        let got = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
+        assert_eq!(got, 0, "{}", std::io::Error::last_os_error());
+        usize::try_from(bytes).unwrap()
     }
 
     /// A long line that stops coming gives its budget back after a while, and is told why.
