@@ -907,20 +907,9 @@ mod tests {
     /// not to send it again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_line_refused_for_the_budget_is_told_when_it_is_too_long() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_log, ingestor, _running) = ingestor_in(dir.path());
-        let limits = limits(256 << 10, 32 << 10);
-        let (_a_replies, mut a, _a_stop) = open_with(&ingestor, &limits);
-        let (mut b_replies, mut b, _b_stop) = open_with(&ingestor, &limits);
-        a.write_all(&padded_click(READ_CHUNK + (30 << 10) + 1)[..READ_CHUNK + (30 << 10)])
-            .await
-            .unwrap();
-        let holding = || limits.long_lines.available() == 2 << 10;
-        assert!(eventually(Duration::from_secs(2), holding).await);
         let mut overlong = vec![b'.'; 300 << 10];
         overlong.push(b'\n');
-        b.write_all(&overlong).await.unwrap();
-        let reply = b_replies.next_line().await.unwrap().unwrap();
+        let reply = reply_while_the_budget_is_held(256 << 10, &[&overlong]).await;
         assert!(reply.starts_with("err line longer than"), "{reply}");
     }
 
@@ -928,9 +917,18 @@ mod tests {
     /// until then fit, and the read that ends it counts too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_line_refused_for_the_budget_that_its_last_read_makes_too_long_is_told_so() {
+        let max_line = 256 << 10;
+        // Exactly `max_line` bytes, all read before the line ends: not yet too long.
+        let reply = reply_while_the_budget_is_held(max_line, &[&vec![b'.'; max_line], b"..\n"]).await;
+        assert!(reply.starts_with("err line longer than"), "{reply}");
+    }
+
+    /// The reply to a line sent in `parts`, each read by the daemon before the next goes,
+    /// while another connection holds all but 2 KiB of the listener's 32 KiB budget for
+    /// long lines (its line 30 KiB past one read, unfinished).
+    async fn reply_while_the_budget_is_held(max_line: usize, parts: &[&[u8]]) -> String {
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
-        let max_line = 256 << 10;
         let limits = limits(max_line, 32 << 10);
         let (_a_replies, mut a, _a_stop) = open_with(&ingestor, &limits);
         let (mut b_replies, mut b, _b_stop) = open_with(&ingestor, &limits);
@@ -939,13 +937,12 @@ mod tests {
             .unwrap();
         let holding = || limits.long_lines.available() == 2 << 10;
         assert!(eventually(Duration::from_secs(2), holding).await);
-        // Exactly `max_line` bytes, all read before the line ends: not yet too long.
-        b.write_all(&vec![b'.'; max_line]).await.unwrap();
-        let read_by_the_daemon = || unread_by_peer(b.as_ref()) == 0;
-        assert!(eventually(Duration::from_secs(5), read_by_the_daemon).await);
-        b.write_all(b"..\n").await.unwrap();
-        let reply = b_replies.next_line().await.unwrap().unwrap();
-        assert!(reply.starts_with("err line longer than"), "{reply}");
+        for part in parts {
+            b.write_all(part).await.unwrap();
+            let read_by_the_daemon = || unread_by_peer(b.as_ref()) == 0;
+            assert!(eventually(Duration::from_secs(5), read_by_the_daemon).await);
+        }
+        b_replies.next_line().await.unwrap().unwrap()
     }
 
     /// Bytes written to `stream` that its peer has not read yet.
