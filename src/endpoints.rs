@@ -194,23 +194,25 @@ impl WorkerWake {
     /// a second would take the first one's place.
     pub fn notified(&self) -> impl std::future::Future<Output = ()> + '_ {
         std::future::poll_fn(|cx| {
-            if self.take() {
+            if take_flag(&self.raised) {
                 return std::task::Poll::Ready(());
             }
             // Registered before the second look, so a wake between the two is not missed.
             self.waker.register(cx.waker());
-            if self.take() {
+            if take_flag(&self.raised) {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending
             }
         })
     }
+}
 
-    /// Read first: a write on every turn would take the line from the ingest threads.
-    fn take(&self) -> bool {
-        self.raised.load(Ordering::Acquire) && self.raised.swap(false, Ordering::AcqRel)
-    }
+/// Clears a flag another task raises now and then; true if it was raised. Read first: a
+/// worker asks on every turn, and a write each time would take the endpoint's cache line
+/// from the ingest threads that raise its flags and count its pending clicks.
+pub(crate) fn take_flag(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::SeqCst)
 }
 
 pub struct LiveEndpoint {

@@ -9,7 +9,7 @@ use super::policy::{Breaker, CircuitState, TokenBucket};
 use super::send::{AttemptResult, EndpointClient, OriginSlot, Outcome};
 use super::slots::ReceiverSlots;
 use super::{DeliveryPolicy, WorkerEvent};
-use crate::endpoints::{failing_for_setting, AttemptRecord, EndpointSettings, LiveEndpoint};
+use crate::endpoints::{failing_for_setting, take_flag, AttemptRecord, EndpointSettings, LiveEndpoint};
 use crate::log::{now_ms, ClickLog, DeadLetter, Pending, Seq, Ticket};
 use crate::said_seldom::RateLimited;
 use bytes::Bytes;
@@ -361,13 +361,6 @@ pub(crate) async fn run(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
 /// Whether the endpoint's worker is to finish what is in flight and stop.
 fn stopping(ep: &LiveEndpoint, shutdown: &watch::Receiver<bool>) -> bool {
     ep.stopping.load(Ordering::SeqCst) || *shutdown.borrow()
-}
-
-/// Clears a flag another task raises now and then; true if it was raised. Read first: the
-/// loop asks every turn, and a write each time would bounce the endpoint's cache line
-/// with the ingest threads that count its pending clicks.
-fn take_flag(flag: &std::sync::atomic::AtomicBool) -> bool {
-    flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::SeqCst)
 }
 
 /// Runs `worker` again whenever it panics, after a pause that doubles with each panic
