@@ -236,12 +236,14 @@ async fn connection(
             let Some(place) = place.take() else {
                 break;
             };
+            // The read's first line, up to its newline (the chunk ends with one): the end
+            // of a line refused or held from earlier reads, if any.
+            let first_line = chunk.iter().position(|b| *b == b'\n').unwrap_or(chunk.len());
             // The refused line's last bytes came with this read: counted before it is
             // answered, so one that ends past `max_line` is told it is too long however
             // the reads split it.
             let first_line_skipped = skipping.take().map(|(why, so_far)| {
-                let tail = chunk.iter().position(|b| *b == b'\n').unwrap_or(chunk.len());
-                if so_far.saturating_add(tail) > max_line {
+                if so_far.saturating_add(first_line) > max_line {
                     Skipped::TooLong
                 } else {
                     why
@@ -250,10 +252,10 @@ async fn connection(
             let long_line = held.take().map(|(permit, _)| permit);
             // A long line goes on its own, in the place its read took: lines read with it
             // wait for places of their own, not holding its budget.
-            let read_with_it = long_line.as_ref().and_then(|_| {
-                let cut = chunk.iter().position(|b| *b == b'\n')? + 1;
-                Some(chunk.split_off(cut)).filter(|rest| !rest.is_empty())
-            });
+            let read_with_it = long_line
+                .as_ref()
+                .map(|_| chunk.split_off((first_line + 1).min(chunk.len())))
+                .filter(|rest| !rest.is_empty());
             if !handing
                 .hand_over(chunk, place, long_line, first_line_skipped, &mut shutdown)
                 .await
