@@ -568,9 +568,7 @@ mod tests {
     /// and reads none: the daemon's reply writer blocks. Returns the connection's task and
     /// the sender that shuts it down.
     fn stuck_connection(ingestor: &Arc<Ingestor>, limits: &LineLimits) -> (JoinHandle<()>, watch::Sender<bool>) {
-        let (client, server) = UnixStream::pair().unwrap();
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
+        let (client, stop, task) = connected(ingestor, limits, None);
         let (read, mut write) = client.into_split();
         let mut line = padded_click(201);
         line.push(b'\n');
@@ -697,9 +695,7 @@ mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
-        let (client, server) = UnixStream::pair().unwrap();
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(connection(server, ingestor.clone(), limits(1 << 20, 1 << 20), shutdown));
+        let (client, _stop, _) = connected(&ingestor, &limits(1 << 20, 1 << 20), None);
         // What the kernel holds of the client's writes, unread, besides what the daemon read.
         let sndbuf = send_buffer(&client);
         let (_unread, mut write) = client.into_split();
@@ -748,9 +744,7 @@ mod tests {
         use tokio::io::AsyncBufReadExt;
         let dir = tempfile::tempdir().unwrap();
         let (_log, ingestor, _running) = ingestor_in(dir.path());
-        let (client, server) = UnixStream::pair().unwrap();
-        let (stop, shutdown) = watch::channel(false);
-        let connection = tokio::spawn(connection(server, ingestor, limits(1 << 20, 1 << 20), shutdown));
+        let (client, stop, connection) = connected(&ingestor, &limits(1 << 20, 1 << 20), None);
         let (read, mut write) = client.into_split();
         write
             .write_all(b"{\"link\":{\"id\":\"l\"}}\n{\"link\":{\"id\"")
@@ -821,13 +815,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, ingestor, _running) = ingestor_in(dir.path());
         let limits = limits(1 << 20, 1 << 20);
-        let (client, server) = UnixStream::pair().unwrap();
         // The input lies whole in the kernel before the daemon reads it, so reads come
         // READ_CHUNK at a time; few replies fit, so the first read's stay unwritten.
+        let (client, _stop, _) = connected(&ingestor, &limits, Some(4 << 10));
         set_send_buffer(&client, 256 << 10);
-        set_send_buffer(&server, 4 << 10);
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
         let (_unread, mut write) = client.into_split();
         // 11 places for a read of `{}` lines whose replies are never read; then a long
         // line in the 12th, with 3,000 short lines after it in the read that ends it.
@@ -887,6 +878,22 @@ mod tests {
         assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
     }
 
+    /// The client's end of a connection served under `limits`, the sender that shuts the
+    /// connection down and its task. `server_send_buffer`: set on the daemon's end first.
+    fn connected(
+        ingestor: &Arc<Ingestor>,
+        limits: &LineLimits,
+        server_send_buffer: Option<libc::c_int>,
+    ) -> (UnixStream, watch::Sender<bool>, JoinHandle<()>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        if let Some(bytes) = server_send_buffer {
+            set_send_buffer(&server, bytes);
+        }
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
+        (client, stop, task)
+    }
+
     /// A connection to `ingestor` under `limits`: its replies, its writer, and the sender
     /// that shuts it down.
     fn open_with(
@@ -898,9 +905,7 @@ mod tests {
         watch::Sender<bool>,
     ) {
         use tokio::io::AsyncBufReadExt;
-        let (client, server) = UnixStream::pair().unwrap();
-        let (stop, shutdown) = watch::channel(false);
-        tokio::spawn(connection(server, ingestor.clone(), limits.clone(), shutdown));
+        let (client, stop, _) = connected(ingestor, limits, None);
         let (read, write) = client.into_split();
         (tokio::io::BufReader::new(read).lines(), write, stop)
     }
