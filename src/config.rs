@@ -140,7 +140,7 @@ pub enum FsyncMode {
     Interval,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub path: PathBuf,
@@ -167,7 +167,7 @@ impl Default for StorageConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpIngestConfig {
     pub listen: String,
@@ -185,7 +185,7 @@ impl Default for HttpIngestConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UnixIngestConfig {
     pub path: String,
@@ -201,14 +201,14 @@ impl Default for UnixIngestConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     pub http: HttpIngestConfig,
     pub unix: UnixIngestConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: String,
@@ -224,7 +224,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     pub shards: usize,
@@ -255,7 +255,7 @@ impl Default for DeliveryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     pub schedule: Vec<HumanDuration>,
@@ -272,7 +272,7 @@ impl Default for RetryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     pub failures: u32,
@@ -288,14 +288,14 @@ impl Default for BreakerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnrichConfig {
     /// A MaxMind database (`.mmdb`) filling country, region, city and ISP from the IP.
     pub geoip: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` or `json`.
@@ -381,7 +381,7 @@ fn ids_as_text<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
 
 /// `[operations]`: where operational events (`endpoint.failing`, `endpoint.disabled`,
 /// `endpoint.recovered`, `endpoint.dead_letter`) go.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OperationsConfig {
     /// "" disables operational events.
@@ -405,7 +405,7 @@ impl Default for OperationsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Endpoints with series of their own; the rest share `endpoint="_other"`.
@@ -460,6 +460,55 @@ impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::parse(&Self::read(path)?, path)
+    }
+
+    /// [`Config::load`] for a reload into a daemon started on `running`, with the sections
+    /// besides `[[endpoints]]` that the file changes (a reload applies the endpoints only).
+    /// The endpoints must pass the address checks of the running daemon's `[delivery]`:
+    /// one that only the file's changed `[delivery]` allows would fail every attempt
+    /// until a restart.
+    pub fn load_for_reload(path: &Path, running: &Config) -> Result<(Config, Vec<&'static str>), ConfigError> {
+        let text = Self::read(path)?;
+        let fresh = Config::parse(&text, path)?;
+        let allowed = running.allowed_cidrs()?;
+        for (i, ep) in fresh.endpoints.iter().enumerate() {
+            running
+                .check_destination(&ep.url, &format!("endpoints[{i}].url"), &allowed)
+                .map_err(|e| match e {
+                    ConfigError::Invalid { file, line, key, why } => ConfigError::Invalid {
+                        file,
+                        line,
+                        key,
+                        why: format!(
+                            "{why}; a reload checks it against the [delivery] the daemon started \
+                             with, so restart it to apply a change there"
+                        ),
+                    },
+                    other => other,
+                })
+                .map_err(|e| e.placed_in(&text))?;
+        }
+        let changed = fresh.sections_changed_from(running);
+        Ok((fresh, changed))
+    }
+
+    /// The sections other than `[[endpoints]]` in which `self` differs from `other`.
+    fn sections_changed_from(&self, other: &Config) -> Vec<&'static str> {
+        [
+            ("storage", self.storage != other.storage),
+            ("ingest", self.ingest != other.ingest),
+            ("admin", self.admin != other.admin),
+            ("delivery", self.delivery != other.delivery),
+            ("retry", self.retry != other.retry),
+            ("breaker", self.breaker != other.breaker),
+            ("enrich", self.enrich != other.enrich),
+            ("log", self.log != other.log),
+            ("metrics", self.metrics != other.metrics),
+            ("operations", self.operations != other.operations),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
     }
 
     fn read(path: &Path) -> Result<String, ConfigError> {

@@ -282,11 +282,19 @@ pub async fn run(
     while let Some(msg) = control.recv().await {
         match msg {
             Control::Shutdown => break,
-            Control::Reload => match Config::load(&config_file) {
-                Ok(fresh) => match registry.apply_config(&fresh.endpoints).await {
-                    Ok(()) => tracing::info!(endpoints = fresh.endpoints.len(), "endpoints reloaded"),
-                    Err(e) => tracing::error!(error = %e, "reload refused; the old endpoints stay in force"),
-                },
+            Control::Reload => match Config::load_for_reload(&config_file, &config) {
+                Ok((fresh, waiting)) => {
+                    if !waiting.is_empty() {
+                        tracing::warn!(
+                            sections = %waiting.join(", "),
+                            "a reload applies [[endpoints]] only; the file's changes to these sections take effect at the next start"
+                        );
+                    }
+                    match registry.apply_config(&fresh.endpoints).await {
+                        Ok(()) => tracing::info!(endpoints = fresh.endpoints.len(), "endpoints reloaded"),
+                        Err(e) => tracing::error!(error = %e, "reload refused; the old endpoints stay in force"),
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "reload refused; the old config stays in force"),
             },
         }

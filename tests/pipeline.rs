@@ -584,6 +584,46 @@ async fn sighup_reloads_endpoints_and_keeps_the_old_ones_on_a_bad_file() {
     assert_eq!(sink.received("/b").len(), 1);
 }
 
+/// A reload applies `[[endpoints]]` only, so the file's endpoints are checked against the
+/// address rules the daemon runs with: a loopback endpoint that only the file's new
+/// `allow_private_networks` allows is refused, not added to fail every attempt. A change
+/// outside the endpoints is named as waiting for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_checks_endpoints_against_the_delivery_settings_the_daemon_runs_with() {
+    let sink = Sink::start().await;
+    let strict = config_text("").replace("allow_private_networks = true", "allow_private_networks = false");
+    assert!(strict.contains("allow_private_networks = false"));
+    let d = Daemon::start(&strict);
+    std::fs::write(d.config_path(), config_text(&endpoint("a", &sink.url("/a"), ""))).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        eventually(WAIT, || d.logs().contains("reload refused")).await,
+        "{}",
+        d.logs()
+    );
+    let logs = d.logs();
+    assert!(
+        logs.contains("endpoints[0].url") && logs.contains("restart"),
+        "the refusal names the endpoint and the restart it needs: {logs}"
+    );
+    assert_eq!(d.admin_get("/v1/endpoints/a").await.0, 404, "{}", d.logs());
+
+    // With the running rules kept, the endpoint is refused for the same reason by the
+    // next start; a change elsewhere (the timeout) is reloaded around, and said so.
+    let mut other = strict.replace("timeout = \"2s\"", "timeout = \"3s\"");
+    assert_ne!(other, strict);
+    other.push_str("\n[[endpoints]]\nid = \"b\"\nurl = \"http://8.8.8.8:9/b\"\n");
+    std::fs::write(d.config_path(), other).unwrap();
+    d.signal(libc::SIGHUP);
+    let (status, _) = d.admin_get_until("/v1/endpoints/b", |status, _| status == 200).await;
+    assert_eq!(status, 200, "{}", d.logs());
+    assert!(
+        d.logs().contains("take effect at the next start") && d.logs().contains("delivery"),
+        "{}",
+        d.logs()
+    );
+}
+
 /// A file refused for an id an API endpoint holds changes nothing, even in the
 /// endpoints listed before that id: not a URL, and no worker for a new endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
