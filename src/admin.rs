@@ -125,6 +125,7 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             resp
         }
+        (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
         _ if path.starts_with("/v1/") || path.starts_with("/api/v1/") => {
             if !state.token.is_empty()
                 && !bearer_matches(req.headers().get(AUTHORIZATION), std::slice::from_ref(&state.token))

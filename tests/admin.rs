@@ -83,6 +83,15 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
     );
     let (s, v) = d.admin_request("GET", "/v1/endpoints/api1/replay", Value::Null).await;
     assert_eq!((s, v["error"].as_str()), (405, Some("this route takes POST")), "{v}");
+    // So are the open routes, which take GET only.
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let (s, v) = d.admin_request("POST", open, Value::Null).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (405, Some("this route takes GET")),
+            "{open}: {v}"
+        );
+    }
     let (s, _) = d.admin_request("GET", "/v1/nowhere", Value::Null).await;
     assert_eq!(s, 404);
     let (s, list) = d.admin_request("GET", "/v1/endpoints", Value::Null).await;
