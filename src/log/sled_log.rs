@@ -259,6 +259,10 @@ impl SledOptions {
 
 /// The fresh entries (or the maintenance lock), whoever held the lock last: nothing
 /// panics while holding it, and its state stays whole between calls.
+/// What a dead letter holds in place of the event's body when the event could not be
+/// read at its burial; a click's body is always a JSON object.
+const NO_BODY: &[u8] = b"null";
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -1884,7 +1888,7 @@ impl ClickLog for SledLog {
                         };
                         (letter.seq, why)
                     });
-                    keys::event_record(letter.accepted_ms, b"null")
+                    keys::event_record(letter.accepted_ms, NO_BODY)
                 }
             };
             match keys::dead_value(&letter, &record) {
@@ -1942,6 +1946,8 @@ impl ClickLog for SledLog {
         let mut steps = Vec::new();
         let mut requeue = Vec::new();
         let mut buried = Vec::new();
+        // Letters that stay dead, and why the first of them does.
+        let mut kept: Option<(u64, Seq, String)> = None;
         for kv in self.tree.scan_prefix(keys::queue_prefix(DEAD, endpoint)) {
             let (k, v) = match kv {
                 Ok(kv) => kv,
@@ -1957,17 +1963,41 @@ impl ClickLog for SledLog {
                     return ticket;
                 }
             };
-            // The event may have been pruned meanwhile: restore it from the copy.
-            if matches!(find_event(&self.tree, &self.segments, letter.seq), Ok(None)) {
-                let accepted_ms = keys::u64_at(record, 0).unwrap_or(letter.accepted_ms);
-                let json = record.get(8..).unwrap_or(b"null");
-                steps.push(Step::Raw(
-                    keys::event_batch(letter.seq).to_vec(),
-                    Some(keys::batch_value(accepted_ms, [json].into_iter())),
-                ));
+            // The event may have been pruned meanwhile: restore it from the copy. A letter
+            // stays dead when it holds no copy and the event is gone, or when the event's
+            // batch cannot be read: restoring one event there would hide the batch's
+            // others, and queueing it would bury it again without its body, losing the
+            // letter's copy.
+            let copy = record.get(8..).filter(|json| *json != NO_BODY);
+            let stays = match (find_event(&self.tree, &self.segments, letter.seq), copy) {
+                (Ok(Some(_)), _) => None,
+                (Ok(None), Some(json)) => {
+                    let accepted_ms = keys::u64_at(record, 0).unwrap_or(letter.accepted_ms);
+                    steps.push(Step::Raw(
+                        keys::event_batch(letter.seq).to_vec(),
+                        Some(keys::batch_value(accepted_ms, [json].into_iter())),
+                    ));
+                    None
+                }
+                (Ok(None), None) => Some("buried without its body, and no longer in the log".to_owned()),
+                (Err(e), _) => Some(format!("its event cannot be read: {e}")),
+            };
+            if let Some(why) = stays {
+                let (count, _, _) = kept.get_or_insert((0, letter.seq, why));
+                *count += 1;
+                continue;
             }
             requeue.push(Step::Put(endpoint, Pending::fresh(letter.seq)));
             buried.push(Step::Raw(k.to_vec(), None));
+        }
+        if let Some((count, seq, why)) = kept {
+            tracing::warn!(
+                endpoint_key = endpoint,
+                kept = count,
+                seq,
+                error = %why,
+                "dead letters not replayed: they stay in the dead list"
+            );
         }
         let n = requeue.len();
         // Events restored, then queued again, and only then the dead letters go, so a crash
@@ -3012,6 +3042,61 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&file, b"XXXX", 20).unwrap();
         // Seq 1 is long out of the ring: it is read from the segment, and refused.
         assert!(matches!(log.event(1), Err(LogError::Corrupt(_))));
+    }
+
+    /// A dead letter is replayed only where its event can be delivered: one buried without
+    /// its body whose event is gone, and one whose batch is damaged, stay dead, the second
+    /// with its copy of the body. Queued again, each would be buried again without a body.
+    #[tokio::test]
+    async fn dead_letters_whose_events_cannot_be_read_stay_dead_on_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let events = (0..RECENT_EVENTS + 10)
+            .map(|i| event(&format!("e{i}"), false, vec![1]))
+            .collect();
+        log.append(events).await.unwrap().unwrap();
+        let never_stored = 10_000_000;
+        let letter = |seq| DeadLetter {
+            seq,
+            event_id: format!("e{seq}"),
+            attempts: 3,
+            dead_at_ms: 5,
+            accepted_ms: 1,
+            last_status: Some(500),
+            last_error: None,
+        };
+        log.bury(1, vec![letter(1), letter(never_stored)]);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        let body_of = |seq| {
+            let v = log.tree.get(keys::queue(DEAD, 1, seq)).unwrap().unwrap();
+            keys::decode_dead(&v).unwrap().1[8..].to_vec()
+        };
+        assert_ne!(body_of(1), NO_BODY, "seq 1 was read at its burial");
+        assert_eq!(body_of(never_stored), NO_BODY);
+        let seg = dir
+            .path()
+            .join(super::super::segments::SEGMENT_DIR)
+            .join(&segment_files(dir.path())[0]);
+        let file = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"XXXX", 20).unwrap();
+        // This thread keeps the batch it read at the burial; another reads the segment.
+        let reader = log.clone();
+        let read = std::thread::spawn(move || reader.event(1)).join().unwrap();
+        assert!(matches!(read, Err(LogError::Corrupt(_))), "{read:?}");
+
+        assert_eq!(log.revive_dead(1).await.unwrap().unwrap(), 0, "nothing replayed");
+        assert_eq!(log.count_dead(1).unwrap(), 2, "both letters stay dead");
+        assert_ne!(body_of(1), NO_BODY, "with the copy of the body");
+        let queued: Vec<Seq> = log
+            .pending_after(1, None, RECENT_EVENTS + 20)
+            .unwrap()
+            .iter()
+            .map(|p| p.seq)
+            .collect();
+        assert!(
+            !queued.contains(&1) && !queued.contains(&never_stored),
+            "neither is queued again"
+        );
     }
 
     #[tokio::test]
