@@ -101,8 +101,16 @@ fn bind_unix(path: &Path, config: &Config) -> Result<UnixListener, ServerError> 
         cause,
     };
     // A socket file left by a previous run that nobody listens on any more is removed;
-    // one somebody still answers on is refused, so two daemons never share it.
-    if path.exists() {
+    // one somebody still answers on is refused, so two daemons never share it. Anything
+    // else there (a path set to a data file by mistake) is left alone and refused.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something that is not a socket is there; it is left as it is",
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,

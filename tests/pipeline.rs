@@ -936,6 +936,43 @@ fn a_private_destination_in_the_config_file_is_refused_with_exit_2() {
     }
 }
 
+/// A stale socket file is replaced, but a socket path set to an ordinary file by mistake
+/// leaves the file as it is and stops the start with a reason.
+#[test]
+fn a_socket_path_that_names_an_ordinary_file_is_refused_and_the_file_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_text("").replace("path = \"clickhook.sock\"", "path = \"precious.txt\"");
+    assert!(cfg.contains("precious.txt"));
+    std::fs::write(dir.path().join("config.toml"), cfg).unwrap();
+    std::fs::write(dir.path().join("precious.txt"), "keep me").unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("config.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A daemon that took the path would run on: it is stopped, and the test fails.
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().unwrap().is_none() {
+        child.kill().unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ingest.unix.path") && err.contains("not a socket"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(),
+        "keep me"
+    );
+}
+
 #[test]
 fn an_unreadable_geoip_database_is_a_clear_start_error() {
     let dir = tempfile::tempdir().unwrap();
