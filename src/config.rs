@@ -622,6 +622,14 @@ impl Config {
                 ),
             )
         })?;
+        if self.operations.disable_after.0.is_zero() {
+            // Zero would disable an endpoint at its first failed attempt.
+            return Err(ConfigError::invalid(
+                file,
+                "operations.disable_after",
+                "must be more than 0; to never disable an endpoint, make it very long (\"3650d\")",
+            ));
+        }
         if let Some(ops) = self.operations_endpoint() {
             validate_endpoint(&ops)
                 .map_err(|(field, why)| ConfigError::invalid(file, format!("operations.{field}"), why))?;
@@ -973,6 +981,16 @@ mod tests {
             parse("[delivery]\nallow_private_networks = true\n[operations]\nurl = \"http://127.0.0.1:9/ops\"\n")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_disable_after_of_zero_is_refused() {
+        let err = parse("[operations]\ndisable_after = \"0s\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("line 2: operations.disable_after: ") && err.contains("more than 0"),
+            "{err}"
+        );
+        assert!(parse("[operations]\ndisable_after = \"1h\"\n").is_ok());
     }
 
     #[test]
