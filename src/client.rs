@@ -104,6 +104,24 @@ pub enum ClientError {
     Connect(String, std::io::Error),
     #[error("HTTP error: {0}")]
     Http(String),
+    #[error("--url {0:?}: {1}")]
+    BadUrl(String, &'static str),
+}
+
+/// Refuses a daemon URL that could never be posted to, before any input is read.
+pub fn check_base_url(base: &str) -> Result<(), ClientError> {
+    let bad = |why| ClientError::BadUrl(base.to_owned(), why);
+    let uri: hyper::Uri = base.parse().map_err(|_| bad("not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("must start with http:// or https://"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("names no host"));
+    }
+    if uri.query().is_some() {
+        return Err(bad("must not have a query: /v1/clicks is added to it"));
+    }
+    Ok(())
 }
 
 /// A client for `http://` and `https://` URLs (the daemon may sit behind a TLS proxy),
@@ -398,6 +416,7 @@ pub async fn send_http<R: AsyncRead + Unpin>(
     input: R,
     resend: Resend,
 ) -> Result<SendReport, ClientError> {
+    check_base_url(base)?;
     let client = http_client();
     let url = format!("{}/v1/clicks", base.trim_end_matches('/'));
     let mut input = InputLines::new(input);

@@ -246,6 +246,13 @@ fn send(
     token: Option<String>,
     file: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &url {
+        // A URL that can never be posted to is a bad argument (exit 2), not a failure.
+        if let Err(e) = clickhook::client::check_base_url(url) {
+            eprintln!("clickhook send: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &file {

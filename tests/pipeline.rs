@@ -835,6 +835,18 @@ fn check_config_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "send with a FILE it cannot read exits 2");
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.ndjson"));
+    let clicks = dir.path().join("clicks.ndjson");
+    std::fs::write(&clicks, "{}\n").unwrap();
+    for url in ["localhost:8080", "ftp://127.0.0.1:9", "http://", "not a url"] {
+        let out = std::process::Command::new(bin())
+            .args(["send", "--url", url])
+            .arg(&clicks)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "send --url {url:?} exits 2: {err}");
+        assert!(err.contains("--url"), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
