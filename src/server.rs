@@ -125,6 +125,21 @@ fn bind_unix(path: &Path, config: &Config) -> Result<UnixListener, ServerError> 
     Ok(listener)
 }
 
+/// The config file read again for a reload, off the runtime: checking each endpoint's URL
+/// resolves its host, which blocks for as long as DNS takes.
+async fn reread(path: &Path, running: &Config) -> Result<(Config, Vec<&'static str>), ConfigError> {
+    let (file, running) = (path.to_path_buf(), running.clone());
+    tokio::task::spawn_blocking(move || Config::load_for_reload(&file, &running))
+        .await
+        .unwrap_or_else(|e| {
+            // A panic in the check (none is known) leaves the endpoints as they are.
+            Err(ConfigError::Parse {
+                file: path.display().to_string(),
+                message: format!("the reload's check stopped: {e}"),
+            })
+        })
+}
+
 /// Runs the daemon on bound listeners until [`Control::Shutdown`] (or the channel
 /// closes). On return everything acknowledged is durable in the log.
 pub async fn run(
@@ -290,7 +305,7 @@ pub async fn run(
     while let Some(msg) = control.recv().await {
         match msg {
             Control::Shutdown => break,
-            Control::Reload => match Config::load_for_reload(&config_file, &config) {
+            Control::Reload => match reread(&config_file, &config).await {
                 Ok((fresh, waiting)) => {
                     if !waiting.is_empty() {
                         tracing::warn!(
