@@ -142,9 +142,9 @@ async fn api(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
-    let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, "admin request body over 1 MiB", None),
+    let body = match read_body(req.into_body(), BODY_WITHIN).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result = match (&method, parts.as_slice()) {
@@ -214,6 +214,37 @@ fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
 
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 1 << 20;
+/// How long a request's body may take once its headers are in: a client that stops
+/// sending would otherwise hold one of the listener's connections, which the health
+/// checks and `/metrics` share, for good.
+const BODY_WITHIN: Duration = Duration::from_secs(30);
+
+/// A request's body, or the answer that refuses it: 413 past [`MAX_ADMIN_BODY`], 408
+/// when it does not arrive `within`, 400 when it cannot be read.
+async fn read_body<B>(body: B, within: Duration) -> Result<Bytes, Response<Full<Bytes>>>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match tokio::time::timeout(within, Limited::new(body, MAX_ADMIN_BODY).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "admin request body over 1 MiB",
+            None,
+        )),
+        Ok(Err(e)) => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("cannot read the request body: {e}"),
+            None,
+        )),
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("the request body did not arrive within {} s", within.as_secs_f64()),
+            None,
+        )),
+    }
+}
 
 /// Admin failures, each with the status that says whose fault it is.
 #[derive(Debug, thiserror::Error)]
@@ -544,6 +575,25 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A body that sends one frame and then nothing, nor ends.
+    fn stalled() -> impl hyper::body::Body<Data = Bytes, Error = std::io::Error> {
+        use futures_util::StreamExt;
+        let first: Result<_, std::io::Error> = Ok(hyper::body::Frame::data(Bytes::from_static(b"{\"id\"")));
+        let frames = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+        http_body_util::StreamBody::new(frames)
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_is_answered_408_and_one_too_large_413() {
+        let refused = read_body(stalled(), Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::REQUEST_TIMEOUT);
+        let big = Full::new(Bytes::from(vec![b' '; MAX_ADMIN_BODY + 1]));
+        let refused = read_body(big, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let fine = read_body(Full::new(Bytes::from_static(b"{}")), Duration::from_secs(5)).await;
+        assert_eq!(fine.unwrap(), Bytes::from_static(b"{}"));
+    }
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> String {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
