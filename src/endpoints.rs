@@ -245,10 +245,13 @@ pub struct LiveEndpoint {
 
 impl LiveEndpoint {
     /// Whether `patch` changes what only the config file may: every change to one of its
-    /// endpoints but turning it on again (after a 410 or `disable_after`).
+    /// endpoints but turning it on again after a 410 or `disable_after`, not where the
+    /// file itself sets `enabled = false`.
     pub fn patch_is_the_files(&self, patch: &serde_json::Map<String, serde_json::Value>) -> bool {
         self.source == EndpointSource::Config
-            && (patch.keys().any(|k| k != "enabled") || patch.get("enabled") != Some(&serde_json::Value::Bool(true)))
+            && (patch.keys().any(|k| k != "enabled")
+                || patch.get("enabled") != Some(&serde_json::Value::Bool(true))
+                || !self.settings().config.enabled)
     }
 
     pub fn settings(&self) -> Arc<EndpointSettings> {

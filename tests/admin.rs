@@ -10,6 +10,22 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// `PATCH {"enabled": true}` turns on again a config endpoint that a 410 or
+/// `disable_after` turned off, not one the file itself disables: that answers 409 and
+/// changes nothing, where it answered 200 and left the endpoint off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_endpoint_the_file_disables_is_not_enabled_through_the_api() {
+    let sink = Sink::start().await;
+    let d = Daemon::start(&config_text(&endpoint("off", &sink.url("/off"), "enabled = false")));
+    let (s, v) = d
+        .admin_request("PATCH", "/v1/endpoints/off", json!({"enabled": true}))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("config file"), "{v}");
+    let (s, v) = d.admin_request("GET", "/v1/endpoints/off", Value::Null).await;
+    assert_eq!((s, &v["enabled"]), (200, &json!(false)), "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only() {
     let sink = Sink::start().await;
