@@ -291,6 +291,21 @@ async fn rejects_bad_requests_and_stores_nothing_of_them() {
     let big = format!("[{}]", vec![click("1", "w"); 40].join(","));
     let (s, _) = request("POST", &url, &big, &auth).await;
     assert_eq!(s, 413);
+    // A body that cannot be read (a broken chunk) is refused, and counted like the others.
+    let invalid = "clickhook_ingest_rejected_total{source=\"http\",reason=\"invalid\"}";
+    let before = d.metric(invalid).await;
+    let mut raw = tokio::net::TcpStream::connect(d.http.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = "POST /v1/clicks HTTP/1.1\r\nhost: x\r\nauthorization: Bearer s3cret\r\n\
+                transfer-encoding: chunked\r\n\r\nzz\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut raw, head.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(d.metric(invalid).await, before + 1.0);
     // Only the one good click after all that is delivered.
     let (s, ok) = request("POST", &url, &click("good", "w"), &auth).await;
     assert_eq!(s, 202);

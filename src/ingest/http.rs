@@ -187,7 +187,8 @@ async fn ingest(
             ));
         }
         Err(BodyError::Read(e)) => {
-            return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}"), None)
+            metrics::ingest_rejected(Source::Http, "invalid", 1);
+            return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}"), None);
         }
     };
     let clicks = match prepare_body(ingestor, &body, framing, format) {
@@ -325,9 +326,12 @@ fn adapter_format(query: Option<&str>) -> Result<Format, String> {
 /// Constant-time comparison against every configured token.
 pub fn bearer_matches(header: Option<&HeaderValue>, tokens: &[String]) -> bool {
     use subtle::ConstantTimeEq;
+    // The scheme's name is case-insensitive (RFC 9110 §11.1): `bearer` is `Bearer`.
     let Some(given) = header
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
     else {
         return false;
     };
@@ -463,5 +467,25 @@ mod tests {
         drop(idle);
         let (status, answer) = status_of(begin(addr, 10 << 10, 10 << 10).await).await;
         assert_eq!(status, 202, "{answer}");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_whatever_its_case_and_the_token_exactly() {
+        let tokens = ["s3cret".to_string()];
+        let matches = |v: &str| bearer_matches(Some(&HeaderValue::from_str(v).unwrap()), &tokens);
+        for good in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer  s3cret "] {
+            assert!(matches(good), "{good:?}");
+        }
+        for bad in [
+            "Bearer S3CRET",
+            "Basic s3cret",
+            "Bearers3cret",
+            "s3cret",
+            "Bearer",
+            "Bearer other",
+        ] {
+            assert!(!matches(bad), "{bad:?}");
+        }
+        assert!(!bearer_matches(None, &tokens));
     }
 }
