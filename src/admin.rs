@@ -170,7 +170,7 @@ async fn api(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>
             .map_err(Into::into),
         (&Method::POST, ["v1", "endpoints", id, "test"]) => test_event(state, id).await,
         (&Method::GET, ["v1", "endpoints", id, "attempts"]) => attempts(state, id, &query),
-        (&Method::GET, ["v1", "endpoints", id, "stats"]) => stats(state, id),
+        (&Method::GET, ["v1", "endpoints", id, "stats"]) => stats(state, id).await,
         (&Method::GET, ["v1", "endpoints", id, "dead"]) => dead(state, id, &query),
         (&Method::POST, ["v1", "endpoints", id, "replay"]) => replay(state, id, &body).await,
         (&Method::POST, ["api", "v1", scope @ ("link" | "workspace"), owner, "webhooks"]) => {
@@ -432,12 +432,14 @@ fn attempts(state: &AdminState, id: &str, query: &str) -> ApiResult {
     Ok(json(StatusCode::OK, &Value::Array(list)))
 }
 
-fn stats(state: &AdminState, id: &str) -> ApiResult {
+async fn stats(state: &AdminState, id: &str) -> ApiResult {
     let ep = endpoint(state, id)?;
-    let dead = state
-        .registry
-        .log()
-        .count_dead(ep.key)
+    // Counting walks every dead letter, millions for an endpoint down for days: off the
+    // runtime, whose other requests and connections would wait meanwhile.
+    let (log, key) = (state.registry.log().clone(), ep.key);
+    let dead = tokio::task::spawn_blocking(move || log.count_dead(key))
+        .await
+        .map_err(|e| ApiError::Internal(format!("counting dead letters stopped: {e}")))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let minute = crate::log::now_ms() / 60_000;
     let history = ep
