@@ -89,6 +89,15 @@ struct Worker {
     gone_at: Option<Arc<EndpointSettings>>,
     /// Failure logging is rate-limited so a dead endpoint cannot flood the journal.
     failure_log: RateLimited,
+    /// After a failed read of the queue: when it is read again. Nothing else may wake the
+    /// worker (a backlog with no new clicks), so the loop sleeps until then at most.
+    read_again_at: Option<Instant>,
+    /// The pause after the last failed read, doubled by each failure in a row (zero: the
+    /// last read went through).
+    read_backoff: Duration,
+    /// "Cannot read the queue", said at most every [`FAILURE_LOG_EVERY_MS`]: a failing disk
+    /// fails every read.
+    read_failure_log: RateLimited,
     /// Failed attempts since the last success (`failing` times the run).
     consecutive_failures: u32,
     failing: FailingStreak,
@@ -347,6 +356,12 @@ fn new_batch_id() -> u64 {
 /// At most one failure line per endpoint per this interval; the rest are counted.
 const FAILURE_LOG_EVERY_MS: u64 = 10_000;
 
+/// The first pause before a failed read of the queue is tried again; it doubles with each
+/// failure in a row, up to [`READ_AGAIN_AFTER_MAX`]: a passing fault costs little delay,
+/// and a lasting one a read every few seconds.
+const READ_AGAIN_AFTER: Duration = Duration::from_millis(100);
+const READ_AGAIN_AFTER_MAX: Duration = Duration::from_secs(5);
+
 /// The first pause before a worker that panicked starts again; it doubles with each
 /// panic in a row, up to [`RESTART_AFTER_MAX`].
 const RESTART_AFTER: Duration = Duration::from_secs(1);
@@ -430,6 +445,9 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         limiter: None,
         gone_at: None,
         failure_log: RateLimited::new(FAILURE_LOG_EVERY_MS),
+        read_again_at: None,
+        read_backoff: Duration::ZERO,
+        read_failure_log: RateLimited::new(FAILURE_LOG_EVERY_MS),
         consecutive_failures: 0,
         failing,
         reported_failing: false,
@@ -487,6 +505,7 @@ impl Worker {
                 self.breaker.reopens_at(now),
                 try_again_at,
                 read_on.then_some(now),
+                self.read_again_at.filter(|_| !draining),
             ]
             .into_iter()
             .flatten()
@@ -517,6 +536,9 @@ impl Worker {
     /// read on at once: its pages so far made nothing ready, and a page past them may
     /// (after a restart the head can be retries due in hours, with new clicks behind).
     fn page_in(&mut self) -> bool {
+        if self.read_again_at.is_some_and(|at| Instant::now() >= at) {
+            self.read_again_at = None;
+        }
         for _ in 0..PAGES_PER_TURN {
             if !self.may_read() || !self.read_page() || !self.ready.is_empty() {
                 return false;
@@ -525,20 +547,40 @@ impl Worker {
         self.may_read()
     }
 
-    /// Whether the queue has more to read and room for what it reads.
+    /// Whether the queue has more to read, room for what it reads, and no failed read to
+    /// wait out.
     fn may_read(&self) -> bool {
-        !self.caught_up && self.ready.len() < PAGE && self.waiting_jobs.len() < MAX_WAITING
+        !self.caught_up
+            && self.ready.len() < PAGE
+            && self.waiting_jobs.len() < MAX_WAITING
+            && self.read_again_at.is_none()
     }
 
-    /// Reads the next page of the queue; false if the log could not be read.
+    /// Reads the next page of the queue; false if the log could not be read, and then
+    /// it is read again after a pause.
     fn read_page(&mut self) -> bool {
         let page = match self.ctx.log.pending_after(self.ep.key, self.cursor, PAGE) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(endpoint = %self.ep.id, error = %e, "cannot read the queue");
+                self.read_backoff = if self.read_backoff.is_zero() {
+                    READ_AGAIN_AFTER
+                } else {
+                    (self.read_backoff * 2).min(READ_AGAIN_AFTER_MAX)
+                };
+                self.read_again_at = Some(Instant::now() + self.read_backoff);
+                if let Some(times) = self.read_failure_log.due(now_ms()) {
+                    tracing::error!(
+                        endpoint = %self.ep.id,
+                        error = %e,
+                        failures = times,
+                        retry_in_ms = self.read_backoff.as_millis() as u64,
+                        "cannot read the queue; it is read again after a pause"
+                    );
+                }
                 return false;
             }
         };
+        self.read_backoff = Duration::ZERO;
         self.caught_up = page.len() < PAGE;
         if let Some(last) = page.last() {
             self.cursor = Some(last.seq);
@@ -1407,6 +1449,44 @@ timeout = "20s"
         );
         control.send(crate::server::Control::Shutdown).await.unwrap();
         drop(task);
+    }
+
+    /// A backlog with no new clicks: nothing but the worker's own pause wakes it to read
+    /// its queue again after reads that failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlog_is_delivered_after_failed_reads_of_the_queue_without_a_new_click() {
+        let sink = sink(&[Behavior::default()]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (log, registry, _running) = crate::endpoints::registry_in(dir.path());
+        let key = log.endpoint_key("e").unwrap();
+        let ids: Vec<String> = (0..3).map(|i| format!("c{i}")).collect();
+        let events = ids
+            .iter()
+            .map(|id| crate::log::NewEvent {
+                id: id.clone(),
+                client_id: false,
+                data: format!(r#"{{"id":"{id}","timestamp":"2025-01-01T00:00:00Z","link":{{"id":"l"}}}}"#).into_bytes(),
+                endpoints: vec![key],
+            })
+            .collect();
+        log.append(events).await.unwrap().unwrap();
+        // More failures than the wake-ups the worker's start brings.
+        log.fail_reads(3);
+        let config =
+            serde_json::from_value(serde_json::json!({"id": "e", "url": sink.url(0), "secret": SECRET})).unwrap();
+        registry.create(config).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ids
+            .iter()
+            .all(|id| sink.recorder().with_hits(id, |hits| !hits.is_empty()))
+        {
+            assert!(Instant::now() < deadline, "the backlog is never read again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for id in &ids {
+            assert_eq!(sink.recorder().with_hits(id, <[_]>::len), 1, "{id}");
+        }
+        assert_eq!(sink.stats().bad_signatures, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

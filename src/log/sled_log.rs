@@ -10,7 +10,9 @@
 //! they get state of their own or the log closes (past a bound on what the records list,
 //! appends write runs directly). Readers go to memory, then sled and the segments
 //! directly, after a ring of the latest events and the event batch their thread read
-//! last. It must not be called for writes from anywhere but through the channel.
+//! last. It must not be called for writes from anywhere but through the channel, with one
+//! exception: [`ClickLog::endpoint_key`] assigns a key directly, as its callers need the
+//! key back at once, and no write through the channel touches the mapping or its counter.
 
 use super::fresh::{FreshQueues, Listing};
 use super::keys::{
@@ -125,6 +127,10 @@ impl WriteOp {
         matches!(self, WriteOp::Progress { .. })
     }
 
+    fn is_close(&self) -> bool {
+        matches!(self, WriteOp::Close(_))
+    }
+
     /// Whether the writer stops after this op's group.
     fn stops_writer(&self) -> bool {
         #[cfg(test)]
@@ -158,6 +164,8 @@ pub struct SledLog {
     maintenance: Arc<Mutex<()>>,
     /// "An endpoint keeps events past retention", from prunes.
     prune_held_warning: Arc<RateLimited>,
+    /// "Records a prune cannot decode are kept", from prunes.
+    prune_damaged_warning: Arc<RateLimited>,
     /// "Dead letters buried without the event's body".
     no_body_warning: RateLimited,
     /// Tests stop the next prune between its plan and its writes: it tells the first
@@ -168,6 +176,9 @@ pub struct SledLog {
     /// and its look at sled, as [`Self::prune_pause`] stops a prune.
     #[cfg(test)]
     read_pause: Mutex<Option<Pause>>,
+    /// How many of the next `pending_after` calls fail, as a storage error would.
+    #[cfg(test)]
+    read_failures: std::sync::atomic::AtomicU32,
 }
 
 /// A test's stop: whoever reaches it tells the sender, and goes on once the receiver
@@ -360,11 +371,14 @@ impl SledLog {
             endpoint_keys: Mutex::new(()),
             maintenance: Arc::new(Mutex::new(())),
             prune_held_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
+            prune_damaged_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
             no_body_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
             #[cfg(test)]
             prune_pause: Arc::new(Mutex::new(None)),
             #[cfg(test)]
             read_pause: Mutex::new(None),
+            #[cfg(test)]
+            read_failures: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 
@@ -378,10 +392,23 @@ impl SledLog {
         wanted: &dyn Fn(&[u8]) -> bool,
     ) -> Result<Vec<Step>, LogError> {
         let mut steps = Vec::new();
+        // Records that cannot be decoded: how many, and the first with its error.
+        let mut damaged: Option<(u64, Seq, LogError)> = None;
         for kv in self.tree.scan_prefix([EVENT_BATCH]) {
             let (k, v) = kv?;
-            let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchRecord::decode(&v)) else {
-                continue;
+            let first = keys::u64_at(&k, 1)?;
+            let batch = match BatchRecord::decode(&v) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    // Its time cannot be read either, so its events are queued whatever the
+                    // window: delivery buries each as a dead letter that names the damage,
+                    // where skipping them would lose them without a word.
+                    for seq in first..self.damaged_batch_end(first)? {
+                        steps.push(Step::Put(endpoint, Pending::fresh(seq)));
+                    }
+                    damaged.get_or_insert((0, first, e)).0 += 1;
+                    continue;
+                }
             };
             if batch.accepted_ms() < since_ms || batch.accepted_ms() >= until_ms {
                 continue;
@@ -398,7 +425,39 @@ impl SledLog {
                 }
             }
         }
+        if let Some((records, seq, error)) = damaged {
+            tracing::warn!(
+                endpoint_key = endpoint,
+                records,
+                seq,
+                error = %error,
+                "a replay found event batches it cannot decode: their events are queued whatever their time, for delivery to bury as dead letters"
+            );
+        }
         Ok(steps)
+    }
+
+    /// Where the seqs of the event batch at `first`, whose record cannot be decoded, end at
+    /// the latest: at the next batch, and below the next seq sled records (read first, as
+    /// the events below it were written before it), and no further than a batch goes.
+    fn damaged_batch_end(&self, first: Seq) -> Result<Seq, LogError> {
+        let recorded = match self.tree.get(keys::META_NEXT_SEQ)? {
+            Some(v) => keys::u64_at(&v, 0)?,
+            None => Seq::MAX,
+        };
+        let after = Bound::Excluded(keys::event_batch(first).to_vec());
+        let next = match self.tree.range((after, Bound::Excluded(vec![EVENT_BATCH + 1]))).next() {
+            Some(kv) => keys::u64_at(&kv?.0, 1)?,
+            None => Seq::MAX,
+        };
+        let most = first.saturating_add(keys::BATCH_MAX_EVENTS as u64);
+        Ok(recorded.min(next).min(most).max(first.saturating_add(1)))
+    }
+
+    /// Makes the next `n` reads of a queue fail, as a storage error would.
+    #[cfg(test)]
+    pub(crate) fn fail_reads(&self, n: u32) {
+        self.read_failures.store(n, Ordering::SeqCst);
     }
 
     /// Stops the writer at its next group until the returned sender sends or is dropped:
@@ -445,14 +504,33 @@ impl Drop for SledLog {
     }
 }
 
+/// Secrets live in the log: keeps the directory and its files private to the daemon's
+/// user. A failure does not stop the start (the log works as well), but it is said: the
+/// secrets may be readable by others.
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    // Secrets live in the log: keep the directory and its files private to the daemon's user.
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
-    if let Ok(entries) = std::fs::read_dir(path) {
-        for entry in entries.flatten() {
-            let mode = if entry.path().is_dir() { 0o700 } else { 0o600 };
-            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode));
+    let restrict = |path: &Path, mode: u32| {
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot make the log's file private to this user");
+        }
+    };
+    restrict(path, 0o700);
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot list the log's files to make them private to this user");
+            return;
+        }
+    };
+    for entry in entries {
+        match entry {
+            Ok(entry) => {
+                let path = entry.path();
+                restrict(&path, if path.is_dir() { 0o700 } else { 0o600 });
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot list the log's files to make them private to this user")
+            }
         }
     }
 }
@@ -590,6 +668,15 @@ struct PrunePlan {
     /// The seq whose pending entry keeps events past retention, if one does, with its
     /// endpoint when a queue run names it (a route record does not).
     held_at: Option<(Option<EndpointKey>, Seq)>,
+    /// Records that cannot be decoded, kept as they are: how many, and what the first is
+    /// with its error.
+    damaged: Option<(u64, String)>,
+}
+
+impl PrunePlan {
+    fn kept_damaged(&mut self, what: impl FnOnce() -> String) {
+        self.damaged.get_or_insert_with(|| (0, what())).0 += 1;
+    }
 }
 
 /// The writes of a prune at `cutoff` (accepted before it): whole event batches below the
@@ -597,39 +684,56 @@ struct PrunePlan {
 fn prune_plan(tree: &sled::Tree, cutoff: u64) -> Result<PrunePlan, LogError> {
     let (low_water, holder) = low_water(tree)?;
     let mut writes = Vec::new();
-    let mut pruned = 0u64;
-    let mut held_at = None;
-    // Whole batches go, once their last event may.
+    let mut plan = PrunePlan {
+        steps: Vec::new(),
+        pruned: 0,
+        held_at: None,
+        damaged: None,
+    };
+    // Whole batches go, once their last event may. A record that cannot be decoded says
+    // neither when it came nor how far it goes, so nothing says it may go; the batches
+    // after it still may, and a prune that stopped there would let the disk fill.
     for kv in tree.scan_prefix([EVENT_BATCH]) {
-        let Ok((k, v)) = kv else { break };
-        let (Ok(first), Ok(batch)) = (keys::u64_at(&k, 1), BatchRecord::decode(&v)) else {
-            continue;
+        let (k, v) = kv?;
+        let (first, batch) = match (keys::u64_at(&k, 1), BatchRecord::decode(&v)) {
+            (Ok(first), Ok(batch)) => (first, batch),
+            (Err(e), _) => {
+                plan.kept_damaged(|| format!("an event batch key of {} bytes: {e}", k.len()));
+                continue;
+            }
+            (Ok(first), Err(e)) => {
+                plan.kept_damaged(|| format!("the event batch at seq {first}: {e}"));
+                continue;
+            }
         };
         let last = first + (batch.len() as u64).saturating_sub(1);
         if batch.accepted_ms() >= cutoff {
             break;
         }
         if last >= low_water {
-            held_at = Some((holder, low_water));
+            plan.held_at = Some((holder, low_water));
             break;
         }
         writes.push((k.to_vec(), None));
-        pruned += batch.len() as u64;
+        plan.pruned += batch.len() as u64;
     }
     for kv in tree.scan_prefix([keys::CLIENT_ID_EXPIRY]) {
-        let Ok((k, id)) = kv else { break };
-        let Ok(accepted) = keys::u64_at(&k, 1) else { continue };
+        let (k, id) = kv?;
+        let accepted = match keys::u64_at(&k, 1) {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                plan.kept_damaged(|| format!("a client id expiry key of {} bytes: {e}", k.len()));
+                continue;
+            }
+        };
         if accepted >= cutoff {
             break;
         }
         writes.push((keys::prefixed(CLIENT_ID, &id), None));
         writes.push((k.to_vec(), None));
     }
-    Ok(PrunePlan {
-        steps: Step::raw(writes),
-        pruned,
-        held_at,
-    })
+    plan.steps = Step::raw(writes);
+    Ok(plan)
 }
 
 /// The id an endpoint key was assigned to, for the operator's eyes.
@@ -652,7 +756,8 @@ fn holder((in_run, seq): (Option<EndpointKey>, Seq), fresh: &Mutex<FreshQueues>)
 /// How often at most a failing write, or a burial without the event's body, is logged.
 const STORAGE_WARN_EVERY_MS: u64 = 10_000;
 
-/// How often at most a prune says that an endpoint keeps events past retention.
+/// How often at most a prune says what keeps events past retention: an endpoint that
+/// waits for an older one, or records it cannot decode (each prune finds them again).
 const HELD_PRUNE_WARN_EVERY_MS: u64 = 3_600_000;
 
 /// Every endpoint with a queue run, with its first run (its oldest entries); one seek
@@ -936,14 +1041,28 @@ impl Writer {
             }
             deferred_until = None;
             let closing = ops.iter().any(WriteOp::stops_writer);
+            // Only a close gives what failed a last try: a crash (tests stop the writer so)
+            // leaves it as a crash would.
+            let closes = ops.iter().any(WriteOp::is_close);
             let applied_any = !ops.is_empty();
-            let (waiting, needs_flush, retry) = self.commit(ops);
-            if !retry.is_empty() {
-                // Tried again with the next group that carries more than progress, or
-                // else after a pause, so a failing disk is not hammered in a loop.
-                deferred = retry;
-                deferred_until = Some(Instant::now() + RETRY_FAILED_AFTER + DEFER_PROGRESS);
-            }
+            let mut failed = false;
+            let (waiting, needs_flush) = match self.commit(ops) {
+                Ok(committed) => committed,
+                Err((e, retry)) => {
+                    failed = true;
+                    if let Some(times) = self.failure_warning.due(super::now_ms()) {
+                        tracing::error!(error = %e, groups = times, "a write group failed; its appends were refused, and its delivery progress and dead letters are tried again");
+                    }
+                    if !retry.is_empty() {
+                        // Tried again with the next group that carries more than progress,
+                        // or else after a pause, so a failing disk is not hammered in a
+                        // loop; on close, once more before the writer stops.
+                        deferred = retry;
+                        deferred_until = Some(Instant::now() + RETRY_FAILED_AFTER + DEFER_PROGRESS);
+                    }
+                    (Vec::new(), false)
+                }
+            };
             dirty |= applied_any;
             let flush_now = closing
                 || (self.options.fsync == FsyncMode::Always && needs_flush)
@@ -978,16 +1097,39 @@ impl Writer {
                 }
             }
             if closing {
+                if closes && (failed || result.is_err()) {
+                    self.finish(std::mem::take(&mut deferred));
+                }
                 return;
             }
         }
-        // Every sender is gone: apply what was held back, and move what still waits to
-        // runs, before the last flush.
+        // Every sender is gone.
+        self.finish(deferred);
+    }
+
+    /// The writer stops with work left: what was held back (a failed group's writes among
+    /// it) gets its last try, the entries still waiting in memory move to runs, and all is
+    /// flushed. Nothing runs after this, so each failure is said here; what one leaves
+    /// undone, the next open finds as after a crash.
+    fn finish(&mut self, deferred: Vec<WriteOp>) {
         if !deferred.is_empty() {
-            let _ = self.commit(deferred);
+            if let Err((e, abandoned)) = self.commit(deferred) {
+                tracing::error!(
+                    error = %e,
+                    writes = abandoned.len(),
+                    "a write group failed as the log closed, and its delivery progress and dead letters are not tried again: their queue entries stay as the log last held them, so after the restart delivered events are sent again and dead letters are retried before they are buried again"
+                );
+            }
         }
-        let _ = self.move_to_runs();
-        let _ = self.flush();
+        if let Err(e) = self.move_to_runs() {
+            tracing::error!(error = %e, "cannot move the queue entries waiting in memory to runs as the log closes: the next start queues them again from their route records, with those delivered since");
+        }
+        match self.flush() {
+            Ok(()) => self.update_marker(true),
+            Err(e) => {
+                tracing::error!(error = %e, "the last flush of the log failed: what was written since the flush before may be lost, as in a crash")
+            }
+        }
     }
 
     /// Segments first, so a flushed pointer never names bytes a power cut can take back;
@@ -1016,10 +1158,11 @@ impl Writer {
     }
 
     /// Applies one group of operations, in order. Returns the replies to send once
-    /// durable, whether anything in the group asked for durability, and, when the group
-    /// failed, the writes nobody waits for (delivery progress, dead letters) to try again:
-    /// each sets a queue entry to a state, so writing it twice does no harm.
-    fn commit(&mut self, ops: Vec<WriteOp>) -> (Vec<Waiting>, bool, Vec<WriteOp>) {
+    /// durable and whether anything in the group asked for durability; or, when the group
+    /// failed (its waiters are told), why, and the writes nobody waits for (delivery
+    /// progress, dead letters) to try again: each sets a queue entry to a state, so
+    /// writing it twice does no harm.
+    fn commit(&mut self, ops: Vec<WriteOp>) -> Result<(Vec<Waiting>, bool), (LogError, Vec<WriteOp>)> {
         let mut waiting = Vec::with_capacity(ops.len());
         let mut needs_flush = false;
         let mut counts = EventCounts::default();
@@ -1121,7 +1264,7 @@ impl Writer {
             Ordering::Relaxed,
         );
         match result {
-            Ok(()) => (waiting, needs_flush, Vec::new()),
+            Ok(()) => Ok((waiting, needs_flush)),
             Err(e) => {
                 // Part of the group may be stored: its seqs are not given back (a later
                 // event must not land on a stored one), and every waiter fails. Progress
@@ -1138,9 +1281,6 @@ impl Writer {
                     }
                 }
                 retry.extend(again);
-                if let Some(times) = self.failure_warning.due(super::now_ms()) {
-                    tracing::error!(error = %e, groups = times, "a write group failed; its appends were refused, and its delivery progress and dead letters are tried again");
-                }
                 for w in waiting {
                     match w {
                         Waiting::Append(reply, _) => {
@@ -1151,7 +1291,7 @@ impl Writer {
                         }
                     }
                 }
-                (Vec::new(), false, retry)
+                Err((e, retry))
             }
         }
     }
@@ -1823,6 +1963,14 @@ impl ClickLog for SledLog {
     }
 
     fn pending_after(&self, endpoint: EndpointKey, after: Option<Seq>, limit: usize) -> Result<Vec<Pending>, LogError> {
+        #[cfg(test)]
+        if self
+            .read_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(LogError::Storage("a failure for the test".into()));
+        }
         {
             let fresh = lock(&self.fresh);
             if !fresh.may_have_runs(endpoint) {
@@ -1937,7 +2085,12 @@ impl ClickLog for SledLog {
     }
 
     fn count_dead(&self, endpoint: EndpointKey) -> Result<u64, LogError> {
-        Ok(self.tree.scan_prefix(keys::queue_prefix(DEAD, endpoint)).keys().count() as u64)
+        let mut n = 0;
+        for k in self.tree.scan_prefix(keys::queue_prefix(DEAD, endpoint)).keys() {
+            k?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn revive_dead(&self, endpoint: EndpointKey) -> Ticket<usize> {
@@ -2053,9 +2206,15 @@ impl ClickLog for SledLog {
             }
             None => 1,
         };
+        // Wrapped, the counter would hand out key 0 and then the keys of live endpoints.
+        let after = next.checked_add(1).ok_or_else(|| {
+            LogError::Storage(format!(
+                "cannot assign endpoint {endpoint_id:?} a key: every key up to {next} is taken"
+            ))
+        })?;
         let mut batch = sled::Batch::default();
         batch.insert(key, &next.to_be_bytes()[..]);
-        batch.insert(keys::META_NEXT_ENDPOINT, &(next + 1).to_be_bytes()[..]);
+        batch.insert(keys::META_NEXT_ENDPOINT, &after.to_be_bytes()[..]);
         // No flush of its own: the mapping only matters once queue entries use the key, and
         // those are written (and flushed) after it, which persists it too.
         self.tree.apply_batch(batch)?;
@@ -2094,6 +2253,7 @@ impl ClickLog for SledLog {
         let tx = self.tx.clone();
         let maintenance = self.maintenance.clone();
         let warning = self.prune_held_warning.clone();
+        let damaged_warning = self.prune_damaged_warning.clone();
         let fresh = self.fresh.clone();
         #[cfg(test)]
         let pause = self.prune_pause.clone();
@@ -2108,6 +2268,16 @@ impl ClickLog for SledLog {
                     // the low water counts their entries.
                     apply(Vec::new())?;
                     let plan = prune_plan(&tree, cutoff)?;
+                    if let Some((count, first)) = &plan.damaged {
+                        if let Some(prunes) = damaged_warning.due(now_ms) {
+                            tracing::warn!(
+                                records = count,
+                                prunes,
+                                first = %first,
+                                "records that cannot be decoded are kept past retention: the log is damaged, and a damaged event batch makes the next start refuse it"
+                            );
+                        }
+                    }
                     #[cfg(test)]
                     pause_at(&pause);
                     apply(plan.steps)?;
@@ -2430,6 +2600,27 @@ mod tests {
         assert!(matches!(out[0], AppendOutcome::Stored(seq) if seq > 2), "{out:?}");
     }
 
+    /// The group that holds the close fails: the writer stops after it, so its delivery
+    /// progress gets its one more try then, and the close's move of the waiting entries to
+    /// runs with it.
+    #[tokio::test]
+    async fn the_progress_of_a_failed_closing_group_is_written_before_the_writer_stops() {
+        let (dir, log, k) = two_events_for_one_endpoint().await;
+        let release = log.hold_writer();
+        log.delivered(k, &[1]);
+        log.send(WriteOp::Fail);
+        let closed = log.close();
+        release.send(()).unwrap();
+        assert!(closed.await.unwrap().is_err(), "the close hears of the failure");
+        drop(log);
+        let log = open(dir.path());
+        assert_eq!(
+            log.pending_after(k, None, 10).unwrap(),
+            vec![Pending::fresh(2)],
+            "event 1 was delivered"
+        );
+    }
+
     #[tokio::test]
     async fn a_prune_held_by_entries_still_in_memory_names_their_endpoint() {
         let dir = tempfile::tempdir().unwrap();
@@ -2449,6 +2640,28 @@ mod tests {
             "a route record, not a run, holds event 1"
         );
         assert_eq!(holder(plan.held_at.unwrap(), &log.fresh), Some((held, 1)));
+    }
+
+    /// A batch record that cannot be decoded says neither when its events came nor how
+    /// many there are: a prune keeps it, says so, and goes on past it.
+    #[tokio::test]
+    async fn a_prune_keeps_a_batch_record_it_cannot_decode_and_prunes_those_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        log.append(vec![event("a", false, vec![])]).await.unwrap().unwrap();
+        log.append(vec![event("b", false, vec![])]).await.unwrap().unwrap();
+        log.tree.insert(keys::event_batch(1), &[1u8, 2][..]).unwrap();
+        let later = super::super::now_ms() + 10_000;
+        let plan = prune_plan(&log.tree, later).unwrap();
+        let (count, first) = plan.damaged.unwrap();
+        assert_eq!(count, 1);
+        assert!(first.contains("seq 1"), "{first}");
+        assert_eq!(log.prune(later, 1_000).await.unwrap().unwrap(), 1, "event 2 goes");
+        assert!(
+            log.tree.get(keys::event_batch(1)).unwrap().is_some(),
+            "the damaged record stays"
+        );
+        assert!(log.tree.get(keys::event_batch(2)).unwrap().is_none());
     }
 
     /// A revival that plans while a prune has planned but not yet written must wait for
@@ -3099,6 +3312,32 @@ mod tests {
         );
     }
 
+    /// A batch record that cannot be decoded hides its events' time and count: a replay
+    /// queues them whatever the window, up to the next batch, for delivery to bury with
+    /// their error, as it does an event whose body it cannot read.
+    #[tokio::test]
+    async fn a_replay_queues_the_events_of_a_batch_record_it_cannot_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let k = log.endpoint_key("ep").unwrap();
+        log.append(vec![event("a", false, vec![]), event("b", false, vec![])])
+            .await
+            .unwrap()
+            .unwrap();
+        log.append(vec![event("c", false, vec![])]).await.unwrap().unwrap();
+        assert!(
+            log.tree.get(keys::event_batch(3)).unwrap().is_some(),
+            "c is a batch of its own"
+        );
+        log.tree.insert(keys::event_batch(1), &[1u8, 2][..]).unwrap();
+        // A window no readable event is in.
+        assert_eq!(log.replay_window(k, 0, 1, &|_| true).await.unwrap().unwrap(), 2);
+        assert_eq!(
+            log.pending_after(k, None, 10).unwrap(),
+            vec![Pending::fresh(1), Pending::fresh(2)]
+        );
+    }
+
     #[tokio::test]
     async fn a_batch_pruned_between_its_lookup_and_its_read_is_absent_not_corrupt() {
         let dir = tempfile::tempdir().unwrap();
@@ -3410,5 +3649,22 @@ mod tests {
         let log = open(dir.path());
         assert_eq!(log.endpoint_key("a").unwrap(), a);
         assert_ne!(log.endpoint_key("c").unwrap(), b);
+    }
+
+    /// A counter at its end is an error, not a wrap: wrapped, it would hand out key 0 and
+    /// then the keys of live endpoints.
+    #[test]
+    fn endpoint_keys_run_out_with_an_error_not_a_wrapped_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let a = log.endpoint_key("a").unwrap();
+        let end = u32::MAX.to_be_bytes();
+        log.tree.insert(keys::META_NEXT_ENDPOINT, &end[..]).unwrap();
+        let err = log.endpoint_key("b").unwrap_err();
+        assert!(matches!(err, LogError::Storage(_)), "{err}");
+        assert_eq!(log.endpoint_key("a").unwrap(), a, "a key given stays");
+        let counter = log.tree.get(keys::META_NEXT_ENDPOINT).unwrap().unwrap();
+        assert_eq!(&counter[..], &end[..], "the counter is left as it was");
+        assert!(log.tree.get(keys::prefixed(ENDPOINT_KEY, b"b")).unwrap().is_none());
     }
 }
