@@ -95,8 +95,8 @@ struct Worker {
     /// The pause after the last failed read, doubled by each failure in a row (zero: the
     /// last read went through).
     read_backoff: Duration,
-    /// "Cannot read the queue", said at most every [`FAILURE_LOG_EVERY_MS`]: a failing disk
-    /// fails every read.
+    /// "Cannot read the queue" or "an event", said at most every [`FAILURE_LOG_EVERY_MS`]:
+    /// a failing disk fails every read.
     read_failure_log: RateLimited,
     /// Failed attempts since the last success (`failing` times the run).
     consecutive_failures: u32,
@@ -801,7 +801,11 @@ impl Worker {
                 }
                 Ok(None) => missing.push(p.seq),
                 Err(e) => {
-                    tracing::error!(endpoint = %self.ep.id, seq = p.seq, error = %e, "cannot read an event");
+                    // A damaged segment fails thousands of events, one by one: each is
+                    // buried with its error, and said here at most every 10 s.
+                    if let Some(times) = self.read_failure_log.due(now_ms()) {
+                        tracing::error!(endpoint = %self.ep.id, seq = p.seq, error = %e, failures = times, "cannot read an event");
+                    }
                     unreadable.push((*p, e.to_string()));
                 }
             }
