@@ -2,7 +2,9 @@
 //! backlog lives on disk, not in memory), keeps at most `max_concurrency` attempts in
 //! flight, honours the rate limit and circuit breaker, retries on the schedule, and
 //! writes every outcome back to the log. It must not block on anything but its own
-//! endpoint: whatever this endpoint does, other endpoints' workers never wait for it.
+//! endpoint: whatever this endpoint or its receiver does, other endpoints' workers never
+//! wait for it. The one wait it shares with its thread's other workers is the log's
+//! reads, synchronous and served from memory or the page cache (see `ClickLog`).
 
 use super::format::{self, FormatError, RenderContext};
 use super::policy::{Breaker, CircuitState, TokenBucket};

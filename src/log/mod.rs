@@ -123,8 +123,11 @@ pub struct DeadLetter {
 /// A future that resolves once the log has done what was asked (durably, when asked).
 pub type Ticket<T> = oneshot::Receiver<Result<T, LogError>>;
 
-/// The storage seam. Reads are synchronous and cheap (served from cache); writes are
-/// queued to the log's writer and resolve through a [`Ticket`] or not at all, as noted.
+/// The storage seam. Reads are synchronous: the latest events and queue entries come from
+/// memory, older ones from sled's page cache and a `pread` of a segment file, which the
+/// kernel's page cache usually serves; a disk that answers slowly holds up the reading
+/// thread (a delivery thread, with its other endpoints) for as long. Writes are queued to
+/// the log's writer and resolve through a [`Ticket`] or not at all, as noted.
 pub trait ClickLog: Send + Sync + 'static {
     /// Appends events; the ticket resolves once they are durable per `storage.fsync`,
     /// with one outcome per event in input order.
