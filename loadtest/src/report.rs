@@ -121,6 +121,8 @@ pub struct Report {
     pub misrouted: u64,
     /// Acknowledgements that named another id than the click's own (`--client-ids`).
     pub client_id_mismatches: u64,
+    /// Acknowledgements that named an id an earlier acknowledgement named.
+    pub reused_ack_ids: u64,
     pub bad_signatures: u64,
     pub stale_timestamps: u64,
     /// Send to first arrival, over every expected delivery: the daemon accepted each click
@@ -188,6 +190,18 @@ impl Report {
             self.client_id_mismatches,
             "acknowledgements named another id than the click's own",
         );
+        counted(
+            &mut f,
+            self.reused_ack_ids,
+            "acknowledgements named an id another click was acknowledged with",
+        );
+        // A receiver deduplicates on `webhook-id`: an event sent under another id than
+        // its own may be dropped there, or drop another.
+        counted(
+            &mut f,
+            self.sink.id_mismatches,
+            "single-event bodies had a data.id other than their webhook-id",
+        );
         if let Some(o) = &self.daemon.outcome {
             if o.killed {
                 f.push(format!(
@@ -220,11 +234,6 @@ impl Report {
             &mut p,
             self.sink.header_problems,
             "requests lacked content-type application/json or a clickhook/ user agent",
-        );
-        counted(
-            &mut p,
-            self.sink.id_mismatches,
-            "single-event bodies had a data.id other than their webhook-id",
         );
         counted(&mut p, self.sink.unparsable, "bodies had no readable event ids");
         counted(
@@ -490,6 +499,8 @@ mod tests {
         assert!(fails(|r| r.misrouted = 1)[0].contains("filters do not take"));
         assert!(fails(|r| r.clicks_sent += 1)[0].contains("were not acknowledged"));
         assert!(fails(|r| r.client_id_mismatches = 2)[0].contains("another id"));
+        assert!(fails(|r| r.reused_ack_ids = 1)[0].contains("another click was acknowledged with"));
+        assert!(fails(|r| r.sink.id_mismatches = 1)[0].contains("other than their webhook-id"));
         assert!(fails(|r| r.run_failures.push("the daemon exited during the run".into()))[0].contains("exited"));
         let exit = fails(|r| {
             r.daemon.outcome = Some(DaemonOutcome {

@@ -8,7 +8,7 @@
 use crate::clicks::ClickFactory;
 use crate::clock::{rfc3339, unix_now, Clock};
 use crate::daemon::{disk_usage, render_config, ConfigEndpoint, Daemon, DaemonSettings};
-use crate::driver::{drive, DriveCounters, DriveOptions, IngestTarget};
+use crate::driver::{drive, DriveCounters, DriveOptions, IngestTarget, SOCKET_WINDOW};
 use crate::http::{loopback_addr, Http1};
 use crate::procstat::{self, Sampler};
 use crate::report::{BacklogReport, DaemonReport, GroupReport, LatencySummary, Report};
@@ -332,6 +332,12 @@ fn check(options: &ScenarioOptions, plan: &Plan) -> Result<(), Error> {
     let batch = options.batch.unwrap_or(plan.batch);
     if batch == 0 || batch > 10_000 {
         return bad("--batch must be 1..=10000".into());
+    }
+    if options.transport == Transport::Unix && batch > SOCKET_WINDOW {
+        // A write takes its lines' places in the socket's window of unanswered lines.
+        return bad(format!(
+            "--batch must be at most {SOCKET_WINDOW} over the socket, its window of unanswered lines"
+        ));
     }
     match options.endpoints {
         Some(_) if options.scenario != Scenario::ManyEndpoints => {
@@ -684,6 +690,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         unexpected_ids: sink.recorder().distinct_ids().saturating_sub(v.matched_ids),
         misrouted: v.misrouted,
         client_id_mismatches: counters.client_id_mismatches.load(Relaxed),
+        reused_ack_ids: v.reused_ids,
         bad_signatures: stats.bad_signatures,
         stale_timestamps: stats.stale_timestamps,
         latency: LatencySummary::from_micros(&v.latency),
@@ -857,6 +864,15 @@ mod tests {
             ..quick(PathBuf::from("/nonexistent"))
         };
         assert!(matches!(run(bad), Err(Error::Options(_))));
+        let bad = ScenarioOptions {
+            transport: Transport::Unix,
+            batch: Some(SOCKET_WINDOW + 1),
+            ..quick(PathBuf::from("/nonexistent"))
+        };
+        assert!(
+            matches!(run(bad), Err(Error::Options(_))),
+            "a write past the socket's window"
+        );
         assert_eq!("unix".parse::<Transport>(), Ok(Transport::Unix));
         assert!("tcp".parse::<Transport>().is_err());
     }

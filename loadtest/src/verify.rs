@@ -27,8 +27,11 @@ pub struct Verification {
     pub delivered: u64,
     pub lost: u64,
     pub lost_samples: Vec<(u32, String)>,
-    /// Acknowledged clicks that arrived somewhere at all.
+    /// Acknowledged ids that arrived somewhere at all, each counted once.
     pub matched_ids: u64,
+    /// Acknowledgements that named an id an earlier one named: two clicks answered with
+    /// one id, whose one delivery would otherwise pass for both.
+    pub reused_ids: u64,
     /// Deliveries of acknowledged clicks to endpoints whose filters do not take them.
     pub misrouted: u64,
     /// Send → first arrival, per (click, endpoint), in microseconds.
@@ -54,15 +57,21 @@ pub fn verify(acks: &[Ack], routing: &Routing, recorder: &Recorder, group_of: &[
         lost: 0,
         lost_samples: Vec::new(),
         matched_ids: 0,
+        reused_ids: 0,
         misrouted: 0,
         latency: histogram(),
         before_ack: 0,
         last_arrival_us: 0,
         groups: vec![GroupTally::default(); groups],
     };
+    let mut seen = std::collections::HashSet::with_capacity(acks.len());
     for ack in acks {
+        let first = seen.insert(&*ack.id);
+        if !first {
+            v.reused_ids += 1;
+        }
         recorder.with_hits(&ack.id, |hits| {
-            if !hits.is_empty() {
+            if first && !hits.is_empty() {
                 v.matched_ids += 1;
             }
             v.misrouted += hits
@@ -176,6 +185,22 @@ mod tests {
         assert_eq!(count_missing(&acks, &routing, &r), 10);
         assert_eq!(r.duplicates(), 1);
         assert_eq!(r.distinct_ids() - v.matched_ids, 1);
+    }
+
+    /// Two clicks acknowledged with one id: the one delivery under it cannot stand for
+    /// both, so the reuse is counted (and fails the run), and the id is matched once.
+    #[test]
+    fn an_id_acknowledged_for_two_clicks_is_counted_as_reused() {
+        let plan = Plan::new(Scenario::Throughput);
+        let routing = Routing::new(&plan);
+        let r = Recorder::new();
+        r.record(0, "x", 500);
+        let v = verify(&[ack("x", 1, 100), ack("x", 2, 200)], &routing, &r, &[0], 1);
+        assert_eq!(v.reused_ids, 1);
+        assert_eq!(v.matched_ids, 1);
+        assert_eq!(r.distinct_ids() - v.matched_ids, 0);
+        let once = verify(&[ack("x", 1, 100)], &routing, &r, &[0], 1);
+        assert_eq!(once.reused_ids, 0);
     }
 
     #[test]
