@@ -25,11 +25,24 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Unanswered lines allowed per socket connection before the writer waits.
-const SOCKET_WINDOW: usize = 4096;
+pub(crate) const SOCKET_WINDOW: usize = 4096;
 /// Longest wait for one acknowledgement; beyond it the daemon is considered stuck.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// 503 answers retried per request before giving up on it.
 const MAX_BUSY_RETRIES: u32 = 100;
+/// How the daemon's 503 errors start when its write to the log failed partway: the
+/// clicks may be stored (README, "A failed write to the log"), so sending them again could
+/// deliver one twice under two ids, and their fate is unknown.
+const MAY_BE_STORED: [&str; 2] = ["storage failed", "the append's task failed"];
+
+/// The error of a 503 whose clicks may be stored.
+fn may_be_stored(body: &[u8]) -> Option<String> {
+    let answer: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    answer["error"]
+        .as_str()
+        .filter(|e| MAY_BE_STORED.iter().any(|start| e.starts_with(start)))
+        .map(str::to_owned)
+}
 
 #[derive(Clone, Debug)]
 pub enum IngestTarget {
@@ -336,8 +349,15 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
                     }
                     break;
                 }
+                StatusCode::SERVICE_UNAVAILABLE if may_be_stored(&answer.body).is_some() => {
+                    // Never resent, as a request with no answer.
+                    let error = may_be_stored(&answer.body).unwrap_or_default();
+                    counters.error(format!("503, fate unknown: {}", first_words(&error)));
+                    break;
+                }
                 StatusCode::SERVICE_UNAVAILABLE if busy < MAX_BUSY_RETRIES => {
-                    // A 503 stores nothing (SPEC §3.2), so the same clicks may go again.
+                    // Any other 503 stored nothing (SPEC §3.2), so the same clicks may go
+                    // again.
                     busy += 1;
                     counters.error("503, retried");
                     tokio::time::sleep(retry_after(&answer)).await;
@@ -638,6 +658,66 @@ mod tests {
         assert_eq!(counters.sent.load(Relaxed), 250);
         assert!(counters.span_us().is_some());
         assert!(counters.errors().is_empty(), "{:?}", counters.errors());
+    }
+
+    /// A stand-in ingest server that answers every request 503 with `error`, and counts them.
+    async fn fake_http_503(error: &'static str) -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let counted = counted.clone();
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    counted.fetch_add(1, Relaxed);
+                    let text = serde_json::json!({ "error": error }).to_string();
+                    let mut resp = hyper::Response::new(http_body_util::Full::new(Bytes::from(text)));
+                    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    async move { Ok::<_, hyper::Error>(resp) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (addr, requests)
+    }
+
+    /// A 503 for a write that failed may have stored its clicks: they are not sent again
+    /// (a stored one would then arrive twice, under two ids) and count as fate unknown.
+    #[tokio::test]
+    async fn clicks_refused_by_a_failed_write_are_not_sent_again() {
+        let (addr, requests) = fake_http_503("storage failed: No space left on device").await;
+        let (factory, routing, counters, opts) = shared(20, 10);
+        let acks = tokio::time::timeout(
+            Duration::from_secs(10),
+            drive(
+                IngestTarget::Http { addr, token: None },
+                opts,
+                factory,
+                routing,
+                Clock::new(),
+                counters.clone(),
+            ),
+        )
+        .await;
+        // Sent again, the 503s would go on past the first second's retry.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(requests.load(Relaxed), 2, "one request for each batch of 10");
+        assert_eq!(acks.map(|a| a.len()).ok(), Some(0));
+        assert_eq!(
+            counters
+                .errors()
+                .get("503, fate unknown: storage failed: No space left on device"),
+            Some(&2),
+            "{:?}",
+            counters.errors()
+        );
     }
 
     #[tokio::test]
