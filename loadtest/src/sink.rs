@@ -625,6 +625,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         }
         Mode::Answer => {}
     }
+    // Arrival is when the request came in: a scripted latency is the receiver's own time,
+    // not the dispatcher's.
+    let arrived = state.clock.now_us();
     if !behavior.latency.is_zero() {
         tokio::time::sleep(behavior.latency).await;
     }
@@ -636,7 +639,6 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
             return Ok(answer(StatusCode::INTERNAL_SERVER_ERROR, behavior.keep_alive));
         }
     }
-    let arrived = state.clock.now_us();
     match event_ids(&body, &webhook_id) {
         Ok(ids) => {
             if ids.mismatch {
@@ -838,6 +840,33 @@ mod tests {
         format!(
             r#"{{"type":"link.clicked","timestamp":"2024-05-01T10:00:00Z","data":{{"id":"{id}","link":{{"id":1}}}}}}"#
         )
+    }
+
+    /// A delivery arrives when its request comes in: the receiver's scripted latency is
+    /// its own time, not in the dispatcher's latency.
+    #[tokio::test]
+    async fn arrival_is_stamped_before_the_scripted_latency() {
+        let secret = generate_secret();
+        let endpoint = SinkEndpoint {
+            secret: secret.clone(),
+            behavior: Behavior {
+                latency: Duration::from_millis(300),
+                ..Behavior::default()
+            },
+        };
+        let clock = Clock::new();
+        let sink = Sink::start(SinkOptions::new(vec![endpoint], clock)).await.unwrap();
+        let before = clock.now_us();
+        let sent = send(&sink, "/ep/0", &secret, "e1", &single("e1"), true).await.unwrap();
+        assert_eq!(sent.status, 200);
+        let answered = clock.now_us();
+        assert!(answered - before >= 300_000, "the answer waited for the latency");
+        let arrived = sink.recorder().with_hits("e1", |hits| hits[0].first_us);
+        assert!(
+            arrived - before < 200_000,
+            "stamped {} µs after the send",
+            arrived - before
+        );
     }
 
     #[tokio::test]
