@@ -59,6 +59,9 @@ pub struct DriveOptions {
     pub batch: usize,
     /// No new request starts after this.
     pub deadline: Instant,
+    /// A connection that cannot connect for this long stops: the daemon is gone, and
+    /// the run should end now rather than at the deadline.
+    pub give_up_connecting: Duration,
 }
 
 /// One acknowledged click.
@@ -282,6 +285,8 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut acks = Vec::new();
     let mut conn: Option<Http1> = None;
+    // Since when connecting has failed without a success in between.
+    let mut refused_since: Option<Instant> = None;
     let mut body = Vec::with_capacity(shared.opts.batch * 700 + 2);
     let mut sent = Vec::with_capacity(shared.opts.batch);
     'claims: while let Some(range) = shared.claim() {
@@ -298,9 +303,17 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
             let mut c = match conn.take().filter(Http1::is_open) {
                 Some(c) => c,
                 None => match Http1::connect(addr).await {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        refused_since = None;
+                        c
+                    }
                     Err(e) => {
                         counters.error(format!("connect: {}", e.kind()));
+                        let since = *refused_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= shared.opts.give_up_connecting {
+                            counters.error("unsent: no connection to the daemon for the give-up time");
+                            break 'claims;
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -547,6 +560,7 @@ mod tests {
             connections: 2,
             batch,
             deadline: Instant::now() + Duration::from_secs(20),
+            give_up_connecting: Duration::from_secs(20),
         };
         (
             Arc::new(ClickFactory::new(plan.links, "t", false, "2024-05-01T10:00:00Z".into())),
@@ -715,6 +729,42 @@ mod tests {
                 .errors()
                 .get("503, fate unknown: storage failed: No space left on device"),
             Some(&2),
+            "{:?}",
+            counters.errors()
+        );
+    }
+
+    /// A daemon that stops listening ends the run once connecting has failed for the
+    /// give-up time, not at the ingest deadline (30 minutes by default).
+    #[tokio::test]
+    async fn a_daemon_that_is_gone_ends_ingest_at_the_give_up_time() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let (factory, routing, counters, mut opts) = shared(1000, 10);
+        opts.deadline = Instant::now() + Duration::from_secs(600);
+        opts.give_up_connecting = Duration::from_millis(300);
+        let started = Instant::now();
+        let acks = tokio::time::timeout(
+            Duration::from_secs(20),
+            drive(
+                IngestTarget::Http { addr, token: None },
+                opts,
+                factory,
+                routing,
+                Clock::new(),
+                counters.clone(),
+            ),
+        )
+        .await
+        .expect("ingest ended long before its deadline");
+        assert!(acks.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            counters
+                .errors()
+                .keys()
+                .any(|k| k.contains("no connection to the daemon")),
             "{:?}",
             counters.errors()
         );

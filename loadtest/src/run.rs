@@ -317,6 +317,9 @@ const QUIET_LIMIT: Duration = Duration::from_secs(10);
 const MAX_ENDPOINTS: u32 = 100_000;
 /// The most links `--links` may spread clicks over.
 const MAX_LINKS: u64 = 10_000_000;
+/// How long a driver connection may fail to connect before ingest stops: a daemon that
+/// died or stopped listening ends the run within it, not at the ingest time limit.
+const GIVE_UP_CONNECTING: Duration = Duration::from_secs(30);
 
 fn check(options: &ScenarioOptions, plan: &Plan) -> Result<(), Error> {
     let bad = |why: String| Err(Error::Options(why));
@@ -526,6 +529,7 @@ pub async fn run_async(options: ScenarioOptions) -> Result<Report, Error> {
         connections,
         batch,
         deadline: Instant::now() + options.duration.unwrap_or(DEFAULT_INGEST_LIMIT),
+        give_up_connecting: GIVE_UP_CONNECTING,
     };
     let acks = drive(target, drive_opts, factory, routing.clone(), clock, counters.clone()).await;
 
