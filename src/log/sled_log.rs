@@ -268,12 +268,12 @@ impl SledOptions {
     }
 }
 
-/// The fresh entries (or the maintenance lock), whoever held the lock last: nothing
-/// panics while holding it, and its state stays whole between calls.
 /// What a dead letter holds in place of the event's body when the event could not be
 /// read at its burial; a click's body is always a JSON object.
 const NO_BODY: &[u8] = b"null";
 
+/// The fresh entries (or the maintenance lock), whoever held the lock last: nothing
+/// panics while holding it, and its state stays whole between calls.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -400,12 +400,9 @@ impl SledLog {
             let batch = match BatchRecord::decode(&v) {
                 Ok(batch) => batch,
                 Err(e) => {
-                    // Its time cannot be read either, so its events are queued whatever the
-                    // window: delivery buries each as a dead letter that names the damage,
-                    // where skipping them would lose them without a word.
-                    for seq in first..self.damaged_batch_end(first)? {
-                        steps.push(Step::Put(endpoint, Pending::fresh(seq)));
-                    }
+                    // Its time cannot be read, so no window can say its events belong: they
+                    // are left out, and said. Queued, each would be buried as a dead letter
+                    // for every replay of any window, past the endpoint's filters too.
                     damaged.get_or_insert((0, first, e)).0 += 1;
                     continue;
                 }
@@ -431,27 +428,18 @@ impl SledLog {
                 records,
                 seq,
                 error = %error,
-                "a replay found event batches it cannot decode: their events are queued whatever their time, for delivery to bury as dead letters"
+                "a replay left out event batches it cannot decode: their time is unknown"
             );
         }
         Ok(steps)
     }
 
-    /// Where the seqs of the event batch at `first`, whose record cannot be decoded, end at
-    /// the latest: at the next batch, and below the next seq sled records (read first, as
-    /// the events below it were written before it), and no further than a batch goes.
-    fn damaged_batch_end(&self, first: Seq) -> Result<Seq, LogError> {
-        let recorded = match self.tree.get(keys::META_NEXT_SEQ)? {
-            Some(v) => keys::u64_at(&v, 0)?,
-            None => Seq::MAX,
-        };
-        let after = Bound::Excluded(keys::event_batch(first).to_vec());
-        let next = match self.tree.range((after, Bound::Excluded(vec![EVENT_BATCH + 1]))).next() {
-            Some(kv) => keys::u64_at(&kv?.0, 1)?,
-            None => Seq::MAX,
-        };
-        let most = first.saturating_add(keys::BATCH_MAX_EVENTS as u64);
-        Ok(recorded.min(next).min(most).max(first.saturating_add(1)))
+    /// Whether the dead letter at `dead_key` exists and holds the event's body.
+    fn holds_a_copy(&self, dead_key: &[u8]) -> bool {
+        match self.tree.get(dead_key) {
+            Ok(Some(v)) => keys::decode_dead(&v).is_ok_and(|(_, record)| record.get(8..).is_some_and(|b| b != NO_BODY)),
+            _ => false,
+        }
     }
 
     /// Makes the next `n` reads of a queue fail, as a storage error would.
@@ -2026,8 +2014,15 @@ impl ClickLog for SledLog {
         // warning at most every 10 s: a damaged segment can bury thousands, one by one.
         let mut no_copy: Option<(u64, String)> = None;
         for letter in letters {
+            let dead_key = keys::queue(DEAD, endpoint, letter.seq);
             let record = match self.event(letter.seq) {
                 Ok(Some(ev)) => keys::event_record(ev.accepted_ms, &ev.data),
+                // A letter buried before (a replay sent it again) may hold the only copy
+                // of the body: it is kept as it is rather than replaced by none.
+                Err(_) | Ok(None) if self.holds_a_copy(&dead_key) => {
+                    leave.push(Step::Remove(endpoint, letter.seq));
+                    continue;
+                }
                 unreadable => {
                     no_copy.get_or_insert_with(|| {
                         let why = match unreadable {
@@ -2041,7 +2036,7 @@ impl ClickLog for SledLog {
             };
             match keys::dead_value(&letter, &record) {
                 Ok(v) => {
-                    steps.push(Step::Raw(keys::queue(DEAD, endpoint, letter.seq).to_vec(), Some(v)));
+                    steps.push(Step::Raw(dead_key.to_vec(), Some(v)));
                     leave.push(Step::Remove(endpoint, letter.seq));
                 }
                 Err(e) => {
@@ -3310,13 +3305,20 @@ mod tests {
             !queued.contains(&1) && !queued.contains(&never_stored),
             "neither is queued again"
         );
+        // Buried again unread (as delivery does an event a window's replay queued), on a
+        // thread that never read its batch, the letter keeps its copy.
+        let (again, buried) = (letter(1), log.clone());
+        std::thread::spawn(move || buried.bury(1, vec![again])).join().unwrap();
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        assert_ne!(body_of(1), NO_BODY, "a second burial keeps the copy");
+        assert_eq!(log.count_dead(1).unwrap(), 2);
     }
 
-    /// A batch record that cannot be decoded hides its events' time and count: a replay
-    /// queues them whatever the window, up to the next batch, for delivery to bury with
-    /// their error, as it does an event whose body it cannot read.
+    /// A batch record that cannot be decoded hides its events' time: no window says they
+    /// belong, so a replay leaves them out (and says so) and still takes the batches
+    /// around it.
     #[tokio::test]
-    async fn a_replay_queues_the_events_of_a_batch_record_it_cannot_decode() {
+    async fn a_replay_leaves_out_a_batch_record_it_cannot_decode() {
         let dir = tempfile::tempdir().unwrap();
         let log = open(dir.path());
         let k = log.endpoint_key("ep").unwrap();
@@ -3330,12 +3332,11 @@ mod tests {
             "c is a batch of its own"
         );
         log.tree.insert(keys::event_batch(1), &[1u8, 2][..]).unwrap();
-        // A window no readable event is in.
-        assert_eq!(log.replay_window(k, 0, 1, &|_| true).await.unwrap().unwrap(), 2);
-        assert_eq!(
-            log.pending_after(k, None, 10).unwrap(),
-            vec![Pending::fresh(1), Pending::fresh(2)]
-        );
+        assert_eq!(log.replay_window(k, 0, 1, &|_| true).await.unwrap().unwrap(), 0);
+        assert!(log.pending_after(k, None, 10).unwrap().is_empty());
+        let all = log.replay_window(k, 0, u64::MAX, &|_| true).await.unwrap().unwrap();
+        assert_eq!(all, 1, "c, whose batch reads");
+        assert_eq!(log.pending_after(k, None, 10).unwrap(), vec![Pending::fresh(3)]);
     }
 
     #[tokio::test]
