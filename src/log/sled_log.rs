@@ -1032,12 +1032,20 @@ impl Writer {
             // Only a close gives what failed a last try: a crash (tests stop the writer so)
             // leaves it as a crash would.
             let closes = ops.iter().any(WriteOp::is_close);
+            // A close is answered after the last try below, with what it wrote: the group's
+            // own answer would say "failed" for writes that the try then makes.
+            let mut close_replies = Vec::new();
+            for op in ops.iter_mut() {
+                if let WriteOp::Close(reply) = op {
+                    close_replies.push(std::mem::replace(reply, oneshot::channel().0));
+                }
+            }
             let applied_any = !ops.is_empty();
-            let mut failed = false;
+            let mut group_error = None;
             let (waiting, needs_flush) = match self.commit(ops) {
                 Ok(committed) => committed,
                 Err((e, retry)) => {
-                    failed = true;
+                    group_error = Some(e.clone());
                     if let Some(times) = self.failure_warning.due(super::now_ms()) {
                         tracing::error!(error = %e, groups = times, "a write group failed; its appends were refused, and its delivery progress and dead letters are tried again");
                     }
@@ -1085,21 +1093,29 @@ impl Writer {
                 }
             }
             if closing {
-                if closes && (failed || result.is_err()) {
-                    self.finish(std::mem::take(&mut deferred));
+                let mut outcome = match group_error {
+                    Some(e) => Err(e),
+                    None => result,
+                };
+                if closes && outcome.is_err() {
+                    outcome = self.finish(std::mem::take(&mut deferred));
+                }
+                for reply in close_replies {
+                    let _ = reply.send(outcome.clone());
                 }
                 return;
             }
         }
-        // Every sender is gone.
-        self.finish(deferred);
+        // Every sender is gone: nobody waits for what this writes.
+        let _ = self.finish(deferred);
     }
 
     /// The writer stops with work left: what was held back (a failed group's writes among
     /// it) gets its last try, the entries still waiting in memory move to runs, and all is
     /// flushed. Nothing runs after this, so each failure is said here; what one leaves
     /// undone, the next open finds as after a crash.
-    fn finish(&mut self, deferred: Vec<WriteOp>) {
+    fn finish(&mut self, deferred: Vec<WriteOp>) -> Result<(), LogError> {
+        let mut outcome = Ok(());
         if !deferred.is_empty() {
             if let Err((e, abandoned)) = self.commit(deferred) {
                 tracing::error!(
@@ -1107,17 +1123,21 @@ impl Writer {
                     writes = abandoned.len(),
                     "a write group failed as the log closed, and its delivery progress and dead letters are not tried again: their queue entries stay as the log last held them, so after the restart delivered events are sent again and dead letters are retried before they are buried again"
                 );
+                outcome = Err(e);
             }
         }
         if let Err(e) = self.move_to_runs() {
             tracing::error!(error = %e, "cannot move the queue entries waiting in memory to runs as the log closes: the next start queues them again from their route records, with those delivered since");
+            outcome = outcome.and(Err(e));
         }
         match self.flush() {
             Ok(()) => self.update_marker(true),
             Err(e) => {
-                tracing::error!(error = %e, "the last flush of the log failed: what was written since the flush before may be lost, as in a crash")
+                tracing::error!(error = %e, "the last flush of the log failed: what was written since the flush before may be lost, as in a crash");
+                outcome = outcome.and(Err(e));
             }
         }
+        outcome
     }
 
     /// Segments first, so a flushed pointer never names bytes a power cut can take back;
@@ -2606,7 +2626,9 @@ mod tests {
         log.send(WriteOp::Fail);
         let closed = log.close();
         release.send(()).unwrap();
-        assert!(closed.await.unwrap().is_err(), "the close hears of the failure");
+        // Answered after the last try, which wrote what the failed group held.
+        let closed = closed.await.unwrap();
+        assert!(closed.is_ok(), "{closed:?}");
         drop(log);
         let log = open(dir.path());
         assert_eq!(
