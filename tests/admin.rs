@@ -108,6 +108,19 @@ async fn endpoint_lifecycle_survives_restarts_and_config_endpoints_are_read_only
             "{open}: {v}"
         );
     }
+    let mut raw = tokio::net::TcpStream::connect(d.admin.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let asked = b"DELETE /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut raw, asked).await.unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut raw, &mut answer)
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 405") && answer.to_ascii_lowercase().contains("\r\nallow: get\r\n"),
+        "{answer}"
+    );
     let (s, _) = d.admin_request("GET", "/v1/nowhere", Value::Null).await;
     assert_eq!(s, 404);
     let (s, list) = d.admin_request("GET", "/v1/endpoints", Value::Null).await;

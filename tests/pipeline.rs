@@ -633,7 +633,7 @@ async fn a_reload_checks_endpoints_against_the_delivery_settings_the_daemon_runs
     let (status, _) = d.admin_get_until("/v1/endpoints/b", |status, _| status == 200).await;
     assert_eq!(status, 200, "{}", d.logs());
     assert!(
-        d.logs().contains("take effect at the next start") && d.logs().contains("delivery"),
+        d.logs().contains("take effect at the next start") && d.logs().contains("sections=delivery"),
         "{}",
         d.logs()
     );

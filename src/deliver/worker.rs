@@ -97,9 +97,11 @@ struct Worker {
     /// The pause after the last failed read, doubled by each failure in a row (zero: the
     /// last read went through).
     read_backoff: Duration,
-    /// "Cannot read the queue" or "an event", said at most every [`FAILURE_LOG_EVERY_MS`]:
-    /// a failing disk fails every read.
+    /// "Cannot read the queue", said at most every [`FAILURE_LOG_EVERY_MS`]: a failing
+    /// disk fails every read.
     read_failure_log: RateLimited,
+    /// "Cannot read an event", the same: a damaged segment fails thousands of events.
+    event_failure_log: RateLimited,
     /// Failed attempts since the last success (`failing` times the run).
     consecutive_failures: u32,
     failing: FailingStreak,
@@ -450,6 +452,7 @@ async fn run_once(ep: Arc<LiveEndpoint>, ctx: WorkerContext) {
         read_again_at: None,
         read_backoff: Duration::ZERO,
         read_failure_log: RateLimited::new(FAILURE_LOG_EVERY_MS),
+        event_failure_log: RateLimited::new(FAILURE_LOG_EVERY_MS),
         consecutive_failures: 0,
         failing,
         reported_failing: false,
@@ -805,7 +808,7 @@ impl Worker {
                 Err(e) => {
                     // A damaged segment fails thousands of events, one by one: each is
                     // buried with its error, and said here at most every 10 s.
-                    if let Some(times) = self.read_failure_log.due(now_ms()) {
+                    if let Some(times) = self.event_failure_log.due(now_ms()) {
                         tracing::error!(endpoint = %self.ep.id, seq = p.seq, error = %e, failures = times, "cannot read an event");
                     }
                     unreadable.push((*p, e.to_string()));

@@ -104,6 +104,9 @@ impl IngestError {
     /// The `reason` label of `clickhook_ingest_rejected_total` for clicks refused so.
     pub fn metric_reason(&self) -> &'static str {
         match self {
+            // Its clicks went to the log and may be stored: a storage failure, not a
+            // refusal that stored nothing.
+            IngestError::Unavailable(APPEND_TASK_FAILED) => "storage",
             IngestError::Unavailable(_) => "unavailable",
             IngestError::Storage(_) => "storage",
         }
@@ -306,4 +309,21 @@ pub(crate) fn padded_click(len: usize) -> Vec<u8> {
     click.resize(len - 3, b'.');
     click.extend_from_slice(b"\"}}");
     click
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clicks refused after they went to the log count as storage failures, the rest that
+    /// stored nothing as unavailable.
+    #[test]
+    fn refusals_that_may_have_stored_count_under_storage() {
+        assert_eq!(IngestError::Unavailable(APPEND_TASK_FAILED).metric_reason(), "storage");
+        assert_eq!(
+            IngestError::Storage(LogError::Storage("disk".into())).metric_reason(),
+            "storage"
+        );
+        assert_eq!(IngestError::Unavailable("shutting down").metric_reason(), "unavailable");
+    }
 }
