@@ -702,22 +702,26 @@ mod tests {
         (addr, requests)
     }
 
+    /// [`drive`] at an HTTP ingest at `addr`, for at most `within`.
+    async fn drive_http_within(
+        within: Duration,
+        addr: SocketAddr,
+        (factory, routing, counters, opts): (Arc<ClickFactory>, Arc<Routing>, Arc<DriveCounters>, DriveOptions),
+    ) -> Result<Vec<Ack>, tokio::time::error::Elapsed> {
+        let target = IngestTarget::Http { addr, token: None };
+        tokio::time::timeout(within, drive(target, opts, factory, routing, Clock::new(), counters)).await
+    }
+
     /// A 503 for a write that failed may have stored its clicks: they are not sent again
     /// (a stored one would then arrive twice, under two ids) and count as fate unknown.
     #[tokio::test]
     async fn clicks_refused_by_a_failed_write_are_not_sent_again() {
         let (addr, requests) = fake_http_503("storage failed: No space left on device").await;
         let (factory, routing, counters, opts) = shared(20, 10);
-        let acks = tokio::time::timeout(
+        let acks = drive_http_within(
             Duration::from_secs(10),
-            drive(
-                IngestTarget::Http { addr, token: None },
-                opts,
-                factory,
-                routing,
-                Clock::new(),
-                counters.clone(),
-            ),
+            addr,
+            (factory, routing, counters.clone(), opts),
         )
         .await;
         // Sent again, the 503s would go on past the first second's retry.
@@ -745,16 +749,10 @@ mod tests {
         opts.deadline = Instant::now() + Duration::from_secs(600);
         opts.give_up_connecting = Duration::from_millis(300);
         let started = Instant::now();
-        let acks = tokio::time::timeout(
+        let acks = drive_http_within(
             Duration::from_secs(20),
-            drive(
-                IngestTarget::Http { addr, token: None },
-                opts,
-                factory,
-                routing,
-                Clock::new(),
-                counters.clone(),
-            ),
+            addr,
+            (factory, routing, counters.clone(), opts),
         )
         .await
         .expect("ingest ended long before its deadline");
