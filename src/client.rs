@@ -901,10 +901,10 @@ mod tests {
     /// goes again. The reasons are the daemon's own.
     #[test]
     fn refusals_after_the_clicks_went_to_the_log_are_not_sent_again() {
-        use crate::ingest::{IngestError, IngestGate, APPEND_TASK_FAILED};
+        use crate::ingest::{IngestError, IngestGate};
         let failed_write = IngestError::Storage(crate::log::LogError::Closed).to_string();
         assert!(!resendable(&failed_write), "{failed_write}");
-        assert!(!resendable(&IngestError::Unavailable(APPEND_TASK_FAILED).to_string()));
+        assert!(!resendable(&IngestError::AppendTaskFailed.to_string()));
         let over = IngestGate::default();
         over.over_budget.store(true, Relaxed);
         let stopping = IngestGate::default();

@@ -94,21 +94,23 @@ pub const MAY_BE_STORED: [&str; 2] = [STORAGE_FAILED, APPEND_TASK_FAILED];
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
+    /// Nothing of the clicks was stored: they may be sent again.
     #[error("{0}")]
     Unavailable(&'static str),
     #[error("{}: {}", STORAGE_FAILED, .0)]
     Storage(#[from] LogError),
+    /// The clicks went to the log and their append's task ended without an answer: they
+    /// may be stored.
+    #[error("{}", APPEND_TASK_FAILED)]
+    AppendTaskFailed,
 }
 
 impl IngestError {
     /// The `reason` label of `clickhook_ingest_rejected_total` for clicks refused so.
     pub fn metric_reason(&self) -> &'static str {
         match self {
-            // Its clicks went to the log and may be stored: a storage failure, not a
-            // refusal that stored nothing.
-            IngestError::Unavailable(APPEND_TASK_FAILED) => "storage",
             IngestError::Unavailable(_) => "unavailable",
-            IngestError::Storage(_) => "storage",
+            IngestError::Storage(_) | IngestError::AppendTaskFailed => "storage",
         }
     }
 }
@@ -319,7 +321,7 @@ mod tests {
     /// stored nothing as unavailable.
     #[test]
     fn refusals_that_may_have_stored_count_under_storage() {
-        assert_eq!(IngestError::Unavailable(APPEND_TASK_FAILED).metric_reason(), "storage");
+        assert_eq!(IngestError::AppendTaskFailed.metric_reason(), "storage");
         assert_eq!(
             IngestError::Storage(LogError::Storage("disk".into())).metric_reason(),
             "storage"

@@ -5,7 +5,7 @@
 //! not let one bad line affect its neighbours.
 
 use super::click::{self, PreparedClick};
-use super::{ByteBudget, IngestError, Ingestor, APPEND_TASK_FAILED, FINISH_WITHIN};
+use super::{ByteBudget, IngestError, Ingestor, FINISH_WITHIN};
 use crate::metrics::{self, Source};
 use bytes::BufMut;
 use std::sync::Arc;
@@ -492,7 +492,7 @@ async fn write_replies(write: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Re
     while let Some(group) = rx.recv().await {
         let ids = match group.appended {
             None => Ok(Vec::new()),
-            Some(task) => task.await.unwrap_or(Err(IngestError::Unavailable(APPEND_TASK_FAILED))),
+            Some(task) => task.await.unwrap_or(Err(IngestError::AppendTaskFailed)),
         };
         // Lines the log could not take are counted under why, as over HTTP.
         let mut ids = match ids {
