@@ -109,7 +109,7 @@ pub enum ClientError {
 }
 
 /// Refuses a daemon URL that could never be posted to, before any input is read.
-pub fn check_base_url(base: &str) -> Result<(), ClientError> {
+fn check_base_url(base: &str) -> Result<(), ClientError> {
     let bad = |why| ClientError::BadUrl(base.to_owned(), why);
     let uri: hyper::Uri = base.parse().map_err(|_| bad("not a URL"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {

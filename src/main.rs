@@ -246,13 +246,6 @@ fn send(
     token: Option<String>,
     file: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    if let Some(url) = &url {
-        // A URL that can never be posted to is a bad argument (exit 2), not a failure.
-        if let Err(e) = clickhook::client::check_base_url(url) {
-            eprintln!("clickhook send: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &file {
@@ -267,7 +260,17 @@ fn send(
             None => Box::new(tokio::io::stdin()),
         };
         let report = match (socket, url) {
-            (_, Some(url)) => clickhook::client::send_http(&url, token.as_deref(), input, Resend::default()).await?,
+            (_, Some(url)) => {
+                match clickhook::client::send_http(&url, token.as_deref(), input, Resend::default()).await {
+                    // A URL that can never be posted to is a bad argument (exit 2), not a
+                    // failure; it is refused before any input is read.
+                    Err(e @ clickhook::client::ClientError::BadUrl(..)) => {
+                        eprintln!("clickhook send: {e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                    sent => sent?,
+                }
+            }
             (socket, None) => {
                 let socket = socket.unwrap_or_else(|| "clickhook.sock".into());
                 clickhook::client::send_unix(&socket, input, Resend::default()).await?
