@@ -127,10 +127,6 @@ impl WriteOp {
         matches!(self, WriteOp::Progress { .. })
     }
 
-    fn is_close(&self) -> bool {
-        matches!(self, WriteOp::Close(_))
-    }
-
     /// Whether the writer stops after this op's group.
     fn stops_writer(&self) -> bool {
         #[cfg(test)]
@@ -271,6 +267,12 @@ impl SledOptions {
 /// What a dead letter holds in place of the event's body when the event could not be
 /// read at its burial; a click's body is always a JSON object.
 const NO_BODY: &[u8] = b"null";
+
+/// The event body a dead letter's record (acceptance time, then the body) holds, if it
+/// holds one.
+fn body_copy(record: &[u8]) -> Option<&[u8]> {
+    record.get(8..).filter(|body| *body != NO_BODY)
+}
 
 /// The fresh entries (or the maintenance lock), whoever held the lock last: nothing
 /// panics while holding it, and its state stays whole between calls.
@@ -437,7 +439,7 @@ impl SledLog {
     /// Whether the dead letter at `dead_key` exists and holds the event's body.
     fn holds_a_copy(&self, dead_key: &[u8]) -> bool {
         match self.tree.get(dead_key) {
-            Ok(Some(v)) => keys::decode_dead(&v).is_ok_and(|(_, record)| record.get(8..).is_some_and(|b| b != NO_BODY)),
+            Ok(Some(v)) => keys::decode_dead(&v).is_ok_and(|(_, record)| body_copy(record).is_some()),
             _ => false,
         }
     }
@@ -1029,11 +1031,10 @@ impl Writer {
             }
             deferred_until = None;
             let closing = ops.iter().any(WriteOp::stops_writer);
-            // Only a close gives what failed a last try: a crash (tests stop the writer so)
-            // leaves it as a crash would.
-            let closes = ops.iter().any(WriteOp::is_close);
             // A close is answered after the last try below, with what it wrote: the group's
-            // own answer would say "failed" for writes that the try then makes.
+            // own answer would say "failed" for writes that the try then makes. Only a close
+            // gives what failed that try: a crash (tests stop the writer so) leaves it as a
+            // crash would.
             let mut close_replies = Vec::new();
             for op in ops.iter_mut() {
                 if let WriteOp::Close(reply) = op {
@@ -1097,7 +1098,7 @@ impl Writer {
                     Some(e) => Err(e),
                     None => result,
                 };
-                if closes && outcome.is_err() {
+                if !close_replies.is_empty() && outcome.is_err() {
                     outcome = self.finish(std::mem::take(&mut deferred));
                 }
                 for reply in close_replies {
@@ -2136,7 +2137,7 @@ impl ClickLog for SledLog {
             // batch cannot be read: restoring one event there would hide the batch's
             // others, and queueing it would bury it again without its body, losing the
             // letter's copy.
-            let copy = record.get(8..).filter(|json| *json != NO_BODY);
+            let copy = body_copy(record);
             let stays = match (find_event(&self.tree, &self.segments, letter.seq), copy) {
                 (Ok(Some(_)), _) => None,
                 (Ok(None), Some(json)) => {
