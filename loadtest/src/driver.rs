@@ -30,17 +30,17 @@ pub(crate) const SOCKET_WINDOW: usize = 4096;
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// 503 answers retried per request before giving up on it.
 const MAX_BUSY_RETRIES: u32 = 100;
-/// How the daemon's 503 errors start when its write to the log failed partway: the
-/// clicks may be stored (README, "A failed write to the log"), so sending them again could
+/// How the daemon's 503 error starts when its write to the log failed partway: the clicks
+/// may be stored (README, "A failed write to the log"), so sending them again could
 /// deliver one twice under two ids, and their fate is unknown.
-const MAY_BE_STORED: [&str; 2] = ["storage failed", "the append's task failed"];
+const STORAGE_FAILED: &str = "storage failed";
 
 /// The error of a 503 whose clicks may be stored.
 fn may_be_stored(body: &[u8]) -> Option<String> {
     let answer: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     answer["error"]
         .as_str()
-        .filter(|e| MAY_BE_STORED.iter().any(|start| e.starts_with(start)))
+        .filter(|e| e.starts_with(STORAGE_FAILED))
         .map(str::to_owned)
 }
 
@@ -344,8 +344,12 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
             };
             let at_us = shared.clock.now_us();
             conn = Some(c);
-            match answer.status {
-                StatusCode::ACCEPTED => {
+            let stored_maybe = match answer.status {
+                StatusCode::SERVICE_UNAVAILABLE => may_be_stored(&answer.body),
+                _ => None,
+            };
+            match (answer.status, stored_maybe) {
+                (StatusCode::ACCEPTED, _) => {
                     match serde_json::from_slice::<Accepted>(&answer.body) {
                         Ok(a) if a.ids.len() == sent.len() && a.accepted == sent.len() as u64 => {
                             for (id, click) in a.ids.iter().zip(&sent) {
@@ -362,20 +366,19 @@ async fn http_worker(shared: Arc<Shared>, addr: SocketAddr, token: Option<String
                     }
                     break;
                 }
-                StatusCode::SERVICE_UNAVAILABLE if may_be_stored(&answer.body).is_some() => {
+                (StatusCode::SERVICE_UNAVAILABLE, Some(error)) => {
                     // Never resent, as a request with no answer.
-                    let error = may_be_stored(&answer.body).unwrap_or_default();
                     counters.error(format!("503, fate unknown: {}", first_words(&error)));
                     break;
                 }
-                StatusCode::SERVICE_UNAVAILABLE if busy < MAX_BUSY_RETRIES => {
+                (StatusCode::SERVICE_UNAVAILABLE, None) if busy < MAX_BUSY_RETRIES => {
                     // Any other 503 stored nothing (SPEC §3.2), so the same clicks may go
                     // again.
                     busy += 1;
                     counters.error("503, retried");
                     tokio::time::sleep(retry_after(&answer)).await;
                 }
-                status => {
+                (status, _) => {
                     counters.rejected.fetch_add(sent.len() as u64, Relaxed);
                     let text = String::from_utf8_lossy(&answer.body);
                     counters.error(format!("status {}: {}", status.as_u16(), first_words(&text)));
