@@ -112,10 +112,16 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if state.ready.load(Ordering::SeqCst) {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !state.ready.load(Ordering::SeqCst) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            } else if let Some(failure) = state.registry.log().write_failure() {
+                // Every append fails as this one did: a balancer should send clicks elsewhere.
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: writes to the log fail: {failure}\n"),
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {

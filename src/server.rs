@@ -43,6 +43,8 @@ pub enum ServerError {
     Enrich(#[from] crate::enrich::EnrichError),
     #[error("the admin listener's start-up server stopped: {0}")]
     Admin(String),
+    #[error("the log's last writes as it closed failed (the next start recovers as after a crash): {0}")]
+    Close(LogError),
 }
 
 /// The daemon's listening sockets, bound before anything else starts so that bind errors
@@ -340,16 +342,22 @@ pub async fn run(
     if let Some(w) = watchdog {
         let _ = w.await;
     }
-    if let Ok(Err(e)) = log.close().await {
-        tracing::error!(error = %e, "final flush failed");
-    }
+    // What the close could not write is said by the log; the exit code says it too, so
+    // the service manager counts the stop as a failure.
+    let closed = match log.close().await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServerError::Close(e)),
+        Err(_) => Err(ServerError::Close(LogError::Storage(
+            "the log's writer stopped without answering the close".into(),
+        ))),
+    };
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
     if let Some(p) = unix_path {
         let _ = std::fs::remove_file(p);
     }
     tracing::info!("stopped");
-    Ok(())
+    closed
 }
 
 /// Worker reports taken from the channel at once.

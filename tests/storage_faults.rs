@@ -1,6 +1,8 @@
 //! Storage faults, against the real daemon. Past `storage.max_bytes` ingest answers 503 with
 //! `Retry-After` (and the socket answers `err`), and every click acknowledged before that is
-//! still delivered, across a `kill -9` too. A data directory that cannot be created or opened
+//! still delivered, across a `kill -9` too. A disk that really fills (a tmpfs, where the
+//! test may mount one) gets the same answers, with `/readyz` unready and exit code 1 for a
+//! stop whose last writes fail, and loses nothing acknowledged. A data directory that cannot be created or opened
 //! (as root, so through paths no permission bit can fix) stops `clickhook serve` with exit
 //! code 1 and an error that names the path, never a panic. A corrupted data directory must
 //! either stop the daemon with a clear error or lose nothing acknowledged; each kind of
@@ -439,4 +441,138 @@ async fn garbage_in_an_event_segment_turns_its_clicks_into_dead_letters_that_say
         logs.contains("dead letters buried without the event's body"),
         "the operator is told that letters lack their bodies: {logs}"
     );
+}
+
+/// A tmpfs mounted for one test: a disk that really fills. Unmounted on drop.
+struct SmallDisk {
+    at: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// `None` where this process may not mount (it needs root with `CAP_SYS_ADMIN`).
+    fn mount(at: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        mounted.then(|| SmallDisk { at: at.to_path_buf() })
+    }
+
+    /// Makes room: the same disk, with its files, `size` large.
+    fn grow(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "remount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// The disk under the data directory fills up (a real filesystem, no `max_bytes`): ingest
+/// answers 503 saying the write failed, `/readyz` says the log's writes fail, a stop
+/// whose last writes fail exits 1 and says so, and once the disk has room again a restart
+/// delivers every click acknowledged before, and ingest accepts clicks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
+    let room = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&room.path().join("disk"), "6m") else {
+        eprintln!("SKIPPED: this process cannot mount a tmpfs (root with CAP_SYS_ADMIN needed), so no disk can fill");
+        return;
+    };
+    let addr = free_addr();
+    let data = disk.at.join("data");
+    let cfg = config_text(&down_endpoint(addr)).replace("path = \"data\"", &format!("path = \"{}\"", data.display()));
+    let mut d = Daemon::start(&cfg);
+
+    let mut accepted: Vec<String> = Vec::new();
+    let mut refused = None;
+    for i in 0..2_000 {
+        let batch: Vec<String> = (0..10).map(|j| fat_click(i * 10 + j)).collect();
+        let (status, body) = d.post(&format!("[{}]", batch.join(",")), "application/json").await;
+        match status {
+            202 => accepted.extend(accepted_ids(&body)),
+            503 => {
+                refused = Some(body);
+                break;
+            }
+            other => panic!("ingest answered {other}: {body}"),
+        }
+    }
+    let refused = refused.expect("a 6 MiB disk fills within 2,000 requests of 20 KiB");
+    eprintln!("{} clicks accepted before the 503: {refused}", accepted.len());
+    assert!(!accepted.is_empty(), "clicks fit before the disk filled");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("storage failed") && error.contains("No space left on device"),
+        "the 503 says the write failed, and why: {refused}"
+    );
+    let (status, ready) = raw_request("GET", &format!("{}/readyz", d.admin), "", &[]).await;
+    assert_eq!(status, 503, "not ready while writes fail: {ready}");
+    assert!(ready.contains("writes to the log fail"), "{ready}");
+    assert!(ready.contains("No space left on device"), "{ready}");
+    let counted = d
+        .metric("clickhook_ingest_rejected_total{source=\"http\",reason=\"storage\"}")
+        .await;
+    // Over HTTP a refused request counts once.
+    assert!(counted >= 1.0, "the refused request counts under storage: {counted}");
+
+    // A stop on the full disk: if its last writes fail, the exit code says so.
+    let code = d.terminate();
+    let logs = d.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    // The log writer's own words for each way its close can fail.
+    let close_failed = [
+        "the last flush of the log failed",
+        "a write group failed as the log closed",
+        "cannot move the queue entries waiting in memory to runs",
+    ]
+    .iter()
+    .any(|said| logs.contains(said));
+    assert_eq!(
+        code,
+        if close_failed { 1 } else { 0 },
+        "exit 1 exactly when the close failed:\n{logs}"
+    );
+    if close_failed {
+        assert!(logs.contains("the log's last writes as it closed failed"), "{logs}");
+    }
+    eprintln!("stopped on the full disk with exit code {code}");
+
+    // Room again, the receiver up, a restart: everything acknowledged arrives.
+    disk.grow("64m");
+    let sink = Sink::start_on(addr).await;
+    d.spawn();
+    sink.wait_for("/a", accepted.len(), WAIT).await;
+    let mut delivered = sink.event_ids("/a");
+    delivered.sort();
+    delivered.dedup();
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| delivered.binary_search(id).is_err())
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged clicks lost on a full disk: {lost:?}",
+        lost.len()
+    );
+    assert_eq!(delivered.len(), accepted.len(), "nothing refused was delivered");
+    let (status, body) = d.post(&fat_click(1_000_000), "application/json").await;
+    assert_eq!(status, 202, "ingest takes clicks again: {body}");
+    let (status, ready) = raw_request("GET", &format!("{}/readyz", d.admin), "", &[]).await;
+    assert_eq!(status, 200, "{ready}");
+    drop(d);
 }

@@ -7,6 +7,7 @@ use super::click::{self, Framing, PreparedClick};
 use super::{adapters, ByteBudget, IngestError, Ingestor, FINISH_WITHIN};
 use crate::deliver::format::Format;
 use crate::metrics::{self, Source};
+use crate::said_seldom::RateLimited;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -20,6 +21,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+/// "An append failed", said at most every 10 s: on a full disk every request fails so.
+static APPEND_FAILED: RateLimited = RateLimited::new(10_000);
 
 /// How long a client may take to send its request headers (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -210,7 +214,9 @@ async fn ingest(
         ),
         Err(e) => {
             if let IngestError::Storage(_) = e {
-                tracing::error!(error = %e, "an append failed; the request is answered 503 and nothing was acknowledged");
+                if let Some(times) = APPEND_FAILED.due(crate::log::now_ms()) {
+                    tracing::error!(error = %e, requests = times, "an append failed; the request is answered 503 and nothing was acknowledged");
+                }
             }
             metrics::ingest_rejected(Source::Http, e.metric_reason(), 1);
             unavailable(&e.to_string())

@@ -186,6 +186,10 @@ pub trait ClickLog: Send + Sync + 'static {
     /// Retained events (the `clickhook_log_events` gauge).
     fn event_count(&self) -> u64;
 
+    /// Why the log's last write or flush failed, while no write has succeeded since: a
+    /// full, read-only or failing disk. `/readyz` answers 503 with it.
+    fn write_failure(&self) -> Option<String>;
+
     /// Flushes and stops the writer; later writes fail with [`LogError::Closed`].
     fn close(&self) -> Ticket<()>;
 }

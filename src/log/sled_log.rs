@@ -164,6 +164,8 @@ pub struct SledLog {
     prune_damaged_warning: Arc<RateLimited>,
     /// "Dead letters buried without the event's body".
     no_body_warning: RateLimited,
+    /// Set by the writer while its writes fail; see [`ClickLog::write_failure`].
+    write_failure: Arc<Mutex<Option<String>>>,
     /// Tests stop the next prune between its plan and its writes: it tells the first
     /// sender, and goes on when the receiver gets a message.
     #[cfg(test)]
@@ -339,6 +341,7 @@ impl SledLog {
         let events = Arc::new(AtomicU64::new(count));
         let recent = Arc::new(RecentEvents::new());
         let (tx, rx) = crossbeam_channel::unbounded();
+        let write_failure = Arc::new(Mutex::new(None));
         let writer = Writer {
             db,
             tree: tree.clone(),
@@ -355,6 +358,7 @@ impl SledLog {
             marker_written: marker,
             last_marker: Instant::now(),
             failure_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
+            write_failure: write_failure.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("clickhook-log-writer".into())
@@ -375,6 +379,7 @@ impl SledLog {
             prune_held_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
             prune_damaged_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
             no_body_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
+            write_failure,
             #[cfg(test)]
             prune_pause: Arc::new(Mutex::new(None)),
             #[cfg(test)]
@@ -937,6 +942,8 @@ struct Writer {
     /// "A write group failed" and "flushing the log failed", said at most every
     /// [`STORAGE_WARN_EVERY_MS`] while writes keep failing.
     failure_warning: RateLimited,
+    /// The last failure of a group or a flush, until a group writes and flushes.
+    write_failure: Arc<Mutex<Option<String>>>,
 }
 
 /// Events at most in one [`AppendSet`], unless one append alone has more. An append of
@@ -1083,6 +1090,12 @@ impl Writer {
             } else {
                 Ok(())
             };
+            match group_error.as_ref().or(result.as_ref().err()) {
+                Some(e) => *lock(&self.write_failure) = Some(e.to_string()),
+                // A group written, or a flush made, says the disk takes writes again.
+                None if applied_any || flush_now => *lock(&self.write_failure) = None,
+                None => {}
+            }
             for w in waiting {
                 match w {
                     Waiting::Append(reply, outcomes) => {
@@ -1290,6 +1303,8 @@ impl Writer {
                     }
                 }
                 retry.extend(again);
+                // Before the waiters hear of it: a refused client may ask `/readyz` at once.
+                *lock(&self.write_failure) = Some(e.to_string());
                 for w in waiting {
                     match w {
                         Waiting::Append(reply, _) => {
@@ -2321,6 +2336,10 @@ impl ClickLog for SledLog {
         self.events.load(Ordering::Relaxed)
     }
 
+    fn write_failure(&self) -> Option<String> {
+        lock(&self.write_failure).clone()
+    }
+
     fn close(&self) -> Ticket<()> {
         let (reply, ticket) = oneshot::channel();
         self.send(WriteOp::Close(reply));
@@ -2593,6 +2612,23 @@ mod tests {
             assert!(Instant::now() < deadline, "the progress is never written");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_group_is_the_write_failure_until_a_group_is_written() {
+        let (_dir, log, _k) = two_events_for_one_endpoint().await;
+        assert_eq!(log.write_failure(), None);
+        let release = log.hold_writer();
+        log.send(WriteOp::Fail);
+        let refused = log.put_setting("after", Some(vec![1]));
+        release.send(()).unwrap();
+        assert!(refused.await.unwrap().is_err());
+        let failure = log
+            .write_failure()
+            .expect("the failure is kept once its waiter heard of it");
+        assert!(failure.contains("a failure for the test"), "{failure}");
+        log.put_setting("next", Some(vec![2])).await.unwrap().unwrap();
+        assert_eq!(log.write_failure(), None, "a group written clears it");
     }
 
     /// A failed append keeps its seqs taken but leaves sled's record of the next seq as
