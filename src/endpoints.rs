@@ -512,8 +512,11 @@ impl EndpointRegistry {
         // A new endpoint takes over neither the failing time nor the disabling of one that
         // had its id before (a config-file endpoint since removed).
         self.clear_marks(&config.id).await?;
+        // Everything that can fail comes before the record: one stored for an endpoint
+        // the answer said was not created would start at the next start.
+        let (live, pending) = self.prepare_live(&config, EndpointSource::Api, created_at).await?;
         self.persist_api(&stored).await?;
-        let live = self.make_live(&config, EndpointSource::Api, created_at).await?;
+        self.start_worker(&live, pending);
         self.publish_change(&live, None, true);
         Ok(live)
     }
@@ -631,6 +634,11 @@ impl EndpointRegistry {
             }
             config = endpoint_config_from(merged)?;
             validate_endpoint(&config).map_err(|(f, why)| EndpointError::Invalid { field: f.into(), why })?;
+        }
+        // The settings before the record, as in `create`: a change refused here stores
+        // nothing for the next start to apply.
+        let mut settings = self.settings_for(&config, live.source).await?;
+        if live.source == EndpointSource::Api {
             let stored = self.stored_api(id)?;
             self.persist_api(&StoredApiEndpoint {
                 config: config.clone(),
@@ -640,12 +648,13 @@ impl EndpointRegistry {
         }
         if enable == Some(true) {
             wait(self.log.put_setting(&disabled_setting(id), None)).await?;
+            // The mark read into `settings` is gone; only the config can still disable it.
+            settings.disabled_reason = (!config.enabled).then(|| "disabled".to_string());
             if live.settings().disabled_reason.is_some() {
                 live.enabled_again.store(true, Ordering::SeqCst);
             }
         }
         let before = live.settings();
-        let settings = self.settings_for(&config, live.source).await?;
         live.settings.store(Arc::new(settings));
         self.publish_change(&live, Some(&before), true);
         live.wake.notify_one();
@@ -1225,6 +1234,27 @@ mod tests {
         assert_eq!(created.settings().disabled_reason, None);
         assert_eq!(log.get_setting(&failing_for_setting("crm")).unwrap(), None);
         assert_eq!(log.get_setting(&disabled_setting("crm")).unwrap(), None);
+    }
+
+    /// A create that fails stores nothing: the endpoint the answer said was not created
+    /// does not start at the next start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_that_fails_leaves_no_stored_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, registry, _running) = registry_in(dir.path());
+        log.exhaust_endpoint_keys();
+        let config: EndpointConfig =
+            serde_json::from_value(serde_json::json!({"id": "late", "url": "http://127.0.0.1:9/"})).unwrap();
+        let Err(err) = registry.create(config).await else {
+            panic!("created with no key left for it");
+        };
+        assert!(err.to_string().contains("every key"), "{err}");
+        assert!(registry.get("late").is_none());
+        assert_eq!(
+            log.settings_with_prefix(API_PREFIX).unwrap().len(),
+            0,
+            "a record for the refused endpoint"
+        );
     }
 
     fn record(n: u32) -> AttemptRecord {
