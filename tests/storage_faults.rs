@@ -529,6 +529,34 @@ async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
         .await;
     // Over HTTP a refused request counts once.
     assert!(counted >= 1.0, "the refused request counts under storage: {counted}");
+    // The socket refuses lines the same way, and says why. A click may still fit in the
+    // last page of a file, so a few are sent; those acknowledged must arrive too.
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let lines: String = (0..8).map(|i| fat_click(9_000_000 + i) + "\n").collect();
+        write.write_all(lines.as_bytes()).await.unwrap();
+        write.shutdown().await.unwrap();
+        let mut replies = BufReader::new(read).lines();
+        let mut refused = 0;
+        while let Some(reply) = replies.next_line().await.unwrap() {
+            if let Some(id) = reply.strip_prefix("ok ") {
+                accepted.push(id.to_string());
+            } else {
+                assert!(
+                    reply.starts_with("err unavailable: storage failed") && reply.contains("No space left on device"),
+                    "{reply}"
+                );
+                refused += 1;
+            }
+        }
+        assert!(refused > 0, "8 clicks of 2 KiB fit on the full disk");
+        let counted = d
+            .metric("clickhook_ingest_rejected_total{source=\"unix\",reason=\"storage\"}")
+            .await;
+        assert_eq!(counted, refused as f64, "each refused line counts under storage");
+    }
 
     // A stop on the full disk: if its last writes fail, the exit code says so.
     let code = d.terminate();
