@@ -147,6 +147,9 @@ pub struct StorageConfig {
     pub fsync: FsyncMode,
     pub fsync_interval: HumanDuration,
     pub max_bytes: HumanSize,
+    /// Ingest answers 503 while the log's filesystem has less than this free: a disk that
+    /// fills under sled stops it writing until a restart, where a 503 clears by itself.
+    pub min_free: HumanSize,
     pub retention: HumanDuration,
     /// sled's page cache; kept small because sled's RSS runs well above it. It holds
     /// pointers, route records and queue runs, not event bodies: 16 MiB took 14 MiB off
@@ -161,6 +164,7 @@ impl Default for StorageConfig {
             fsync: FsyncMode::Always,
             fsync_interval: HumanDuration(Duration::from_millis(50)),
             max_bytes: HumanSize(10 << 30),
+            min_free: HumanSize(256 << 20),
             retention: HumanDuration(Duration::from_secs(7 * 86400)),
             cache_capacity: HumanSize(16 << 20),
         }

@@ -267,7 +267,10 @@ pub async fn run(
         sled_log.clone(),
         metrics,
         data_dir.clone(),
-        config.storage.max_bytes.0,
+        StorageLimits {
+            max_bytes: config.storage.max_bytes.0,
+            min_free: config.storage.min_free.0,
+        },
         config.storage.retention.0,
         gate.clone(),
         shutdown_rx.clone(),
@@ -481,14 +484,22 @@ fn start_watchdog(mut shutdown: watch::Receiver<bool>) -> Option<tokio::task::Jo
     }))
 }
 
-/// Once a second: measure the storage directory against `max_bytes` (ingest answers 503
-/// above it) and publish the log gauges (when the whole directory could be measured).
-/// Prune past retention once a minute, or every half retention when that is shorter.
+/// What closes ingest for storage: the `[storage]` keys of the same names.
+#[derive(Debug, Clone, Copy)]
+struct StorageLimits {
+    max_bytes: u64,
+    min_free: u64,
+}
+
+/// Once a second: measure the storage directory against `max_bytes` and its filesystem's
+/// free space against `min_free` (ingest answers 503 past either), and publish the log
+/// gauges (when the whole directory could be measured). Prune past retention once a
+/// minute, or every half retention when that is shorter.
 async fn housekeeping(
     log: Arc<SledLog>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     dir: PathBuf,
-    max_bytes: u64,
+    limits: StorageLimits,
     retention: Duration,
     gate: Arc<IngestGate>,
     mut shutdown: watch::Receiver<bool>,
@@ -496,6 +507,7 @@ async fn housekeeping(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     let mut measure_failing = false;
+    let mut free_unknown = false;
     let prune_every = (retention.as_secs() / 2).clamp(1, 60);
     loop {
         tokio::select! {
@@ -503,10 +515,17 @@ async fn housekeeping(
             _ = shutdown.changed() => return,
         }
         let dir2 = dir.clone();
-        let (bytes, error) = tokio::task::spawn_blocking(move || dir_size(&dir2))
+        let ((bytes, error), free) = tokio::task::spawn_blocking(move || (dir_size(&dir2), free_space(&dir2)))
             .await
-            .unwrap_or_else(|join| (0, Some(std::io::Error::other(join.to_string()))));
-        apply_storage_budget(&gate, bytes, error.is_none(), max_bytes);
+            .unwrap_or_else(|join| {
+                let e = join.to_string();
+                (
+                    (0, Some(std::io::Error::other(e.clone()))),
+                    Err(std::io::Error::other(e)),
+                )
+            });
+        apply_storage_budget(&gate, bytes, error.is_none(), limits.max_bytes);
+        apply_free_space(&gate, &free, limits.min_free, &mut free_unknown);
         match error {
             None => {
                 measure_failing = false;
@@ -565,6 +584,52 @@ fn apply_storage_budget(gate: &IngestGate, bytes: u64, complete: bool, max_bytes
 /// The on-disk size of a directory tree, in bytes, as far as it could be read, and the
 /// first error that kept part of it out. Entries that vanish while it walks (sled removes
 /// files as it compacts) count as nothing and are no error.
+/// Closes or opens ingest on the free space of the log's filesystem, logging each change
+/// once. A space that cannot be read keeps the last verdict (with a warning, once).
+fn apply_free_space(gate: &IngestGate, free: &std::io::Result<u64>, min_free: u64, unknown: &mut bool) {
+    let free = match free {
+        Ok(free) => {
+            *unknown = false;
+            *free
+        }
+        Err(e) => {
+            if !*unknown {
+                tracing::warn!(error = %e, "cannot read the free space of the log's disk; storage.min_free keeps its last verdict");
+            }
+            *unknown = true;
+            return;
+        }
+    };
+    let low = free < min_free;
+    if low != gate.low_on_disk.swap(low, Ordering::Relaxed) {
+        if low {
+            tracing::warn!(
+                free,
+                min_free,
+                "the log's disk has less than storage.min_free free: ingest answers 503 until it has that again"
+            );
+        } else {
+            tracing::info!(free, "the log's disk has storage.min_free free again: ingest resumes");
+        }
+    }
+}
+
+/// Bytes an unprivileged writer may still put on the filesystem holding `path`.
+fn free_space(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a NUL-terminated string and `stats` a buffer of the type
+    // statvfs fills; it is read only after statvfs reported success.
+    let stats = unsafe {
+        if libc::statvfs(c_path.as_ptr(), stats.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        stats.assume_init()
+    };
+    Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+}
+
 fn dir_size(path: &Path) -> (u64, Option<std::io::Error>) {
     let mut first_error = None;
     let bytes = match std::fs::read_dir(path) {
@@ -620,6 +685,28 @@ mod tests {
         // The tree's own absence is an error, not 0: 0 would read as "far under
         // max_bytes" and open ingest on a disk nobody measured.
         assert!(dir_size(&dir.path().join("missing")).1.is_some());
+    }
+
+    #[test]
+    fn free_space_is_read_from_the_filesystem_and_a_missing_path_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_space(dir.path()).unwrap() > 0);
+        assert!(free_space(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn ingest_closes_under_min_free_reopens_over_it_and_keeps_its_verdict_when_unread() {
+        let gate = IngestGate::default();
+        let mut unknown = false;
+        apply_free_space(&gate, &Ok(100), 1_000, &mut unknown);
+        assert!(gate.check().is_err_and(|e| e.to_string().contains("storage.min_free")));
+        let unreadable = Err(std::io::Error::other("gone"));
+        apply_free_space(&gate, &unreadable, 1_000, &mut unknown);
+        assert!(unknown && gate.check().is_err(), "an unread space opens nothing");
+        apply_free_space(&gate, &Ok(1_000), 1_000, &mut unknown);
+        assert!(!unknown && gate.check().is_ok(), "min_free free is enough");
+        apply_free_space(&gate, &unreadable, 1_000, &mut unknown);
+        assert!(gate.check().is_ok(), "an unread space closes nothing");
     }
 
     fn dead(endpoint: &str, ids: &[&str], error: &str) -> WorkerEvent {

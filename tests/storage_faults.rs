@@ -1,8 +1,10 @@
 //! Storage faults, against the real daemon. Past `storage.max_bytes` ingest answers 503 with
 //! `Retry-After` (and the socket answers `err`), and every click acknowledged before that is
-//! still delivered, across a `kill -9` too. A disk that really fills (a tmpfs, where the
-//! test may mount one) gets the same answers, with `/readyz` unready and exit code 1 for a
-//! stop whose last writes fail, and loses nothing acknowledged. A data directory that cannot be created or opened
+//! still delivered, across a `kill -9` too. On a disk that really fills (a tmpfs, where
+//! the test may mount one), ingest closes the same way under `storage.min_free` and
+//! resumes without a restart; with no reserve, appends answer 503 with the write's error,
+//! `/readyz` is unready and a stop whose last writes fail exits 1; either way nothing
+//! acknowledged is lost. A data directory that cannot be created or opened
 //! (as root, so through paths no permission bit can fix) stops `clickhook serve` with exit
 //! code 1 and an error that names the path, never a panic. A corrupted data directory must
 //! either stop the daemon with a clear error or lose nothing acknowledged; each kind of
@@ -495,7 +497,11 @@ async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
     };
     let addr = free_addr();
     let data = disk.at.join("data");
-    let cfg = config_text(&down_endpoint(addr)).replace("path = \"data\"", &format!("path = \"{}\"", data.display()));
+    // Without the reserve, as when another process fills the disk between two looks.
+    let cfg = config_text(&down_endpoint(addr)).replace(
+        "path = \"data\"",
+        &format!("path = \"{}\"\nmin_free = \"0B\"", data.display()),
+    );
     let mut d = Daemon::start(&cfg);
 
     let mut accepted: Vec<String> = Vec::new();
@@ -603,4 +609,76 @@ async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
     let (status, ready) = raw_request("GET", &format!("{}/readyz", d.admin), "", &[]).await;
     assert_eq!(status, 200, "{ready}");
     drop(d);
+}
+
+/// Under `storage.min_free` free on the log's disk, ingest answers 503 `unavailable`
+/// before the disk fills (which would stop sled until a restart), and resumes by itself
+/// once there is room again; what it acknowledged arrives, across a `kill -9` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_min_free_ingest_answers_503_and_resumes_without_a_restart() {
+    let room = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&room.path().join("disk"), "8m") else {
+        eprintln!("SKIPPED: this process cannot mount a tmpfs (root with CAP_SYS_ADMIN needed), so no disk can fill");
+        return;
+    };
+    let addr = free_addr();
+    let data = disk.at.join("data");
+    let cfg = config_text(&down_endpoint(addr)).replace(
+        "path = \"data\"",
+        &format!("path = \"{}\"\nmin_free = \"4MiB\"", data.display()),
+    );
+    let mut d = Daemon::start(&cfg);
+    let mut accepted: Vec<String> = Vec::new();
+    let mut refused = None;
+    let deadline = Instant::now() + WAIT;
+    let mut i = 0;
+    // Paced, so the reserve outlasts the second between two looks at the disk.
+    while refused.is_none() && Instant::now() < deadline {
+        let batch: Vec<String> = (0..5).map(|j| fat_click(i * 5 + j)).collect();
+        let (status, body) = d.post(&format!("[{}]", batch.join(",")), "application/json").await;
+        i += 1;
+        match status {
+            202 => accepted.extend(accepted_ids(&body)),
+            503 => refused = Some(body),
+            other => panic!("ingest answered {other}: {body}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("ingest closes before the disk is down to 4 MiB free");
+    assert!(!accepted.is_empty(), "clicks fit before the reserve");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(error.contains("storage.min_free"), "the 503 says why: {refused}");
+    let logs = d.logs();
+    assert!(!logs.contains("No space left on device"), "the disk filled:\n{logs}");
+    let (status, ready) = raw_request("GET", &format!("{}/readyz", d.admin), "", &[]).await;
+    assert_eq!(status, 200, "the log still writes; only ingest waits: {ready}");
+
+    // Room again: ingest resumes by itself.
+    disk.grow("64m");
+    let resumed = Instant::now() + WAIT;
+    loop {
+        let (status, body) = d.post(&fat_click(i * 5), "application/json").await;
+        i += 1;
+        if status == 202 {
+            accepted.extend(accepted_ids(&body));
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < resumed, "ingest did not resume: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    d.kill9();
+    let sink = Sink::start_on(addr).await;
+    d.spawn();
+    sink.wait_for("/a", accepted.len(), WAIT).await;
+    let mut delivered = sink.event_ids("/a");
+    delivered.sort();
+    delivered.dedup();
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| delivered.binary_search(id).is_err())
+        .collect();
+    assert!(lost.is_empty(), "{} acknowledged clicks lost: {lost:?}", lost.len());
+    assert_eq!(delivered.len(), accepted.len(), "nothing refused was delivered");
 }

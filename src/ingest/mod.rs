@@ -120,6 +120,8 @@ impl IngestError {
 pub struct IngestGate {
     pub shutting_down: AtomicBool,
     pub over_budget: AtomicBool,
+    /// The filesystem holding the log has less than `storage.min_free` free.
+    pub low_on_disk: AtomicBool,
 }
 
 impl IngestGate {
@@ -130,6 +132,11 @@ impl IngestGate {
         if self.over_budget.load(Ordering::Relaxed) {
             return Err(IngestError::Unavailable(
                 "storage is over storage.max_bytes; retry later",
+            ));
+        }
+        if self.low_on_disk.load(Ordering::Relaxed) {
+            return Err(IngestError::Unavailable(
+                "the disk holding the log has less than storage.min_free free; retry later",
             ));
         }
         Ok(())
