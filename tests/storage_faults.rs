@@ -44,6 +44,34 @@ fn fat_click(i: usize) -> String {
     )
 }
 
+/// Brings up the receiver of [`down_endpoint`] at `addr`, starts the stopped daemon
+/// again, and checks that every acknowledged click arrives, and nothing else.
+async fn restart_and_expect_every_acknowledged(d: &mut Daemon, addr: std::net::SocketAddr, accepted: &[String]) {
+    let sink = Sink::start_on(addr).await;
+    d.spawn();
+    let got = sink.wait_for("/a", accepted.len(), WAIT).await;
+    let mut delivered: Vec<String> = sink.event_ids("/a");
+    delivered.sort();
+    delivered.dedup();
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| delivered.binary_search(id).is_err())
+        .collect();
+    eprintln!(
+        "acknowledged {}, delivered {} ({} requests), lost {}",
+        accepted.len(),
+        delivered.len(),
+        got.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "{} acknowledged clicks lost: {lost:?}", lost.len());
+    assert_eq!(
+        delivered.len(),
+        accepted.len(),
+        "nothing refused with 503 was delivered"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_max_bytes_ingest_answers_503_and_loses_nothing_already_accepted() {
     let addr = free_addr();
@@ -123,29 +151,7 @@ async fn over_max_bytes_ingest_answers_503_and_loses_nothing_already_accepted() 
 
     // Crash, bring the endpoint up, restart: everything acknowledged arrives.
     d.kill9();
-    let sink = Sink::start_on(addr).await;
-    d.spawn();
-    let got = sink.wait_for("/a", accepted.len(), WAIT).await;
-    let mut delivered: Vec<String> = sink.event_ids("/a");
-    delivered.sort();
-    delivered.dedup();
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|id| delivered.binary_search(id).is_err())
-        .collect();
-    eprintln!(
-        "acknowledged {}, delivered {} ({} requests), lost {}",
-        accepted.len(),
-        delivered.len(),
-        got.len(),
-        lost.len()
-    );
-    assert!(lost.is_empty(), "acknowledged clicks lost over max_bytes: {lost:?}");
-    assert_eq!(
-        delivered.len(),
-        accepted.len(),
-        "nothing refused with 503 was delivered"
-    );
+    restart_and_expect_every_acknowledged(&mut d, addr, &accepted).await;
 }
 
 /// `clickhook serve` on a config whose storage path cannot work: exit 1, the path named,
@@ -484,25 +490,38 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A daemon whose data directory is on a fresh tmpfs of `size`, with `min_free` and the
+/// endpoint of [`down_endpoint`]; `None` (the test says it is skipped) where no tmpfs
+/// can be mounted. The temporary directory holding the mount point goes last.
+fn daemon_on_small_disk(
+    size: &str,
+    min_free: &str,
+) -> Option<(tempfile::TempDir, SmallDisk, std::net::SocketAddr, Daemon)> {
+    let room = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&room.path().join("disk"), size) else {
+        eprintln!("SKIPPED: this process cannot mount a tmpfs (root with CAP_SYS_ADMIN needed), so no disk can fill");
+        return None;
+    };
+    let addr = free_addr();
+    let data = disk.at.join("data");
+    let cfg = config_text(&down_endpoint(addr)).replace(
+        "path = \"data\"",
+        &format!("path = \"{}\"\nmin_free = \"{min_free}\"", data.display()),
+    );
+    let d = Daemon::start(&cfg);
+    Some((room, disk, addr, d))
+}
+
 /// The disk under the data directory fills up (a real filesystem, no `max_bytes`): ingest
 /// answers 503 saying the write failed, `/readyz` says the log's writes fail, a stop
 /// whose last writes fail exits 1 and says so, and once the disk has room again a restart
 /// delivers every click acknowledged before, and ingest accepts clicks again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
-    let room = tempfile::tempdir().unwrap();
-    let Some(disk) = SmallDisk::mount(&room.path().join("disk"), "6m") else {
-        eprintln!("SKIPPED: this process cannot mount a tmpfs (root with CAP_SYS_ADMIN needed), so no disk can fill");
+    // Without the reserve, as when another process fills the disk between two looks.
+    let Some((_room, disk, addr, mut d)) = daemon_on_small_disk("6m", "0B") else {
         return;
     };
-    let addr = free_addr();
-    let data = disk.at.join("data");
-    // Without the reserve, as when another process fills the disk between two looks.
-    let cfg = config_text(&down_endpoint(addr)).replace(
-        "path = \"data\"",
-        &format!("path = \"{}\"\nmin_free = \"0B\"", data.display()),
-    );
-    let mut d = Daemon::start(&cfg);
 
     let mut accepted: Vec<String> = Vec::new();
     let mut refused = None;
@@ -588,22 +607,7 @@ async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
 
     // Room again, the receiver up, a restart: everything acknowledged arrives.
     disk.grow("64m");
-    let sink = Sink::start_on(addr).await;
-    d.spawn();
-    sink.wait_for("/a", accepted.len(), WAIT).await;
-    let mut delivered = sink.event_ids("/a");
-    delivered.sort();
-    delivered.dedup();
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|id| delivered.binary_search(id).is_err())
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged clicks lost on a full disk: {lost:?}",
-        lost.len()
-    );
-    assert_eq!(delivered.len(), accepted.len(), "nothing refused was delivered");
+    restart_and_expect_every_acknowledged(&mut d, addr, &accepted).await;
     let (status, body) = d.post(&fat_click(1_000_000), "application/json").await;
     assert_eq!(status, 202, "ingest takes clicks again: {body}");
     let (status, ready) = raw_request("GET", &format!("{}/readyz", d.admin), "", &[]).await;
@@ -616,18 +620,9 @@ async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
 /// once there is room again; what it acknowledged arrives, across a `kill -9` too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_min_free_ingest_answers_503_and_resumes_without_a_restart() {
-    let room = tempfile::tempdir().unwrap();
-    let Some(disk) = SmallDisk::mount(&room.path().join("disk"), "8m") else {
-        eprintln!("SKIPPED: this process cannot mount a tmpfs (root with CAP_SYS_ADMIN needed), so no disk can fill");
+    let Some((_room, disk, addr, mut d)) = daemon_on_small_disk("8m", "4MiB") else {
         return;
     };
-    let addr = free_addr();
-    let data = disk.at.join("data");
-    let cfg = config_text(&down_endpoint(addr)).replace(
-        "path = \"data\"",
-        &format!("path = \"{}\"\nmin_free = \"4MiB\"", data.display()),
-    );
-    let mut d = Daemon::start(&cfg);
     let mut accepted: Vec<String> = Vec::new();
     let mut refused = None;
     let deadline = Instant::now() + WAIT;
@@ -669,16 +664,5 @@ async fn under_min_free_ingest_answers_503_and_resumes_without_a_restart() {
     }
 
     d.kill9();
-    let sink = Sink::start_on(addr).await;
-    d.spawn();
-    sink.wait_for("/a", accepted.len(), WAIT).await;
-    let mut delivered = sink.event_ids("/a");
-    delivered.sort();
-    delivered.dedup();
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|id| delivered.binary_search(id).is_err())
-        .collect();
-    assert!(lost.is_empty(), "{} acknowledged clicks lost: {lost:?}", lost.len());
-    assert_eq!(delivered.len(), accepted.len(), "nothing refused was delivered");
+    restart_and_expect_every_acknowledged(&mut d, addr, &accepted).await;
 }
