@@ -359,6 +359,7 @@ impl SledLog {
             last_marker: Instant::now(),
             failure_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
             write_failure: write_failure.clone(),
+            appended_unflushed: false,
         };
         let handle = std::thread::Builder::new()
             .name("clickhook-log-writer".into())
@@ -949,8 +950,12 @@ struct Writer {
     /// "A write group failed" and "flushing the log failed", said at most every
     /// [`STORAGE_WARN_EVERY_MS`] while writes keep failing.
     failure_warning: RateLimited,
-    /// The last failure of a group or a flush, until a group writes and flushes.
+    /// The last failure of a group or a flush, until appends are written and flushed.
     write_failure: Arc<Mutex<Option<String>>>,
+    /// Appends written since the last flush or failure: the flush after them, if it
+    /// succeeds, clears [`Self::write_failure`]. Delivery progress alone does not: it
+    /// touches sled's memory only, not the segment files that appends need.
+    appended_unflushed: bool,
 }
 
 /// Events at most in one [`AppendSet`], unless one append alone has more. An append of
@@ -1056,6 +1061,7 @@ impl Writer {
                 }
             }
             let applied_any = !ops.is_empty();
+            let appends = ops.iter().any(|op| matches!(op, WriteOp::Append(..)));
             let mut group_error = None;
             let (waiting, needs_flush) = match self.commit(ops) {
                 Ok(committed) => committed,
@@ -1098,11 +1104,17 @@ impl Writer {
                 Ok(())
             };
             match group_error.as_ref().or(result.as_ref().err()) {
-                Some(e) => *lock(&self.write_failure) = Some(e.to_string()),
-                // A group written says the disk takes writes again; a flush alone does not
-                // (after a failed group it only flushes what sled had before).
-                None if applied_any => *lock(&self.write_failure) = None,
-                None => {}
+                Some(e) => {
+                    *lock(&self.write_failure) = Some(e.to_string());
+                    self.appended_unflushed = false;
+                }
+                None => {
+                    self.appended_unflushed |= appends;
+                    if flush_now && self.appended_unflushed {
+                        *lock(&self.write_failure) = None;
+                        self.appended_unflushed = false;
+                    }
+                }
             }
             for w in waiting {
                 match w {
@@ -2623,8 +2635,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_group_is_the_write_failure_until_a_group_is_written() {
-        let (_dir, log, _k) = two_events_for_one_endpoint().await;
+    async fn a_failed_group_is_the_write_failure_until_appends_are_written_and_flushed() {
+        let (_dir, log, k) = two_events_for_one_endpoint().await;
         assert_eq!(log.write_failure(), None);
         let release = log.hold_writer();
         log.send(WriteOp::Fail);
@@ -2635,8 +2647,14 @@ mod tests {
             .write_failure()
             .expect("the failure is kept once its waiter heard of it");
         assert!(failure.contains("a failure for the test"), "{failure}");
+        // Writes that do not append (settings, delivery progress) do not say that appends
+        // would be written again.
         log.put_setting("next", Some(vec![2])).await.unwrap().unwrap();
-        assert_eq!(log.write_failure(), None, "a group written clears it");
+        log.delivered(k, &[1]);
+        log.put_setting("sync", None).await.unwrap().unwrap();
+        assert!(log.write_failure().is_some(), "cleared by writes that do not append");
+        log.append(vec![event("c", false, vec![k])]).await.unwrap().unwrap();
+        assert_eq!(log.write_failure(), None, "appends written and flushed clear it");
     }
 
     /// A failed append keeps its seqs taken but leaves sled's record of the next seq as
