@@ -581,11 +581,10 @@ fn apply_storage_budget(gate: &IngestGate, bytes: u64, complete: bool, max_bytes
     }
 }
 
-/// The on-disk size of a directory tree, in bytes, as far as it could be read, and the
-/// first error that kept part of it out. Entries that vanish while it walks (sled removes
-/// files as it compacts) count as nothing and are no error.
-/// Closes or opens ingest on the free space of the log's filesystem, logging each change
-/// once. A space that cannot be read keeps the last verdict (with a warning, once).
+/// Closes ingest when the log's filesystem has less than `min_free` free, and opens it
+/// again at an eighth more, so a disk that hovers at the line does not toggle it every
+/// second; each change is logged once. A space that cannot be read keeps the last
+/// verdict (with a warning, once).
 fn apply_free_space(gate: &IngestGate, free: &std::io::Result<u64>, min_free: u64, unknown: &mut bool) {
     let free = match free {
         Ok(free) => {
@@ -600,7 +599,12 @@ fn apply_free_space(gate: &IngestGate, free: &std::io::Result<u64>, min_free: u6
             return;
         }
     };
-    let low = free < min_free;
+    let was_low = gate.low_on_disk.load(Ordering::Relaxed);
+    let low = if was_low {
+        free < min_free.saturating_add(min_free / 8)
+    } else {
+        free < min_free
+    };
     if low != gate.low_on_disk.swap(low, Ordering::Relaxed) {
         if low {
             tracing::warn!(
@@ -630,6 +634,9 @@ fn free_space(path: &Path) -> std::io::Result<u64> {
     Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
 }
 
+/// The on-disk size of a directory tree, in bytes, as far as it could be read, and the
+/// first error that kept part of it out. Entries that vanish while it walks (sled removes
+/// files as it compacts) count as nothing and are no error.
 fn dir_size(path: &Path) -> (u64, Option<std::io::Error>) {
     let mut first_error = None;
     let bytes = match std::fs::read_dir(path) {
@@ -704,7 +711,14 @@ mod tests {
         apply_free_space(&gate, &unreadable, 1_000, &mut unknown);
         assert!(unknown && gate.check().is_err(), "an unread space opens nothing");
         apply_free_space(&gate, &Ok(1_000), 1_000, &mut unknown);
-        assert!(!unknown && gate.check().is_ok(), "min_free free is enough");
+        assert!(
+            !unknown && gate.check().is_err(),
+            "closed, it opens only at an eighth more"
+        );
+        apply_free_space(&gate, &Ok(1_125), 1_000, &mut unknown);
+        assert!(gate.check().is_ok());
+        apply_free_space(&gate, &Ok(1_000), 1_000, &mut unknown);
+        assert!(gate.check().is_ok(), "open, min_free free is enough");
         apply_free_space(&gate, &unreadable, 1_000, &mut unknown);
         assert!(gate.check().is_ok(), "an unread space closes nothing");
     }
