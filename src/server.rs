@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -45,6 +45,8 @@ pub enum ServerError {
     Admin(String),
     #[error("the log's last writes as it closed failed (the next start recovers as after a crash): {0}")]
     Close(LogError),
+    #[error("stopped to reopen the log, which takes no writes after a failed flush though its disk has room again ({0}); start clickhook again (systemd's Restart=on-failure does)")]
+    LogNeedsRestart(String),
 }
 
 /// The daemon's listening sockets, bound before anything else starts so that bind errors
@@ -263,6 +265,8 @@ pub async fn run(
     let admin_listener = starting.await.map_err(|e| ServerError::Admin(e.to_string()))?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), admin_stop_rx));
 
+    // Housekeeping's word that the log needs reopening, which a restart does.
+    let (stuck_tx, mut stuck_rx) = mpsc::channel::<String>(1);
     let housekeeping = tokio::spawn(housekeeping(
         sled_log.clone(),
         metrics,
@@ -270,9 +274,10 @@ pub async fn run(
         StorageLimits {
             max_bytes: config.storage.max_bytes.0,
             min_free: config.storage.min_free.0,
+            retention: config.storage.retention.0,
         },
-        config.storage.retention.0,
         gate.clone(),
+        stuck_tx,
         shutdown_rx.clone(),
     ));
     {
@@ -307,7 +312,16 @@ pub async fn run(
     );
 
     let config_file = config.file.clone();
-    while let Some(msg) = control.recv().await {
+    let mut stuck = None;
+    loop {
+        let msg = tokio::select! {
+            msg = control.recv() => msg,
+            Some(why) = stuck_rx.recv() => {
+                stuck = Some(why);
+                None
+            }
+        };
+        let Some(msg) = msg else { break };
         match msg {
             Control::Shutdown => break,
             Control::Reload => match reread(&config_file, &config).await {
@@ -346,7 +360,7 @@ pub async fn run(
         let _ = w.await;
     }
     // What the close could not write is said by the log; the exit code says it too, so
-    // the service manager counts the stop as a failure.
+    // the service manager counts the stop as a failure (and restarts a stuck log).
     let closed = match log.close().await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(ServerError::Close(e)),
@@ -360,7 +374,10 @@ pub async fn run(
         let _ = std::fs::remove_file(p);
     }
     tracing::info!("stopped");
-    closed
+    match stuck {
+        Some(why) => Err(ServerError::LogNeedsRestart(why)),
+        None => closed,
+    }
 }
 
 /// Worker reports taken from the channel at once.
@@ -484,11 +501,21 @@ fn start_watchdog(mut shutdown: watch::Receiver<bool>) -> Option<tokio::task::Jo
     }))
 }
 
-/// What closes ingest for storage: the `[storage]` keys of the same names.
+/// How long the disk must keep room before a log that needs reopening stops the daemon
+/// for it: a disk freed for a moment is not worth a restart.
+const REOPEN_AFTER_ROOM: Duration = Duration::from_secs(5);
+
+/// The least free space in which a log that needs reopening is worth a restart (or
+/// `min_free`, if more): less, and the first writes after the start would fail again.
+const ROOM_TO_REOPEN: u64 = 16 << 20;
+
+/// What closes ingest for storage, and how long delivered events stay: the `[storage]`
+/// keys of the same names.
 #[derive(Debug, Clone, Copy)]
 struct StorageLimits {
     max_bytes: u64,
     min_free: u64,
+    retention: Duration,
 }
 
 /// Once a second: measure the storage directory against `max_bytes` and its filesystem's
@@ -500,32 +527,49 @@ async fn housekeeping(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     dir: PathBuf,
     limits: StorageLimits,
-    retention: Duration,
     gate: Arc<IngestGate>,
+    stuck: mpsc::Sender<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut room_since: Option<Instant> = None;
     let mut n: u64 = 0;
     let mut measure_failing = false;
     let mut free_unknown = false;
-    let prune_every = (retention.as_secs() / 2).clamp(1, 60);
+    let prune_every = (limits.retention.as_secs() / 2).clamp(1, 60);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let dir2 = dir.clone();
-        let ((bytes, error), free) = tokio::task::spawn_blocking(move || (dir_size(&dir2), free_space(&dir2)))
-            .await
-            .unwrap_or_else(|join| {
-                let e = join.to_string();
-                (
-                    (0, Some(std::io::Error::other(e.clone()))),
-                    Err(std::io::Error::other(e)),
-                )
-            });
+        let (dir2, log2) = (dir.clone(), log.clone());
+        let ((bytes, error), free, reopen) =
+            tokio::task::spawn_blocking(move || (dir_size(&dir2), free_space(&dir2), log2.needs_reopen()))
+                .await
+                .unwrap_or_else(|join| {
+                    let e = join.to_string();
+                    (
+                        (0, Some(std::io::Error::other(e.clone()))),
+                        Err(std::io::Error::other(e)),
+                        None,
+                    )
+                });
         apply_storage_budget(&gate, bytes, error.is_none(), limits.max_bytes);
         apply_free_space(&gate, &free, limits.min_free, &mut free_unknown);
+        if let Some(why) = reopen {
+            let room = free.as_ref().is_ok_and(|&f| f >= limits.min_free.max(ROOM_TO_REOPEN));
+            match room_since {
+                Some(since) if room && since.elapsed() >= REOPEN_AFTER_ROOM => {
+                    tracing::error!(error = %why, "the log takes no writes since a failed flush, and its disk has room again: stopping, to be started again on a reopened log");
+                    let _ = stuck.try_send(why);
+                    // The daemon shuts down; nothing more to look after.
+                    let _ = shutdown.changed().await;
+                    return;
+                }
+                Some(_) if room => {}
+                _ => room_since = room.then(Instant::now),
+            }
+        }
         match error {
             None => {
                 measure_failing = false;
@@ -545,7 +589,7 @@ async fn housekeeping(
         metrics.run_upkeep();
         n += 1;
         if n % prune_every == 0 {
-            match log.prune(now_ms(), retention.as_millis() as u64).await {
+            match log.prune(now_ms(), limits.retention.as_millis() as u64).await {
                 Ok(Ok(pruned)) if pruned > 0 => tracing::info!(pruned, "pruned delivered events past retention"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "pruning failed"),
                 Ok(Ok(_)) => {}

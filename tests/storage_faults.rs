@@ -3,8 +3,9 @@
 //! still delivered, across a `kill -9` too. On a disk that really fills (a tmpfs, where
 //! the test may mount one), ingest closes the same way under `storage.min_free` and
 //! resumes without a restart; with no reserve, appends answer 503 with the write's error,
-//! `/readyz` is unready and a stop whose last writes fail exits 1; either way nothing
-//! acknowledged is lost. A data directory that cannot be created or opened
+//! `/readyz` is unready, a stop whose last writes fail exits 1, and a log that sled
+//! refuses to write stops the daemon (exit 1) once the disk has room again, for a restart
+//! to reopen it; either way nothing acknowledged is lost. A data directory that cannot be created or opened
 //! (as root, so through paths no permission bit can fix) stops `clickhook serve` with exit
 //! code 1 and an error that names the path, never a panic. A corrupted data directory must
 //! either stop the daemon with a clear error or lose nothing acknowledged; each kind of
@@ -529,6 +530,22 @@ fn daemon_on_small_disk(
     Some((room, disk, addr, d))
 }
 
+/// Posts 20 KiB batches of clicks until one is refused: the clicks acknowledged before,
+/// and the refusal's body.
+async fn fill_until_refused(d: &Daemon) -> (Vec<String>, serde_json::Value) {
+    let mut accepted: Vec<String> = Vec::new();
+    for i in 0..2_000 {
+        let batch: Vec<String> = (0..10).map(|j| fat_click(i * 10 + j)).collect();
+        let (status, body) = d.post(&format!("[{}]", batch.join(",")), "application/json").await;
+        match status {
+            202 => accepted.extend(accepted_ids(&body)),
+            503 => return (accepted, body),
+            other => panic!("ingest answered {other}: {body}"),
+        }
+    }
+    panic!("the disk did not fill within 2,000 requests of 20 KiB");
+}
+
 /// The disk under the data directory fills up (a real filesystem, no `max_bytes`): ingest
 /// answers 503 saying the write failed, `/readyz` says the log's writes fail, a stop
 /// whose last writes fail exits 1 and says so, and once the disk has room again a restart
@@ -540,21 +557,7 @@ async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
         return;
     };
 
-    let mut accepted: Vec<String> = Vec::new();
-    let mut refused = None;
-    for i in 0..2_000 {
-        let batch: Vec<String> = (0..10).map(|j| fat_click(i * 10 + j)).collect();
-        let (status, body) = d.post(&format!("[{}]", batch.join(",")), "application/json").await;
-        match status {
-            202 => accepted.extend(accepted_ids(&body)),
-            503 => {
-                refused = Some(body);
-                break;
-            }
-            other => panic!("ingest answered {other}: {body}"),
-        }
-    }
-    let refused = refused.expect("a 6 MiB disk fills within 2,000 requests of 20 KiB");
+    let (mut accepted, refused) = fill_until_refused(&d).await;
     eprintln!("{} clicks accepted before the 503: {refused}", accepted.len());
     assert!(!accepted.is_empty(), "clicks fit before the disk filled");
     let error = refused["error"].as_str().unwrap_or_default();
@@ -683,4 +686,64 @@ async fn under_min_free_ingest_answers_503_and_resumes_without_a_restart() {
 
     d.kill9();
     restart_and_expect_every_acknowledged(&mut d, addr, &accepted, Refused::NeverStored).await;
+}
+
+/// sled refuses every write after a failed flush of its own until it is opened again, so
+/// once the disk has room again the daemon stops itself (exit 1, saying why) for the
+/// service manager to start it again; the restart delivers everything acknowledged and
+/// takes clicks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room() {
+    let Some((_room, disk, addr, mut d)) = daemon_on_small_disk("6m", "0B") else {
+        return;
+    };
+    let (accepted, _) = fill_until_refused(&d).await;
+    // Endpoints created through the API are durable settings: sled flushes them, on the
+    // full disk, until one flush fails.
+    let mut failed = None;
+    for i in 0..50 {
+        let (status, body) = d
+            .admin_request(
+                "POST",
+                "/v1/endpoints",
+                serde_json::json!({"id": format!("extra-{i}"), "url": "http://127.0.0.1:9/"}),
+            )
+            .await;
+        if status >= 500 {
+            failed = Some(body);
+            break;
+        }
+    }
+    let failed = failed.expect("creating endpoints on a full disk fails within 50 tries");
+    eprintln!("refused on the full disk: {failed}");
+    // The disk full, the daemon stays up (answering 503): a restart would not help yet.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the daemon stopped while its disk was still full:\n{}",
+        d.logs()
+    );
+
+    disk.grow("64m");
+    let mut child = d.child.take().unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not stop for its stuck log:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let logs = d.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(logs.contains("stopped to reopen the log"), "{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+
+    restart_and_expect_every_acknowledged(&mut d, addr, &accepted, Refused::MayBeStored).await;
+    let (status, body) = d.post(&fat_click(1_000_000), "application/json").await;
+    assert_eq!(status, 202, "ingest takes clicks again: {body}");
 }

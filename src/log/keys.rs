@@ -62,6 +62,8 @@ pub const ENDPOINT_KEY: u8 = b'k';
 pub const SETTING: u8 = b's';
 pub const META_NEXT_SEQ: &[u8] = b"mseq";
 pub const META_NEXT_ENDPOINT: &[u8] = b"mendpoint";
+/// Written only after a failed write, to ask sled whether it still takes writes.
+pub const META_WRITE_PROBE: &[u8] = b"mprobe";
 
 #[cfg(test)]
 pub fn legacy_event(seq: Seq) -> [u8; 9] {

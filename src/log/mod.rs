@@ -190,6 +190,11 @@ pub trait ClickLog: Send + Sync + 'static {
     /// full, read-only or failing disk. `/readyz` answers 503 with it.
     fn write_failure(&self) -> Option<String>;
 
+    /// Why the store takes no more writes until it is opened again, whatever the disk
+    /// does now (sled 0.34 after a failed write of its own); `None` while it may write.
+    /// May write to find out: call it off the async workers.
+    fn needs_reopen(&self) -> Option<String>;
+
     /// Flushes and stops the writer; later writes fail with [`LogError::Closed`].
     fn close(&self) -> Ticket<()>;
 }

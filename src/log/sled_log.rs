@@ -166,6 +166,8 @@ pub struct SledLog {
     no_body_warning: RateLimited,
     /// Set by the writer while its writes fail; see [`ClickLog::write_failure`].
     write_failure: Arc<Mutex<Option<String>>>,
+    /// Set once sled refused a probe write; see [`ClickLog::needs_reopen`].
+    reopen_needed: Arc<Mutex<Option<String>>>,
     /// Tests stop the next prune between its plan and its writes: it tells the first
     /// sender, and goes on when the receiver gets a message.
     #[cfg(test)]
@@ -342,6 +344,7 @@ impl SledLog {
         let recent = Arc::new(RecentEvents::new());
         let (tx, rx) = crossbeam_channel::unbounded();
         let write_failure = Arc::new(Mutex::new(None));
+        let reopen_needed = Arc::new(Mutex::new(None));
         let writer = Writer {
             db,
             tree: tree.clone(),
@@ -381,6 +384,7 @@ impl SledLog {
             prune_damaged_warning: Arc::new(RateLimited::new(HELD_PRUNE_WARN_EVERY_MS)),
             no_body_warning: RateLimited::new(STORAGE_WARN_EVERY_MS),
             write_failure,
+            reopen_needed,
             #[cfg(test)]
             prune_pause: Arc::new(Mutex::new(None)),
             #[cfg(test)]
@@ -2358,6 +2362,24 @@ impl ClickLog for SledLog {
 
     fn write_failure(&self) -> Option<String> {
         lock(&self.write_failure).clone()
+    }
+
+    fn needs_reopen(&self) -> Option<String> {
+        // sled 0.34 keeps the I/O error of a failed write of its own (a flush, or one of
+        // its threads writing a full buffer) and answers every later write with it until
+        // the database is opened again (its global error is reset only in
+        // `PageCache::start`), so room on the disk alone does not help. A flush does not
+        // say so once nothing new waits to be written; an insert always does. Asked only
+        // while writes fail: a failure of the segment files alone passes.
+        let mut known = lock(&self.reopen_needed);
+        if known.is_none() && lock(&self.write_failure).is_some() {
+            if let Err(e) = self.tree.insert(keys::META_WRITE_PROBE, &[][..]) {
+                let e = LogError::from(e).to_string();
+                tracing::error!(error = %e, "sled takes no more writes until the log is opened again");
+                *known = Some(e);
+            }
+        }
+        known.clone()
     }
 
     fn close(&self) -> Ticket<()> {
