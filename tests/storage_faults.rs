@@ -45,6 +45,19 @@ fn fat_click(i: usize) -> String {
     )
 }
 
+/// The distinct click ids `sink` got at `/a`, sorted, and those of `accepted` among
+/// them not.
+fn delivered_and_lost<'a>(sink: &Sink, accepted: &'a [String]) -> (Vec<String>, Vec<&'a String>) {
+    let mut delivered = sink.event_ids("/a");
+    delivered.sort();
+    delivered.dedup();
+    let lost = accepted
+        .iter()
+        .filter(|id| delivered.binary_search(id).is_err())
+        .collect();
+    (delivered, lost)
+}
+
 /// Whether clicks refused with 503 may arrive after all.
 #[derive(PartialEq)]
 enum Refused {
@@ -66,13 +79,7 @@ async fn restart_and_expect_every_acknowledged(
     let sink = Sink::start_on(addr).await;
     d.spawn();
     let got = sink.wait_for("/a", accepted.len(), WAIT).await;
-    let mut delivered: Vec<String> = sink.event_ids("/a");
-    delivered.sort();
-    delivered.dedup();
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|id| delivered.binary_search(id).is_err())
-        .collect();
+    let (delivered, lost) = delivered_and_lost(&sink, accepted);
     eprintln!(
         "acknowledged {}, delivered {} ({} requests), lost {}",
         accepted.len(),
@@ -359,13 +366,7 @@ async fn corrupted_data_dir(how: Damage) {
             );
         }
         None => {
-            let mut delivered = sink.event_ids("/a");
-            delivered.sort();
-            delivered.dedup();
-            let lost: Vec<&String> = accepted
-                .iter()
-                .filter(|id| delivered.binary_search(id).is_err())
-                .collect();
+            let (delivered, lost) = delivered_and_lost(&sink, &accepted);
             eprintln!(
                 "{how:?}: the daemon started and recovered; acknowledged {}, delivered {}, lost {}",
                 accepted.len(),
