@@ -45,7 +45,7 @@ pub enum ServerError {
     Admin(String),
     #[error("the log's last writes as it closed failed (the next start recovers as after a crash): {0}")]
     Close(LogError),
-    #[error("stopped to reopen the log, which takes no writes after a failed flush though its disk has room again ({0}); start clickhook again (systemd's Restart=on-failure does)")]
+    #[error("stopped to reopen the log, which takes no writes after a failed write though its disk has room again ({0}); start clickhook again (systemd's Restart=on-failure does)")]
     LogNeedsRestart(String),
 }
 
@@ -543,24 +543,28 @@ async fn housekeeping(
             _ = shutdown.changed() => return,
         }
         let (dir2, log2) = (dir.clone(), log.clone());
-        let ((bytes, error), free, reopen) =
-            tokio::task::spawn_blocking(move || (dir_size(&dir2), free_space(&dir2), log2.needs_reopen()))
-                .await
-                .unwrap_or_else(|join| {
-                    let e = join.to_string();
-                    (
-                        (0, Some(std::io::Error::other(e.clone()))),
-                        Err(std::io::Error::other(e)),
-                        None,
-                    )
-                });
+        let ((bytes, error), free, reopen) = tokio::task::spawn_blocking(move || {
+            // A log that needs reopening is worth a restart only on a disk that takes
+            // writes again: not a read-only or failing one, where the start would fail.
+            let reopen = log2.needs_reopen().map(|why| (why, takes_writes(&dir2)));
+            (dir_size(&dir2), free_space(&dir2), reopen)
+        })
+        .await
+        .unwrap_or_else(|join| {
+            let e = join.to_string();
+            (
+                (0, Some(std::io::Error::other(e.clone()))),
+                Err(std::io::Error::other(e)),
+                None,
+            )
+        });
         apply_storage_budget(&gate, bytes, error.is_none(), limits.max_bytes);
         apply_free_space(&gate, &free, limits.min_free, &mut free_unknown);
-        if let Some(why) = reopen {
-            let room = free.as_ref().is_ok_and(|&f| f >= limits.min_free.max(ROOM_TO_REOPEN));
+        if let Some((why, writable)) = reopen {
+            let room = writable && free.as_ref().is_ok_and(|&f| f >= limits.min_free.max(ROOM_TO_REOPEN));
             match room_since {
                 Some(since) if room && since.elapsed() >= REOPEN_AFTER_ROOM => {
-                    tracing::error!(error = %why, "the log takes no writes since a failed flush, and its disk has room again: stopping, to be started again on a reopened log");
+                    tracing::error!(error = %why, "the log takes no writes since a failed write, and its disk has room again: stopping, to be started again on a reopened log");
                     let _ = stuck.try_send(why);
                     // The daemon shuts down; nothing more to look after.
                     let _ = shutdown.changed().await;
@@ -662,6 +666,19 @@ fn apply_free_space(gate: &IngestGate, free: &std::io::Result<u64>, min_free: u6
     }
 }
 
+/// Whether a file can be written, synced and removed in `dir`: what a restart's log
+/// needs of its disk beyond free space (a read-only or failing one fails here).
+fn takes_writes(dir: &Path) -> bool {
+    use std::io::Write;
+    let probe = dir.join(".clickhook-write-probe");
+    let written = std::fs::File::create(&probe).and_then(|mut f| {
+        f.write_all(b"probe")?;
+        f.sync_all()
+    });
+    let removed = std::fs::remove_file(&probe);
+    written.is_ok() && removed.is_ok()
+}
+
 /// Bytes an unprivileged writer may still put on the filesystem holding `path`.
 fn free_space(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -736,6 +753,20 @@ mod tests {
         // The tree's own absence is an error, not 0: 0 would read as "far under
         // max_bytes" and open ingest on a disk nobody measured.
         assert!(dir_size(&dir.path().join("missing")).1.is_some());
+    }
+
+    #[test]
+    fn a_directory_takes_writes_unless_it_cannot_hold_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(takes_writes(dir.path()));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "the probe file is gone"
+        );
+        assert!(!takes_writes(&dir.path().join("missing")));
+        // procfs takes no new files, whoever asks (root too).
+        assert!(!takes_writes(Path::new("/proc")));
     }
 
     #[test]

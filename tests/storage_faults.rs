@@ -689,10 +689,10 @@ async fn under_min_free_ingest_answers_503_and_resumes_without_a_restart() {
     restart_and_expect_every_acknowledged(&mut d, addr, &accepted, Refused::NeverStored).await;
 }
 
-/// sled refuses every write after a failed flush of its own until it is opened again, so
-/// once the disk has room again the daemon stops itself (exit 1, saying why) for the
-/// service manager to start it again; the restart delivers everything acknowledged and
-/// takes clicks again.
+/// sled refuses every write after a failed write of its own until it is opened again, so
+/// once the disk has room again and takes writes (not while it is full, nor read-only)
+/// the daemon stops itself (exit 1, saying why) for the service manager to start it
+/// again; the restart delivers everything acknowledged and takes clicks again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room() {
     let Some((_room, disk, addr, mut d)) = daemon_on_small_disk("6m", "0B") else {
@@ -717,6 +717,12 @@ async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room()
     }
     let failed = failed.expect("creating endpoints on a full disk fails within 50 tries");
     eprintln!("refused on the full disk: {failed}");
+    // Housekeeping's probe finds sled refusing writes within a second or two.
+    let probed = Instant::now() + WAIT;
+    while !d.logs().contains("sled takes no more writes") {
+        assert!(Instant::now() < probed, "sled still takes writes:\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The disk full, the daemon stays up (answering 503): a restart would not help yet.
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert!(
@@ -725,7 +731,20 @@ async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room()
         d.logs()
     );
 
+    // Room, but no file can be written in the data directory (as on a read-only disk,
+    // which cannot be remounted so under a daemon writing to it): a directory stands
+    // where the daemon's write probe goes. A restart could not open the log, so it stays.
+    let probe = disk.at.join("data").join(".clickhook-write-probe");
+    std::fs::create_dir(&probe).unwrap();
     disk.grow("64m");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the daemon stopped while its data directory took no writes:\n{}",
+        d.logs()
+    );
+
+    std::fs::remove_dir(&probe).unwrap();
     let mut child = d.child.take().unwrap();
     let deadline = Instant::now() + WAIT;
     let status = loop {
