@@ -745,10 +745,11 @@ async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room()
     );
 
     std::fs::remove_dir(&probe).unwrap();
-    let mut child = d.child.take().unwrap();
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        // Left in `d` until it exits, so a failed assertion's drop still kills it.
+        if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+            d.child = None;
             break status;
         }
         assert!(
