@@ -16,7 +16,7 @@ use crate::ingest::{http, unix, IngestGate, Ingestor};
 use crate::log::{now_ms, ClickLog, LogError, SledLog};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
@@ -318,13 +318,12 @@ pub async fn run(
             msg = control.recv() => msg,
             Some(why) = stuck_rx.recv() => {
                 stuck = Some(why);
-                None
+                break;
             }
         };
-        let Some(msg) = msg else { break };
         match msg {
-            Control::Shutdown => break,
-            Control::Reload => match reread(&config_file, &config).await {
+            None | Some(Control::Shutdown) => break,
+            Some(Control::Reload) => match reread(&config_file, &config).await {
                 Ok((fresh, waiting)) => {
                     if !waiting.is_empty() {
                         tracing::warn!(
@@ -562,16 +561,14 @@ async fn housekeeping(
         apply_free_space(&gate, &free, limits.min_free, &mut free_unknown);
         if let Some((why, writable)) = reopen {
             let room = writable && free.as_ref().is_ok_and(|&f| f >= limits.min_free.max(ROOM_TO_REOPEN));
-            match room_since {
-                Some(since) if room && since.elapsed() >= REOPEN_AFTER_ROOM => {
-                    tracing::error!(error = %why, "the log takes no writes since a failed write, and its disk has room again: stopping, to be started again on a reopened log");
-                    let _ = stuck.try_send(why);
-                    // The daemon shuts down; nothing more to look after.
-                    let _ = shutdown.changed().await;
-                    return;
-                }
-                Some(_) if room => {}
-                _ => room_since = room.then(Instant::now),
+            if !room {
+                room_since = None;
+            } else if room_since.get_or_insert_with(Instant::now).elapsed() >= REOPEN_AFTER_ROOM {
+                tracing::error!(error = %why, "the log takes no writes since a failed write, and its disk has room again: stopping, to be started again on a reopened log");
+                let _ = stuck.try_send(why);
+                // The daemon shuts down; nothing more to look after.
+                let _ = shutdown.changed().await;
+                return;
             }
         }
         match error {
@@ -610,29 +607,46 @@ fn over_budget_after(was_over: bool, bytes: u64, complete: bool, max_bytes: u64)
     bytes > max_bytes || (!complete && was_over)
 }
 
+/// Whether ingest must stay closed for the free space of the log's disk: under
+/// `min_free`, and once closed, until an eighth more, so a disk that hovers at the line
+/// does not toggle it every second.
+fn low_on_disk_after(was_low: bool, free: u64, min_free: u64) -> bool {
+    let line = if was_low {
+        min_free.saturating_add(min_free / 8)
+    } else {
+        min_free
+    };
+    free < line
+}
+
+/// Sets one of the gate's storage flags to what `decide` makes of its value; `Some` of
+/// the new value when it changed. Housekeeping alone writes these flags, so what it read
+/// is what it changes.
+fn update_flag(flag: &AtomicBool, decide: impl FnOnce(bool) -> bool) -> Option<bool> {
+    let was = flag.load(Ordering::Relaxed);
+    let now = decide(was);
+    flag.store(now, Ordering::Relaxed);
+    (now != was).then_some(now)
+}
+
 /// Closes or opens ingest on a measured storage size, logging each change once.
 fn apply_storage_budget(gate: &IngestGate, bytes: u64, complete: bool, max_bytes: u64) {
-    // Housekeeping alone writes the flag, so what it read is what it changes.
-    let was_over = gate.over_budget.load(Ordering::Relaxed);
-    let over = over_budget_after(was_over, bytes, complete, max_bytes);
-    if over != was_over {
-        gate.over_budget.store(over, Ordering::Relaxed);
-        if over {
-            tracing::warn!(
-                bytes,
-                max_bytes,
-                "storage over storage.max_bytes: ingest answers 503 until delivery frees space"
-            );
-        } else {
-            tracing::info!(bytes, "storage back under storage.max_bytes: ingest resumes");
-        }
+    match update_flag(&gate.over_budget, |was| {
+        over_budget_after(was, bytes, complete, max_bytes)
+    }) {
+        Some(true) => tracing::warn!(
+            bytes,
+            max_bytes,
+            "storage over storage.max_bytes: ingest answers 503 until delivery frees space"
+        ),
+        Some(false) => tracing::info!(bytes, "storage back under storage.max_bytes: ingest resumes"),
+        None => {}
     }
 }
 
-/// Closes ingest when the log's filesystem has less than `min_free` free, and opens it
-/// again at an eighth more, so a disk that hovers at the line does not toggle it every
-/// second; each change is logged once. A space that cannot be read keeps the last
-/// verdict (with a warning, once).
+/// Closes or opens ingest on the free space of the log's filesystem
+/// ([`low_on_disk_after`]), logging each change once. A space that cannot be read keeps
+/// the last verdict (with a warning, once).
 fn apply_free_space(gate: &IngestGate, free: &std::io::Result<u64>, min_free: u64, unknown: &mut bool) {
     let free = match free {
         Ok(free) => {
@@ -647,22 +661,14 @@ fn apply_free_space(gate: &IngestGate, free: &std::io::Result<u64>, min_free: u6
             return;
         }
     };
-    let was_low = gate.low_on_disk.load(Ordering::Relaxed);
-    let low = if was_low {
-        free < min_free.saturating_add(min_free / 8)
-    } else {
-        free < min_free
-    };
-    if low != gate.low_on_disk.swap(low, Ordering::Relaxed) {
-        if low {
-            tracing::warn!(
-                free,
-                min_free,
-                "the log's disk has less than storage.min_free free: ingest answers 503 until it has that again"
-            );
-        } else {
-            tracing::info!(free, "the log's disk has storage.min_free free again: ingest resumes");
-        }
+    match update_flag(&gate.low_on_disk, |was| low_on_disk_after(was, free, min_free)) {
+        Some(true) => tracing::warn!(
+            free,
+            min_free,
+            "the log's disk has less than storage.min_free free: ingest answers 503 until it has that again"
+        ),
+        Some(false) => tracing::info!(free, "the log's disk has storage.min_free free again: ingest resumes"),
+        None => {}
     }
 }
 
