@@ -531,20 +531,34 @@ fn daemon_on_small_disk(
     Some((room, disk, addr, d))
 }
 
-/// Posts 20 KiB batches of clicks until one is refused: the clicks acknowledged before,
-/// and the refusal's body.
-async fn fill_until_refused(d: &Daemon) -> (Vec<String>, serde_json::Value) {
+/// Posts batches of `per_request` clicks of 2 KiB, `pause` apart, until one is refused:
+/// the clicks acknowledged before, and the refusal's body.
+async fn fill_until_refused(d: &Daemon, per_request: usize, pause: Duration) -> (Vec<String>, serde_json::Value) {
     let mut accepted: Vec<String> = Vec::new();
-    for i in 0..2_000 {
-        let batch: Vec<String> = (0..10).map(|j| fat_click(i * 10 + j)).collect();
+    let deadline = Instant::now() + WAIT;
+    for i in 0.. {
+        assert!(Instant::now() < deadline, "no refusal within {WAIT:?}");
+        let batch: Vec<String> = (0..per_request).map(|j| fat_click(i * per_request + j)).collect();
         let (status, body) = d.post(&format!("[{}]", batch.join(",")), "application/json").await;
         match status {
             202 => accepted.extend(accepted_ids(&body)),
             503 => return (accepted, body),
             other => panic!("ingest answered {other}: {body}"),
         }
+        tokio::time::sleep(pause).await;
     }
-    panic!("the disk did not fill within 2,000 requests of 20 KiB");
+    unreachable!("the loop ends in a refusal or a panic")
+}
+
+/// Asserts that the daemon still runs `while_what` (checked after `wait`).
+async fn assert_still_running(d: &mut Daemon, wait: Duration, while_what: &str) {
+    tokio::time::sleep(wait).await;
+    assert_eq!(
+        d.exit_code_within(Duration::ZERO),
+        None,
+        "the daemon stopped while {while_what}:\n{}",
+        d.logs()
+    );
 }
 
 /// The disk under the data directory fills up (a real filesystem, no `max_bytes`): ingest
@@ -558,7 +572,7 @@ async fn a_full_disk_answers_503_and_unready_and_loses_nothing_acknowledged() {
         return;
     };
 
-    let (mut accepted, refused) = fill_until_refused(&d).await;
+    let (mut accepted, refused) = fill_until_refused(&d, 10, Duration::ZERO).await;
     eprintln!("{} clicks accepted before the 503: {refused}", accepted.len());
     assert!(!accepted.is_empty(), "clicks fit before the disk filled");
     let error = refused["error"].as_str().unwrap_or_default();
@@ -645,23 +659,8 @@ async fn under_min_free_ingest_answers_503_and_resumes_without_a_restart() {
     let Some((_room, disk, addr, mut d)) = daemon_on_small_disk("8m", "4MiB") else {
         return;
     };
-    let mut accepted: Vec<String> = Vec::new();
-    let mut refused = None;
-    let deadline = Instant::now() + WAIT;
-    let mut i = 0;
     // Paced, so the reserve outlasts the second between two looks at the disk.
-    while refused.is_none() && Instant::now() < deadline {
-        let batch: Vec<String> = (0..5).map(|j| fat_click(i * 5 + j)).collect();
-        let (status, body) = d.post(&format!("[{}]", batch.join(",")), "application/json").await;
-        i += 1;
-        match status {
-            202 => accepted.extend(accepted_ids(&body)),
-            503 => refused = Some(body),
-            other => panic!("ingest answered {other}: {body}"),
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let refused = refused.expect("ingest closes before the disk is down to 4 MiB free");
+    let (mut accepted, refused) = fill_until_refused(&d, 5, Duration::from_millis(10)).await;
     assert!(!accepted.is_empty(), "clicks fit before the reserve");
     let error = refused["error"].as_str().unwrap_or_default();
     assert!(error.contains("storage.min_free"), "the 503 says why: {refused}");
@@ -674,8 +673,7 @@ async fn under_min_free_ingest_answers_503_and_resumes_without_a_restart() {
     disk.grow("64m");
     let resumed = Instant::now() + WAIT;
     loop {
-        let (status, body) = d.post(&fat_click(i * 5), "application/json").await;
-        i += 1;
+        let (status, body) = d.post(&fat_click(0), "application/json").await;
         if status == 202 {
             accepted.extend(accepted_ids(&body));
             break;
@@ -698,7 +696,7 @@ async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room()
     let Some((_room, disk, addr, mut d)) = daemon_on_small_disk("6m", "0B") else {
         return;
     };
-    let (accepted, _) = fill_until_refused(&d).await;
+    let (accepted, _) = fill_until_refused(&d, 10, Duration::ZERO).await;
     // Endpoints created through the API are durable settings: sled flushes them, on the
     // full disk, until one flush fails.
     let mut failed = None;
@@ -724,12 +722,7 @@ async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The disk full, the daemon stays up (answering 503): a restart would not help yet.
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    assert!(
-        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-        "the daemon stopped while its disk was still full:\n{}",
-        d.logs()
-    );
+    assert_still_running(&mut d, Duration::from_secs(7), "its disk was still full").await;
 
     // Room, but no file can be written in the data directory (as on a read-only disk,
     // which cannot be remounted so under a daemon writing to it): a directory stands
@@ -737,30 +730,12 @@ async fn a_log_stuck_after_a_full_disk_stops_the_daemon_once_the_disk_has_room()
     let probe = disk.at.join("data").join(".clickhook-write-probe");
     std::fs::create_dir(&probe).unwrap();
     disk.grow("64m");
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    assert!(
-        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-        "the daemon stopped while its data directory took no writes:\n{}",
-        d.logs()
-    );
+    assert_still_running(&mut d, Duration::from_secs(7), "its data directory took no writes").await;
 
     std::fs::remove_dir(&probe).unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        // Left in `d` until it exits, so a failed assertion's drop still kills it.
-        if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-            d.child = None;
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not stop for its stuck log:\n{}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let code = d.exit_code_within(WAIT);
     let logs = d.logs();
-    assert_eq!(status.code(), Some(1), "{logs}");
+    assert_eq!(code, Some(1), "the daemon stops for its stuck log:\n{logs}");
     assert!(logs.contains("stopped to reopen the log"), "{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
 

@@ -338,16 +338,22 @@ impl Daemon {
 
     /// SIGTERM and wait for the exit code.
     pub fn terminate(&mut self) -> i32 {
-        let mut c = self.child.take().unwrap();
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.signal(libc::SIGTERM);
+        self.exit_code_within(Duration::from_secs(30))
+            .expect("daemon did not exit after SIGTERM")
+    }
+
+    /// Waits up to `limit` for the daemon to exit; its exit code (-1 for a signal), or
+    /// `None` while it still runs (then it stays here, for the drop to kill it).
+    pub fn exit_code_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
             }
             if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("daemon did not exit after SIGTERM");
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
